@@ -1,0 +1,80 @@
+"""torchkeep: save, load, inspect, resume and reuse PyTorch models.
+
+Safe by default (no file runs code on load), crash-safe (a file is either
+whole or absent), and compatible with plain ``torch.save`` / ``torch.load``
+and safetensors.
+
+Example:
+    >>> import torchkeep
+    >>> torchkeep.save_weights(model, "model.safetensors")
+    >>> report = torchkeep.load_into(model, "model.safetensors")
+"""
+
+from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save_checkpoint
+from torchkeep.errors import (
+    CheckpointMismatchError,
+    CorruptFileError,
+    ExportError,
+    InvalidMetadataError,
+    KeyMismatchError,
+    ModelFileNotFoundError,
+    NotAModelError,
+    NotAStateDictError,
+    PathIsDirectoryError,
+    RngRestoreWarning,
+    ShapeMismatch,
+    TorchkeepError,
+    TorchkeepWarning,
+    UnknownFormatError,
+    UnserializableValueError,
+    UnsupportedDtypeError,
+    UnsupportedSuffixError,
+    UntrustedFileError,
+)
+from torchkeep.formats import FileFormat, detect_format
+from torchkeep.loading import LoadReport, load_into
+from torchkeep.models import load_model, save_model
+from torchkeep.modes import evaluating
+from torchkeep.summary import Summary, SummaryRow, summarize
+from torchkeep.weights import load_weights, read_metadata, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointMismatchError",
+    "CorruptFileError",
+    "ExportError",
+    "FileFormat",
+    "InvalidMetadataError",
+    "KeyMismatchError",
+    "LoadReport",
+    "ModelFileNotFoundError",
+    "NotAModelError",
+    "NotAStateDictError",
+    "PathIsDirectoryError",
+    "RngRestoreWarning",
+    "ShapeMismatch",
+    "Stateful",
+    "Summary",
+    "SummaryRow",
+    "TorchkeepError",
+    "TorchkeepWarning",
+    "UnknownFormatError",
+    "UnserializableValueError",
+    "UnsupportedDtypeError",
+    "UnsupportedSuffixError",
+    "UntrustedFileError",
+    "__version__",
+    "detect_format",
+    "evaluating",
+    "load_checkpoint",
+    "load_into",
+    "load_model",
+    "load_weights",
+    "read_metadata",
+    "save_checkpoint",
+    "save_model",
+    "save_weights",
+    "summarize",
+]

@@ -1,0 +1,379 @@
+"""Every error torchkeep raises.
+
+Each error subclasses :class:`TorchkeepError` *and* the builtin that callers
+already catch, carries its facts as attributes, and says in its message what
+went wrong and what to do next::
+
+    TorchkeepError
+    ├── ModelFileNotFoundError      (FileNotFoundError)
+    ├── PathIsDirectoryError        (IsADirectoryError)
+    ├── CorruptFileError            (ValueError)
+    ├── UnknownFormatError          (ValueError)
+    ├── UnsupportedSuffixError      (ValueError)
+    ├── UnsupportedDtypeError       (TypeError)
+    ├── InvalidMetadataError        (TypeError)
+    ├── NotAStateDictError          (TypeError)
+    ├── NotAModelError              (TypeError)
+    ├── UnserializableValueError    (TypeError)
+    ├── KeyMismatchError            (RuntimeError)
+    ├── CheckpointMismatchError     (ValueError)
+    ├── ExportError                 (RuntimeError)
+    └── UntrustedFileError          (pickle.UnpicklingError)
+
+    TorchkeepWarning                (UserWarning)
+    └── RngRestoreWarning
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CorruptFileError",
+    "ExportError",
+    "InvalidMetadataError",
+    "KeyMismatchError",
+    "ModelFileNotFoundError",
+    "NotAModelError",
+    "NotAStateDictError",
+    "PathIsDirectoryError",
+    "RngRestoreWarning",
+    "ShapeMismatch",
+    "TorchkeepError",
+    "TorchkeepWarning",
+    "UnknownFormatError",
+    "UnserializableValueError",
+    "UnsupportedDtypeError",
+    "UnsupportedSuffixError",
+    "UntrustedFileError",
+]
+
+_LIST_LIMIT = 10
+
+
+def _short_list(items: Sequence[str], limit: int = _LIST_LIMIT) -> str:
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", … ({len(items) - limit} more)"
+    return shown
+
+
+class TorchkeepError(Exception):
+    """Base class of every error raised by torchkeep.
+
+    Example:
+        >>> try:
+        ...     torchkeep.load_weights("missing.pt")
+        ... except torchkeep.TorchkeepError as err:
+        ...     print(err)
+    """
+
+
+class ModelFileNotFoundError(TorchkeepError, FileNotFoundError):
+    """The path to read does not exist.
+
+    Attributes:
+        path: the path that was asked for.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        hint = ""
+        siblings = sorted(p.name for p in path.parent.glob(f"{path.stem}*")) if path.parent.is_dir() else []
+        if siblings:
+            hint = f" Files with a similar name in {path.parent}: {_short_list(siblings, 5)}."
+        super().__init__(f"{path}: no such file.{hint} Check the path and the working directory.")
+
+
+class PathIsDirectoryError(TorchkeepError, IsADirectoryError):
+    """A directory was given where a file was expected.
+
+    Attributes:
+        path: the directory.
+    """
+
+    def __init__(self, path: Path, *, action: str = "read") -> None:
+        self.path = path
+        super().__init__(
+            f"{path} is a directory, but a single file is needed to {action}; "
+            "pass the path of the file inside it (e.g. model.safetensors)."
+        )
+
+
+class CorruptFileError(TorchkeepError, ValueError):
+    """The file has a known format but its content is damaged or incomplete.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"{path} is damaged: {reason}. The file cannot be read as it is; "
+            "re-create or re-download it (an interrupted copy or save is the usual cause)."
+        )
+
+
+class UnknownFormatError(TorchkeepError, ValueError):
+    """The file is not a model file torchkeep knows.
+
+    Attributes:
+        path: the file.
+        detected: a description of what the file seems to be.
+    """
+
+    def __init__(self, path: Path, detected: str) -> None:
+        self.path = path
+        self.detected = detected
+        super().__init__(
+            f"{path} is not a model file (it looks like {detected}). torchkeep reads "
+            ".safetensors files, torch.save files (.pt/.pth/.bin/.ckpt/.tar) and "
+            "torch.export programs (.pt2); check that the path points to one of them."
+        )
+
+
+class UnsupportedSuffixError(TorchkeepError, ValueError):
+    """The file name's suffix does not say which format to write.
+
+    Attributes:
+        path: the path.
+        suffix: its suffix.
+        supported: the suffixes that would work.
+    """
+
+    def __init__(self, path: Path, supported: Sequence[str], *, what: str = "weights") -> None:
+        self.path = path
+        self.suffix = path.suffix
+        self.supported = tuple(supported)
+        shown = repr(self.suffix) if self.suffix else "no suffix"
+        super().__init__(
+            f"cannot tell which format to write {what} to {path}: {shown} is not one of "
+            f"{', '.join(self.supported)}; rename the target to end in one of those "
+            f"(e.g. {path.with_suffix(self.supported[0]).name})."
+        )
+
+
+class UnsupportedDtypeError(TorchkeepError, TypeError):
+    """A tensor's dtype cannot be stored in the chosen format.
+
+    Attributes:
+        key: the state-dict key of the tensor.
+        dtype: its dtype, as text.
+    """
+
+    def __init__(self, key: str, dtype: str, *, fmt: str = "safetensors") -> None:
+        self.key = key
+        self.dtype = dtype
+        super().__init__(
+            f"tensor {key!r} has dtype {dtype}, which {fmt} cannot store; save to a "
+            ".pt file instead, or cast it first (save_weights(..., dtype=torch.float32) "
+            "casts floating-point tensors)."
+        )
+
+
+class InvalidMetadataError(TorchkeepError, TypeError):
+    """Metadata passed to a save is not a mapping of strings to strings.
+
+    Attributes:
+        key: the offending key.
+    """
+
+    def __init__(self, key: object, reason: str) -> None:
+        self.key = key
+        super().__init__(
+            f"metadata entry {key!r}: {reason}; metadata must map str to str "
+            "(convert numbers with str() and structures with json.dumps())."
+        )
+
+
+class NotAStateDictError(TorchkeepError, TypeError):
+    """The file holds something other than a state dict of tensors.
+
+    Attributes:
+        path: the file (``None`` for an in-memory object).
+        found: a description of what it holds.
+        keys: the top-level keys, when it holds a dict.
+    """
+
+    def __init__(self, path: Path | None, found: str, *, keys: Sequence[str] = (), hint: str = "") -> None:
+        self.path = path
+        self.found = found
+        self.keys = tuple(keys)
+        where = f"{path} holds" if path is not None else "got"
+        if not hint:
+            hint = (
+                f"pass key=... naming the entry that holds the weights (keys: {_short_list(list(self.keys))})"
+                if self.keys
+                else "pass a model, a dict of tensors, or a file written by save_weights or "
+                "torch.save(model.state_dict())"
+            )
+        super().__init__(f"{where} {found}, not a state dict (a dict of str to Tensor); {hint}.")
+
+
+class NotAModelError(TorchkeepError, TypeError):
+    """The file does not hold a whole model.
+
+    Attributes:
+        path: the file.
+        found: a description of what it holds.
+    """
+
+    def __init__(self, path: Path, found: str, *, fix: str = "") -> None:
+        self.path = path
+        self.found = found
+        fix = fix or "build the model in code and load the weights with torchkeep.load_into(model, path)"
+        super().__init__(f"{path} holds {found}, not a whole model; {fix}.")
+
+
+class UnserializableValueError(TorchkeepError, TypeError):
+    """A checkpoint value has a type that a safe loader could not read back.
+
+    Attributes:
+        where: where the value sits (e.g. ``extra['config']['cls']``).
+        type_name: its type.
+    """
+
+    def __init__(self, where: str, type_name: str) -> None:
+        self.where = where
+        self.type_name = type_name
+        super().__init__(
+            f"{where} is a {type_name}, which torch.load(weights_only=True) cannot read back; "
+            "store plain values instead (None, bool, int, float, str, tensors, and lists, "
+            "tuples and dicts of them), e.g. a dataclass as dataclasses.asdict(obj)."
+        )
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A key present in both the file and the model, with different shapes.
+
+    Attributes:
+        key: the model's key.
+        file_shape: the shape in the file.
+        model_shape: the shape in the model.
+    """
+
+    key: str
+    file_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        """One line: ``size mismatch for fc.weight: file [1000, 512], model [10, 512]``."""
+        return f"size mismatch for {self.key}: file {list(self.file_shape)}, model {list(self.model_shape)}"
+
+
+class KeyMismatchError(TorchkeepError, RuntimeError):
+    """A state dict does not fit the model it is loaded into.
+
+    Attributes:
+        missing: model keys the file does not have.
+        unexpected: file keys the model does not have.
+        mismatched: keys whose shapes differ.
+        loaded: how many tensors matched.
+
+    Example:
+        >>> try:
+        ...     torchkeep.load_into(model, "imagenet.pt")
+        ... except torchkeep.KeyMismatchError as err:
+        ...     print(err.mismatched)
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        missing: Sequence[str],
+        unexpected: Sequence[str],
+        mismatched: Sequence[ShapeMismatch],
+        loaded: int,
+        hint: str,
+    ) -> None:
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        self.loaded = loaded
+        lines = [
+            f"state dict does not fit {model_name}: {loaded} matching, "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} with another shape"
+        ]
+        if self.missing:
+            lines.append(f"  missing (in the model, not in the file): {_short_list(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (in the file, not in the model): {_short_list(self.unexpected)}")
+        lines.extend(f"  {m.describe()}" for m in self.mismatched[:_LIST_LIMIT])
+        if len(self.mismatched) > _LIST_LIMIT:
+            lines.append(f"  … ({len(self.mismatched) - _LIST_LIMIT} more with another shape)")
+        lines.append(f"fix: {hint}")
+        super().__init__("\n".join(lines))
+
+
+class CheckpointMismatchError(TorchkeepError, ValueError):
+    """A checkpoint's content does not fit the objects passed to restore it.
+
+    Attributes:
+        path: the checkpoint.
+        part: which part does not fit (``"optimizer"``, ``"scheduler"``, …).
+    """
+
+    def __init__(self, path: Path, part: str, reason: str, fix: str) -> None:
+        self.path = path
+        self.part = part
+        super().__init__(f"{path}: the {part} does not fit: {reason}; {fix}.")
+
+
+class ExportError(TorchkeepError, RuntimeError):
+    """``torch.export`` could not capture the model.
+
+    Attributes:
+        model_name: the model's class name.
+    """
+
+    def __init__(self, model_name: str, cause: BaseException) -> None:
+        self.model_name = model_name
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"torch.export could not capture {model_name}: {first}. Check that example_inputs "
+            "match what forward() takes, pass dynamic_shapes=... for sizes that vary, or save "
+            "the weights with save_weights() and rebuild the model in code."
+        )
+
+
+class UntrustedFileError(TorchkeepError, pickle.UnpicklingError):
+    """Loading the file would import (and run) code named in it.
+
+    Attributes:
+        path: the file.
+        globals: the ``module.name`` objects the file would import.
+    """
+
+    def __init__(self, path: Path, globals_: Sequence[str]) -> None:
+        self.path = path
+        self.globals = list(globals_)
+        names = _short_list(self.globals) if self.globals else "objects outside the safe allowlist"
+        super().__init__(
+            f"{path} is a pickle that would import {names} when loaded, and loading it can run "
+            "any code those imports allow. If you trust where the file came from, pass "
+            "trust=True; to make a portable file without pickle, load it once with trust=True "
+            "and re-save it with torchkeep.save_model(model, 'model.pt2', example_inputs=...) "
+            "or torchkeep.save_weights(model, 'model.safetensors')."
+        )
+
+
+class TorchkeepWarning(UserWarning):
+    """Base class of torchkeep's warnings."""
+
+
+class RngRestoreWarning(TorchkeepWarning):
+    """A saved random-number-generator state could not be restored (fully).
+
+    Training then goes on with other random numbers than the original run
+    would have drawn; the message says which generator and why.
+    """

@@ -1,0 +1,274 @@
+"""Telling file formats apart by their bytes, and checking files before reading them.
+
+The suffix of a file in the wild says little (``.bin`` may be anything), so
+readers look at the content: a safetensors header, a zip archive (a
+``torch.save`` file or a ``torch.export`` program), or the legacy pickle
+format. Anything else gets a description of what it seems to be.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchkeep.errors import (
+    CorruptFileError,
+    ModelFileNotFoundError,
+    PathIsDirectoryError,
+    UnknownFormatError,
+    UnsupportedSuffixError,
+)
+
+__all__ = [
+    "FileFormat",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "detect_format",
+    "read_safetensors_header",
+    "require_file",
+    "suffix_format",
+]
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+# torch.save's legacy format starts with this pickled integer (protocol 2).
+_LEGACY_PREFIX = pickle.dumps(_LEGACY_MAGIC_NUMBER, protocol=2)[:-1]
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+# safetensors dtype codes, their torch names and item sizes in bits
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("torch.bool", 8),
+    "U8": ("torch.uint8", 8),
+    "I8": ("torch.int8", 8),
+    "U16": ("torch.uint16", 16),
+    "I16": ("torch.int16", 16),
+    "F16": ("torch.float16", 16),
+    "BF16": ("torch.bfloat16", 16),
+    "U32": ("torch.uint32", 32),
+    "I32": ("torch.int32", 32),
+    "F32": ("torch.float32", 32),
+    "C64": ("torch.complex64", 64),
+    "U64": ("torch.uint64", 64),
+    "I64": ("torch.int64", 64),
+    "F64": ("torch.float64", 64),
+    "F8_E4M3": ("torch.float8_e4m3fn", 8),
+    "F8_E4M3FNUZ": ("torch.float8_e4m3fnuz", 8),
+    "F8_E5M2": ("torch.float8_e5m2", 8),
+    "F8_E5M2FNUZ": ("torch.float8_e5m2fnuz", 8),
+    "F8_E8M0": ("torch.float8_e8m0fnu", 8),
+    "F4": ("torch.float4_e2m1fn_x2", 4),
+}
+
+
+class FileFormat(str, enum.Enum):
+    """The formats torchkeep reads."""
+
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch.save (zip)"
+    TORCH_LEGACY = "torch.save (legacy, pre-1.6)"
+    TORCH_EXPORT = "torch.export (.pt2)"
+
+
+WEIGHT_SUFFIXES: dict[str, FileFormat] = {
+    ".safetensors": FileFormat.SAFETENSORS,
+    ".pt": FileFormat.TORCH_ZIP,
+    ".pth": FileFormat.TORCH_ZIP,
+    ".bin": FileFormat.TORCH_ZIP,
+}
+
+
+def suffix_format(
+    path: Path, suffixes: dict[str, FileFormat] | None = None, *, what: str = "weights"
+) -> FileFormat:
+    """The format to write ``path`` in, from its suffix.
+
+    Raises:
+        UnsupportedSuffixError: the suffix is not one of ``suffixes``.
+    """
+    table = WEIGHT_SUFFIXES if suffixes is None else suffixes
+    fmt = table.get(path.suffix.lower())
+    if fmt is None:
+        raise UnsupportedSuffixError(path, list(table), what=what)
+    return fmt
+
+
+def require_file(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` is an existing, non-empty regular file.
+
+    Raises:
+        ModelFileNotFoundError: it does not exist.
+        PathIsDirectoryError: it is a directory.
+        CorruptFileError: it is empty.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise PathIsDirectoryError(p)
+    if not p.exists():
+        raise ModelFileNotFoundError(p)
+    if p.stat().st_size == 0:
+        raise CorruptFileError(p, "the file is empty (0 bytes)")
+    return p
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a file header describes it (no data read)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed, checked header of a safetensors file."""
+
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _describe_unknown(head: bytes) -> str:
+    signatures = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"GIF8": "a GIF image",
+        b"%PDF": "a PDF document",
+        b"\x1f\x8b": "a gzip archive (decompress it first)",
+        b"BZh": "a bzip2 archive (decompress it first)",
+        b"\xfd7zXZ": "an xz archive (decompress it first)",
+        b"\x93NUMPY": "a NumPy .npy array",
+        b"\x89HDF": "an HDF5 file (Keras/TensorFlow weights?)",
+        b"ONNX": "an ONNX model",
+        b"version https://git-lfs": "a Git LFS pointer, not the file itself (run git lfs pull)",
+        b"<!DOCTYPE html": "an HTML page (a failed download?)",
+        b"<html": "an HTML page (a failed download?)",
+    }
+    for magic, what in signatures.items():
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"\x80") and len(head) > 1 and head[1] <= 5:
+        return "a plain pickle file, not written by torch.save"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of no known format"
+    if text.lstrip().startswith(("{", "[")):
+        return "a JSON text file"
+    return "a text file"
+
+
+def _check_zip(path: Path) -> FileFormat:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as err:
+        raise CorruptFileError(path, f"the zip archive is truncated or broken ({err})") from err
+    if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return FileFormat.TORCH_ZIP
+    if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
+        return FileFormat.TORCH_EXPORT
+    raise UnknownFormatError(path, "a zip archive that torch did not write")
+
+
+def detect_format(path: str | os.PathLike[str]) -> FileFormat:
+    """The format of the file at ``path``, from its content.
+
+    Raises:
+        ModelFileNotFoundError, PathIsDirectoryError: the path is not a file.
+        CorruptFileError: a known format, but damaged or truncated.
+        UnknownFormatError: not a model file.
+    """
+    p = require_file(path)
+    with p.open("rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return _check_zip(p)
+    if head.startswith(_LEGACY_PREFIX):
+        return FileFormat.TORCH_LEGACY
+    if len(head) >= 9 and head[8:9] == b"{":
+        read_safetensors_header(p)
+        return FileFormat.SAFETENSORS
+    if head.startswith(b"PK\x05\x06"):
+        raise CorruptFileError(p, "it is an empty zip archive")
+    raise UnknownFormatError(p, _describe_unknown(head))
+
+
+def _parse_tensor_entry(path: Path, name: str, entry: Any) -> tuple[TensorInfo, tuple[int, int]]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptFileError(path, f"the header entry for {name!r} is malformed")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CorruptFileError(path, f"tensor {name!r} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptFileError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CorruptFileError(path, f"tensor {name!r} has invalid data offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    torch_name, bits = SAFETENSORS_DTYPES[dtype]
+    nbytes = (numel * bits + 7) // 8
+    if offsets[1] - offsets[0] != nbytes:
+        raise CorruptFileError(
+            path, f"tensor {name!r} claims {offsets[1] - offsets[0]} bytes but its shape needs {nbytes}"
+        )
+    return TensorInfo(name, torch_name, tuple(shape), nbytes), (offsets[0], offsets[1])
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Checks that the header is JSON, that every entry is well formed, and that
+    the data section is exactly as long as the tensors need (so a truncated
+    file is caught before anything is loaded).
+
+    Raises:
+        CorruptFileError: the header is broken or the file is truncated.
+    """
+    p = require_file(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CorruptFileError(p, "the file is shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise CorruptFileError(
+                p, f"the header claims {header_len} bytes but the file has only {size - 8} after it"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(p, f"the safetensors header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CorruptFileError(p, "the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptFileError(p, "__metadata__ is not a mapping of strings to strings")
+    infos: list[TensorInfo] = []
+    data_end = 0
+    for name, entry in header.items():
+        info, (_, end) = _parse_tensor_entry(p, name, entry)
+        infos.append(info)
+        data_end = max(data_end, end)
+    available = size - 8 - header_len
+    if available < data_end:
+        raise CorruptFileError(
+            p, f"the file is truncated: tensors need {data_end} bytes of data, only {available} are there"
+        )
+    return SafetensorsHeader(tuple(infos), dict(metadata))

@@ -1,0 +1,352 @@
+"""Loading a state dict into a model, matching names and saying what happened.
+
+Other people's state dicts rarely match a model name for name: DataParallel
+and DDP add ``module.``, ``torch.compile`` adds ``_orig_mod.``, Lightning adds
+the attribute that held the model, and a new head has another shape.
+``load_into`` matches what can be matched, loads it, and returns a
+:class:`LoadReport`; with ``strict=True`` any difference raises
+:class:`KeyMismatchError` before the model is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkeep._table import format_table
+from torchkeep.errors import KeyMismatchError, ShapeMismatch
+from torchkeep.weights import load_weights, to_state_dict
+
+__all__ = ["LoadReport", "Rename", "load_into", "match_keys"]
+
+logger = logging.getLogger(__name__)
+
+Rename = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str]
+
+# Path segments that wrappers insert: DataParallel/DDP and torch.compile.
+_WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod"})
+_REPORT_ROWS = 40
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_into` did.
+
+    Attributes:
+        loaded: model keys that received a tensor from the file.
+        missing: model keys the file lacks; they keep the model's values.
+        unexpected: file keys with no place in the model; ignored.
+        mismatched: keys skipped because the shapes differ (``skip_mismatched=True``).
+        renamed: ``file key -> model key`` for every key loaded under another name.
+        cast: model keys whose tensor was converted to the model's dtype.
+        source: where the state dict came from.
+    """
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[ShapeMismatch, ...] = ()
+    renamed: dict[str, str] = field(default_factory=dict)
+    cast: tuple[str, ...] = ()
+    source: str = "state dict"
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key was loaded and every file key was used."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, e.g. for JSON."""
+        return {
+            "source": self.source,
+            "loaded": list(self.loaded),
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "mismatched": [
+                {"key": m.key, "file_shape": list(m.file_shape), "model_shape": list(m.model_shape)}
+                for m in self.mismatched
+            ],
+            "renamed": dict(self.renamed),
+            "cast": list(self.cast),
+        }
+
+    def headline(self) -> str:
+        """One line: how many tensors were loaded and what was left out."""
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        parts = [f"loaded {len(self.loaded)}/{total} tensors from {self.source}"]
+        for count, what in (
+            (len(self.renamed), "renamed"),
+            (len(self.missing), "missing (kept the model's)"),
+            (len(self.mismatched), "shape-mismatched (kept the model's)"),
+            (len(self.unexpected), "unexpected (ignored)"),
+            (len(self.cast), "cast to the model's dtype"),
+        ):
+            if count:
+                parts.append(f"{count} {what}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        rows: list[tuple[str, str, str]] = []
+        rows += _renamed_rows(self.renamed)
+        rows += [("missing", k, "not in the file; kept the model's value") for k in self.missing]
+        rows += [
+            ("mismatched", m.key, f"file {list(m.file_shape)}, model {list(m.model_shape)}; kept the model's")
+            for m in self.mismatched
+        ]
+        rows += [("unexpected", k, "not in the model; ignored") for k in self.unexpected]
+        rows += [("cast", k, "converted to the model's dtype") for k in self.cast]
+        if not rows:
+            return self.headline() + "; every key matched"
+        shown = rows[:_REPORT_ROWS]
+        text = self.headline() + "\n" + format_table(("status", "key", "detail"), shown)
+        if len(rows) > _REPORT_ROWS:
+            text += f"\n… {len(rows) - _REPORT_ROWS} more rows (see .to_dict())"
+        return text
+
+
+def _rename_rule(src: str, dst: str) -> str | None:
+    if src.endswith("." + dst):
+        return f"dropped prefix {src[: -len(dst)]!r}"
+    if dst.endswith("." + src):
+        return f"added prefix {dst[: -len(src)]!r}"
+    return None
+
+
+def _renamed_rows(renamed: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """Renames grouped by rule (one row for 300 keys that lost ``module.``), the rest one by one."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    rows = []
+    for src, dst in renamed.items():
+        rule = _rename_rule(src, dst)
+        if rule is None:
+            rows.append(("renamed", dst, f"from {src}"))
+        else:
+            groups.setdefault(rule, []).append((src, dst))
+    for rule, pairs in groups.items():
+        src, dst = pairs[0]
+        label = dst if len(pairs) == 1 else f"{len(pairs)} keys"
+        rows.append(("renamed", label, f"{rule} (e.g. {src} -> {dst})"))
+    return rows
+
+
+def _apply_rename(keys: Iterable[str], rename: Rename | None) -> dict[str, str]:
+    """``original -> renamed`` for every key."""
+    keys = list(keys)
+    if rename is None:
+        return {k: k for k in keys}
+    if callable(rename):
+        return {k: rename(k) for k in keys}
+    if isinstance(rename, Mapping):
+        return {k: rename.get(k, k) for k in keys}
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rename]
+
+    def sub(key: str) -> str:
+        for pattern, repl in compiled:
+            key = pattern.sub(repl, key)
+        return key
+
+    return {k: sub(k) for k in keys}
+
+
+def _without_wrappers(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _first_segment(key: str) -> str | None:
+    head, dot, _ = key.partition(".")
+    return head if dot else None
+
+
+def _unique_index(keys: Iterable[str], norm: Callable[[str], str]) -> dict[str, str]:
+    """``norm(key) -> key`` for the normalized forms that only one key has."""
+    counts = Counter(norm(k) for k in keys)
+    return {norm(k): k for k in keys if counts[norm(k)] == 1}
+
+
+def match_keys(source: Sequence[str], target: Sequence[str]) -> dict[str, str]:
+    """Pair file keys with model keys: ``file key -> model key``.
+
+    Keys equal on both sides pair first. The rest pair when they are equal
+    after dropping the wrapper segments ``module.`` and ``_orig_mod.`` (in any
+    number and on either side), and then when the remaining file keys all
+    carry one extra leading segment (Lightning's ``model.``) or all lack one
+    that the model has. A pairing is only made when it is unambiguous.
+    """
+    targets = set(target)
+    pairs = {k: k for k in source if k in targets}
+
+    def pair_by(norm: Callable[[str], str], norm_target: Callable[[str], str], *, minimum: int = 1) -> None:
+        free_src = [k for k in source if k not in pairs]
+        taken = set(pairs.values())
+        free_dst = [k for k in target if k not in taken]
+        index = _unique_index(free_dst, norm_target)
+        src_index = _unique_index(free_src, norm)
+        found = {s: index[n] for n, s in src_index.items() if n in index}
+        if len(found) >= minimum:
+            pairs.update(found)
+
+    pair_by(_without_wrappers, _without_wrappers)
+    free_src = [k for k in source if k not in pairs]
+    if free_src:
+        # one leading segment too many (file) or too few (file), judged by the common case
+        heads = Counter(_first_segment(k) for k in free_src)
+        head, count = heads.most_common(1)[0]
+        if head is not None:
+            cut = len(head) + 1
+            pair_by(
+                lambda k: k[cut:] if k.startswith(head + ".") else "\0" + k,
+                lambda k: k,
+                minimum=max(1, count // 2),
+            )
+        taken = set(pairs.values())
+        free_dst = [k for k in target if k not in taken]
+        dst_heads = Counter(_first_segment(k) for k in free_dst)
+        if dst_heads:
+            dst_head, dst_count = dst_heads.most_common(1)[0]
+            if dst_head is not None:
+                pair_by(lambda k: f"{dst_head}.{k}", lambda k: k, minimum=max(1, dst_count // 2))
+    return pairs
+
+
+def _hint(
+    *,
+    matched: int,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[ShapeMismatch],
+    skip_mismatched: bool,
+    source_keys: list[str],
+    target_keys: list[str],
+) -> str:
+    if matched == 0:
+        src = ", ".join(source_keys[:3]) or "(none)"
+        dst = ", ".join(target_keys[:3]) or "(none)"
+        return (
+            f"no key matched, so nothing was loaded. File keys look like {src}; model keys like "
+            f"{dst}. If only the names differ, pass rename=[(r'^old_prefix\\.', 'new_prefix.')] "
+            "(regex pairs) or rename={'old.key': 'new.key'}; otherwise this file is for another model"
+        )
+    fixes = []
+    if mismatched and not skip_mismatched:
+        keys = ", ".join(m.key for m in mismatched[:3])
+        fixes.append(f"pass skip_mismatched=True to keep the model's {keys} and load the rest")
+    if missing or unexpected:
+        fixes.append(
+            f"pass strict=False to load the {matched} matching tensors and keep the model's own "
+            "values for the rest (the returned LoadReport lists them)"
+        )
+    return "; or ".join(fixes)
+
+
+def load_into(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    rename: Rename | None = None,
+    skip_mismatched: bool = False,
+) -> LoadReport:
+    """Load weights into ``model`` and report what matched.
+
+    Args:
+        model (nn.Module): the model to fill; its tensors are updated in place,
+            so tied weights stay tied and the optimizer keeps its references.
+        path_or_state_dict (str | PathLike | Mapping[str, Tensor]): any file
+            :func:`load_weights` reads, or a state dict.
+        strict (bool, default True): raise when any key is missing, unexpected
+            or of another shape. With ``False``, load what matches.
+        rename (Mapping[str, str] | Sequence[tuple[str, str]] | Callable | None,
+            default None): rename file keys first: a mapping of exact keys,
+            ``(regex, replacement)`` pairs applied in order, or a function.
+        skip_mismatched (bool, default False): keep the model's tensor where
+            the shapes differ (e.g. a new head) instead of failing.
+
+    Returns:
+        A :class:`LoadReport`; ``print(report)`` shows a table.
+
+    Raises:
+        KeyMismatchError: ``strict`` and any difference, a shape mismatch
+            without ``skip_mismatched``, or no key matched at all (always).
+            The model is not modified when this is raised.
+
+    Example:
+        >>> report = torchkeep.load_into(model, "resnet50-imagenet.pt",
+        ...                              skip_mismatched=True, strict=False)
+        >>> print(report)
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source_name = "state dict"
+        state = to_state_dict(path_or_state_dict)
+    else:
+        source_name = os.fspath(path_or_state_dict)
+        state = load_weights(path_or_state_dict)
+    renamed_by_user = _apply_rename(state, rename)
+    by_new_name = {renamed_by_user[k]: v for k, v in state.items()}
+    original_name = {renamed_by_user[k]: k for k in state}
+
+    model_state = model.state_dict()
+    target_keys = list(model_state)
+    pairs = match_keys(list(by_new_name), target_keys)
+
+    loadable: dict[str, torch.Tensor] = {}
+    mismatched: list[ShapeMismatch] = []
+    cast: list[str] = []
+    renamed: dict[str, str] = {}
+    for src_key, dst_key in pairs.items():
+        tensor, current = by_new_name[src_key], model_state[dst_key]
+        if tuple(tensor.shape) != tuple(current.shape):
+            mismatched.append(ShapeMismatch(dst_key, tuple(tensor.shape), tuple(current.shape)))
+            continue
+        loadable[dst_key] = tensor
+        if tensor.dtype != current.dtype:
+            cast.append(dst_key)
+        if original_name[src_key] != dst_key:
+            renamed[original_name[src_key]] = dst_key
+    paired_targets = set(pairs.values())
+    missing = [k for k in target_keys if k not in paired_targets]
+    unexpected = [original_name[k] for k in by_new_name if k not in pairs]
+
+    model_name = type(model).__name__
+    fails = (
+        (not loadable and target_keys)
+        or (mismatched and not skip_mismatched)
+        or (strict and (missing or unexpected))
+    )
+    if fails:
+        raise KeyMismatchError(
+            model_name=model_name,
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+            loaded=len(loadable),
+            hint=_hint(
+                matched=len(loadable),
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+                skip_mismatched=skip_mismatched,
+                source_keys=list(state),
+                target_keys=target_keys,
+            ),
+        )
+    with torch.no_grad():
+        model.load_state_dict(loadable, strict=False)
+    report = LoadReport(
+        loaded=tuple(k for k in target_keys if k in loadable),
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(mismatched),
+        renamed=renamed,
+        cast=tuple(cast),
+        source=source_name,
+    )
+    logger.info("%s into %s", report.headline(), model_name)
+    return report

@@ -1,0 +1,383 @@
+"""Saving and loading weights: state dicts as safetensors or ``torch.save`` files.
+
+``save_weights`` writes a plain ``dict[str, Tensor]`` that other tools read
+without torchkeep (``safetensors.torch.load_file`` or
+``torch.load(path, weights_only=True)``). ``load_weights`` reads any weights
+file met in the wild and never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import torch
+from torch import nn
+
+from torchkeep.errors import (
+    CorruptFileError,
+    InvalidMetadataError,
+    NotAStateDictError,
+    UnsupportedDtypeError,
+    UntrustedFileError,
+)
+from torchkeep.formats import (
+    SAFETENSORS_DTYPES,
+    FileFormat,
+    detect_format,
+    read_safetensors_header,
+    suffix_format,
+)
+from torchkeep.safety import imported_names
+from torchkeep.storage import atomic_target
+
+__all__ = [
+    "STATE_DICT_KEYS",
+    "MapLocation",
+    "load_weights",
+    "read_metadata",
+    "save_weights",
+    "to_state_dict",
+    "torch_load_safely",
+]
+
+logger = logging.getLogger(__name__)
+
+MapLocation = str | torch.device
+StateDict = dict[str, torch.Tensor]
+
+# Where checkpoint dicts written by common tools keep the model's weights.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+_RESERVED_PREFIX = "torchkeep."
+_ALIASES_KEY = "torchkeep.aliases"
+_PT_METADATA_RECORD = "extra/torchkeep_metadata.json"
+_SAFETENSORS_TORCH_DTYPES = {name for name, _bits in SAFETENSORS_DTYPES.values()}
+
+
+def to_state_dict(obj: nn.Module | Mapping[str, Any]) -> StateDict:
+    """The state dict of a module, or a mapping checked to be ``str -> Tensor``.
+
+    Raises:
+        NotAStateDictError: ``obj`` is neither a module nor a mapping of tensors.
+    """
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    if not isinstance(obj, Mapping):
+        raise NotAStateDictError(None, f"a {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise NotAStateDictError(None, f"a dict with the non-string key {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise NotAStateDictError(
+                None,
+                f"a dict whose entry {key!r} is a {type(value).__name__}",
+                hint="keep only tensors in weights; save other values with save_checkpoint(extra=...)",
+            )
+    return dict(obj)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidMetadataError("<metadata>", f"expected a dict, got a {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise InvalidMetadataError(key, f"the key is a {type(key).__name__}")
+        if not isinstance(value, str):
+            raise InvalidMetadataError(key, f"the value is a {type(value).__name__}")
+        if key.startswith(_RESERVED_PREFIX):
+            raise InvalidMetadataError(key, f"keys starting with {_RESERVED_PREFIX!r} are reserved")
+    return dict(metadata)
+
+
+def _view_identity(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _compact(state: StateDict, dtype: torch.dtype | None) -> tuple[StateDict, dict[str, str]]:
+    """CPU tensors that each own exactly their data, plus ``alias -> canonical`` for tied keys.
+
+    Keys that are the very same view of the same memory (tied weights) are kept
+    once and listed as aliases. Any other tensor that is a slice of a larger
+    storage, non-contiguous, or shares memory with one already kept is copied,
+    so the file holds exactly the tensors' data and nothing else.
+    """
+    kept: StateDict = {}
+    aliases: dict[str, str] = {}
+    seen_views: dict[tuple[Any, ...], str] = {}
+    used_storages: set[int] = set()
+    for key, value in state.items():
+        t = value.detach()
+        if t.layout != torch.strided:
+            raise NotAStateDictError(
+                None, f"tensor {key!r} with layout {t.layout}", hint="convert it with .to_dense() first"
+            )
+        if t.device.type == "meta":
+            raise NotAStateDictError(
+                None,
+                f"tensor {key!r} on the meta device (it has no data)",
+                hint="materialize the model first, e.g. model.to_empty(device='cpu') and load real weights",
+            )
+        if t.numel() > 0:
+            identity = _view_identity(t)
+            if identity in seen_views:
+                aliases[key] = seen_views[identity]
+                continue
+            seen_views[identity] = key
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.to("cpu")
+        ptr = t.untyped_storage().data_ptr()
+        owns_exactly = (
+            t.is_contiguous()
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.nbytes
+            and ptr not in used_storages
+        )
+        if not owns_exactly:
+            t = t.clone(memory_format=torch.contiguous_format)
+        if t.numel() > 0:
+            used_storages.add(t.untyped_storage().data_ptr())
+        kept[key] = t
+    return kept, aliases
+
+
+def save_weights(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
+) -> Path:
+    """Save a model's weights (parameters and buffers) to one file, atomically.
+
+    The format follows the suffix: ``.safetensors`` (recommended: no pickle,
+    memory-mappable) or ``.pt`` / ``.pth`` / ``.bin`` (a ``torch.save`` zip
+    holding a plain ``dict[str, Tensor]``, readable with
+    ``torch.load(path, weights_only=True)``). Tied weights are stored once and
+    come back tied from :func:`load_weights`; CUDA tensors are stored as plain
+    data and load on any device.
+
+    Args:
+        model_or_state_dict (nn.Module | Mapping[str, Tensor]): what to save.
+        path (str | PathLike): the file to write; missing folders are created.
+        dtype (torch.dtype | None, default None): cast floating-point tensors to
+            this dtype (e.g. ``torch.bfloat16`` halves the file); integer and
+            bool tensors are never cast.
+        metadata (Mapping[str, str] | None, default None): text to store with
+            the weights (``torchkeep inspect`` shows it).
+        durable (bool, default True): fsync before the file replaces ``path``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UnsupportedSuffixError: the suffix names no known format.
+        NotAStateDictError: the input is not a module or a dict of tensors.
+        UnsupportedDtypeError: safetensors cannot store a tensor's dtype.
+        InvalidMetadataError: metadata is not ``str -> str``.
+
+    Example:
+        >>> torchkeep.save_weights(model, "model.safetensors")
+    """
+    target = Path(path)
+    fmt = suffix_format(target)
+    meta = _check_metadata(metadata)
+    state = to_state_dict(model_or_state_dict)
+    kept, aliases = _compact(state, dtype)
+    if fmt is FileFormat.SAFETENSORS:
+        _write_safetensors(target, kept, aliases, meta, durable=durable)
+    else:
+        ordered = {key: kept[aliases.get(key, key)] for key in state}
+        _write_torch_zip(target, ordered, meta, durable=durable)
+    logger.info("saved %d tensors to %s", len(state), target)
+    return target
+
+
+def _write_safetensors(
+    target: Path, kept: StateDict, aliases: dict[str, str], meta: dict[str, str], *, durable: bool
+) -> None:
+    from safetensors.torch import save_file
+
+    for key, t in kept.items():
+        if str(t.dtype) not in _SAFETENSORS_TORCH_DTYPES:
+            raise UnsupportedDtypeError(key, str(t.dtype))
+    header_meta = {"format": "pt", **meta}
+    if aliases:
+        header_meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    with atomic_target(target, durable=durable) as tmp:
+        save_file(kept, str(tmp), metadata=header_meta)
+
+
+def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str], *, durable: bool) -> None:
+    with atomic_target(target, durable=durable) as tmp:
+        torch.save(state, tmp)
+        if meta:
+            # An extra zip record: torch.load ignores it, torchkeep reads it back.
+            with zipfile.ZipFile(tmp, "a") as archive:
+                prefix = archive.namelist()[0].split("/", 1)[0]
+                archive.writestr(f"{prefix}/{_PT_METADATA_RECORD}", json.dumps(meta, sort_keys=True))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text metadata stored with a weights file (empty if none).
+
+    Example:
+        >>> torchkeep.read_metadata("model.safetensors")
+        {'format': 'pt', 'dataset': 'digits'}
+    """
+    fmt = detect_format(path)
+    if fmt is FileFormat.SAFETENSORS:
+        meta = read_safetensors_header(path).metadata
+        return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
+    if fmt is FileFormat.TORCH_ZIP:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("/" + _PT_METADATA_RECORD):
+                    loaded = json.loads(archive.read(name))
+                    return {str(k): str(v) for k, v in loaded.items()}
+    return {}
+
+
+def torch_load_safely(path: Path, *, map_location: MapLocation | None, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into torchkeep errors.
+
+    Never falls back to unsafe loading.
+
+    Raises:
+        UntrustedFileError: the file needs objects outside the safe allowlist.
+        CorruptFileError: the file is damaged.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        names = imported_names(path)
+        if "Weights only load failed" in str(err) and names:
+            raise UntrustedFileError(path, names) from err
+        raise CorruptFileError(path, f"its pickle data is damaged ({_first_line(err)})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CorruptFileError(path, _first_line(err)) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_tensor_dict(obj: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
+    return (
+        isinstance(obj, Mapping)
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, Mapping):
+        return f"a dict of {len(obj)} entries"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {list(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> StateDict:
+    """Find the state dict inside what a file held: the object itself or a known entry."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            keys = [str(k) for k in obj] if isinstance(obj, Mapping) else []
+            raise NotAStateDictError(path, f"no entry {key!r}", keys=keys)
+        obj = obj[key]
+        if not _is_tensor_dict(obj):
+            raise NotAStateDictError(path, f"under {key!r} {_describe(obj)} that is not all tensors")
+        return dict(obj)
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for candidate in STATE_DICT_KEYS:
+            if candidate in obj and _is_tensor_dict(obj[candidate]):
+                logger.info("using the state dict under %r", candidate)
+                return dict(obj[candidate])
+        raise NotAStateDictError(path, _describe(obj), keys=[str(k) for k in obj])
+    raise NotAStateDictError(path, _describe(obj))
+
+
+def _restore_aliases(tensors: StateDict, metadata: dict[str, str], path: Path) -> StateDict:
+    raw = metadata.get(_ALIASES_KEY)
+    if not raw:
+        return tensors
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(path, f"the tied-weights record is not valid JSON ({err})") from err
+    for alias, canonical in aliases.items():
+        if canonical not in tensors:
+            raise CorruptFileError(path, f"tied weight {alias!r} points to a missing tensor {canonical!r}")
+        tensors[alias] = tensors[canonical]
+    return tensors
+
+
+def load_weights(
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    key: str | None = None,
+) -> StateDict:
+    """Load a state dict from any weights file, without running code from it.
+
+    Reads safetensors, ``torch.save`` files (zip and legacy) holding a state
+    dict or a checkpoint dict (the weights are found under ``state_dict``,
+    ``model_state_dict`` or ``model``, or under ``key``), Hugging Face
+    ``pytorch_model.bin`` files, and the weights of a ``.pt2`` program.
+
+    Args:
+        path (str | PathLike): the file.
+        map_location (str | torch.device, default "cpu"): where the tensors
+            go. The default loads files saved on a GPU on any machine.
+        key (str | None, default None): the entry of a checkpoint dict that
+            holds the weights, when it is not one of the usual names.
+
+    Returns:
+        ``dict[str, Tensor]``; tied weights come back as the same tensor.
+
+    Raises:
+        ModelFileNotFoundError, PathIsDirectoryError: no file at ``path``.
+        CorruptFileError: the file is empty, truncated or damaged.
+        UnknownFormatError: the file is not a model file.
+        NotAStateDictError: the file holds no state dict (try ``key=``).
+        UntrustedFileError: the file is a pickle of arbitrary objects.
+
+    Example:
+        >>> sd = torchkeep.load_weights("pytorch_model.bin")
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt is FileFormat.SAFETENSORS:
+        header = read_safetensors_header(p)
+        tensors = _load_safetensors(p, map_location)
+        return extract_state_dict(_restore_aliases(tensors, header.metadata, p), path=p, key=None)
+    if fmt is FileFormat.TORCH_EXPORT:
+        from torchkeep.models import load_exported
+
+        program = load_exported(p)
+        return {k: v.to(map_location) for k, v in program.state_dict.items()}
+    obj = torch_load_safely(p, map_location=map_location)
+    return extract_state_dict(obj, path=p, key=key)
+
+
+def _load_safetensors(path: Path, map_location: MapLocation) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = torch.device(map_location)
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as err:
+        raise CorruptFileError(path, _first_line(err)) from err
