@@ -94,9 +94,14 @@ def to_plain(value: Any, where: str) -> Any:
     if type(value) in _ATOMS:
         return value
     # subclasses (IntEnum, numpy.float64, torch's TorchVersion) would pickle as their own class
-    for base in (bool, int, float, complex, str, bytes):
-        if isinstance(value, base):
-            return base(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, _ATOMS):
         return value
     if isinstance(value, Mapping):

@@ -1,0 +1,5 @@
+"""``python -m torchkeep``."""
+
+from torchkeep.cli import main
+
+main()

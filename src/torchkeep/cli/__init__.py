@@ -1,0 +1,65 @@
+"""The ``torchkeep`` command: a thin layer over the library, one module per command.
+
+Library errors become one red line with the fix and a non-zero exit code,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from torchkeep.errors import TorchkeepError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="torchkeep",
+    help="Save, load, inspect, resume and reuse PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# library error -> exit code; the message itself already says what to do
+EXIT_CODES: dict[type[BaseException], int] = {
+    FileNotFoundError: 3,
+    IsADirectoryError: 3,
+    ValueError: 4,  # damaged or unknown files
+    TypeError: 5,  # the file holds something else than asked for
+    RuntimeError: 6,  # keys do not match, export failed
+}
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code for a library error (1 when no row fits)."""
+    for kind, code in EXIT_CODES.items():
+        if isinstance(err, kind):
+            return code
+    return 1
+
+
+def _register() -> None:
+    from torchkeep.cli import convert, demo, inspect
+
+    app.command("inspect")(inspect.inspect_command)
+    app.command("convert")(convert.convert_command)
+    app.command("demo")(demo.demo_command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; library errors print one line and exit non-zero."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except TorchkeepError as err:
+        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        sys.exit(exit_code(err))
+    except OSError as err:  # disk full, permission denied: say it plainly
+        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        sys.exit(1)

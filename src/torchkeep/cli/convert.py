@@ -1,0 +1,47 @@
+"""``torchkeep convert IN OUT``: weights between ``.pt`` and ``.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+from torchkeep._table import format_bytes
+from torchkeep.errors import UntrustedFileError
+from torchkeep.models import load_model
+from torchkeep.weights import load_weights, read_metadata, save_weights, to_state_dict
+
+__all__ = ["convert_command"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert_command(
+    source: Path = typer.Argument(..., help="The file to read (any weights or checkpoint file)."),
+    target: Path = typer.Argument(..., help="The file to write; its suffix picks the format."),
+    key: str | None = typer.Option(None, "--key", help="Entry of a checkpoint dict that holds the weights."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Cast floating-point tensors: float32, float16, bfloat16."
+    ),
+    trust: bool = typer.Option(
+        False, "--trust", help="Allow unpickling a whole pickled model (runs code from the file)."
+    ),
+) -> None:
+    """Convert weights between .pt/.pth/.bin and .safetensors, by suffix."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise typer.BadParameter(f"choose one of {', '.join(_DTYPES)}", param_hint="--dtype")
+    try:
+        state = load_weights(source, key=key)
+    except UntrustedFileError:
+        if not trust:
+            raise
+        state = to_state_dict(load_model(source, trust=True))
+    metadata = read_metadata(source)
+    metadata.pop("format", None)
+    save_weights(state, target, dtype=_DTYPES[dtype] if dtype else None, metadata=metadata)
+    Console().print(
+        f"wrote {len(state)} tensors to [bold]{target}[/] ({format_bytes(target.stat().st_size)})",
+        highlight=False,
+    )

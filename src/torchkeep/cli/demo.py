@@ -1,0 +1,319 @@
+"""``torchkeep demo``: the save-and-load walkthrough, for real, in a minute.
+
+Builds the tutorial's model, trains it briefly on real digits, shows its
+parameters and buffers, saves weights, a whole model and a checkpoint, loads
+each back (the whole model in a fresh process that cannot import the class),
+and checks that every copy predicts exactly what the original does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from torch import nn
+
+from torchkeep._table import format_bytes
+from torchkeep.checkpoint import load_checkpoint, save_checkpoint
+from torchkeep.cli.inspect import summary_table
+from torchkeep.formats import detect_format
+from torchkeep.loading import load_into
+from torchkeep.models import save_model
+from torchkeep.modes import evaluating
+from torchkeep.summary import summarize
+from torchkeep.tutorial import TheModelClass, digits_dataset
+from torchkeep.weights import save_weights
+
+__all__ = ["demo_command"]
+
+# Runs in a fresh interpreter: torch and torchkeep only, never the tutorial module.
+_FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch, torchkeep
+    from safetensors.torch import load_file, save_file
+    model = torchkeep.load_model(sys.argv[1])
+    assert "torchkeep.tutorial" not in sys.modules, "the model class was imported"
+    inputs = load_file(sys.argv[2])["x"]
+    with torchkeep.evaluating(model):
+        save_file({"y": model(inputs).contiguous()}, sys.argv[3])
+    print(type(model).__name__, "training" if model.training else "eval")
+    """
+)
+
+
+@dataclass
+class _Checks:
+    rows: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def add(self, console: Console, name: str, ok: bool, detail: str = "") -> None:
+        self.rows.append((name, ok, detail))
+        mark = "[green]✓[/]" if ok else "[bold red]✗[/]"
+        console.print(f"  {mark} {name}" + (f" [dim]({detail})[/]" if detail else ""), highlight=False)
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.rows)
+
+
+@contextmanager
+def _step(console: Console, number: int, title: str) -> Iterator[None]:
+    console.rule(f"[bold]{number}/6 {title}", align="left")
+    start = time.perf_counter()
+    yield
+    console.print(f"  [dim]{time.perf_counter() - start:.1f} s[/]")
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    console: Console,
+) -> float:
+    images, labels = data
+    loss_fn = nn.BCEWithLogitsLoss()
+    batch = 64
+    last_loss = float("nan")
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(images))
+            task = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=len(order) // batch)
+            total = 0.0
+            for i in range(len(order) // batch):
+                idx = order[i * batch : (i + 1) * batch]
+                optimizer.zero_grad()
+                loss = loss_fn(model(images[idx]).squeeze(1), labels[idx])
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                progress.advance(task)
+            last_loss = total / max(1, len(order) // batch)
+            console.print(
+                f"  epoch {epoch + 1}: loss {last_loss:.4f}, test accuracy {_accuracy(model, test):.1%}"
+            )
+    return last_loss
+
+
+def _accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    images, labels = test
+    with evaluating(model):
+        predicted = (model(images).squeeze(1) > 0).float()
+    return float((predicted == labels).float().mean().item())
+
+
+def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with evaluating(model):
+        outputs: torch.Tensor = model(images)
+    return outputs
+
+
+def _fresh_process_outputs(pt2: Path, images: torch.Tensor, workdir: Path) -> tuple[torch.Tensor, str]:
+    from safetensors.torch import load_file, save_file
+
+    inputs, outputs = workdir / ".demo-inputs.safetensors", workdir / ".demo-outputs.safetensors"
+    save_file({"x": images.contiguous()}, str(inputs))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS_SCRIPT, str(pt2), str(inputs), str(outputs)],
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            check=False,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+        return load_file(str(outputs))["y"], done.stdout.strip()
+    finally:
+        inputs.unlink(missing_ok=True)
+        outputs.unlink(missing_ok=True)
+
+
+def demo_command(
+    out: Path | None = typer.Option(
+        None, "--out", help="Keep the files in this folder (default: a temp folder)."
+    ),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="Training epochs."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Walk through saving and loading a model for real: weights, whole model, checkpoint."""
+    console = Console(highlight=False)
+    started = time.perf_counter()
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="torchkeep-demo-") as tmp:
+            passed = _run(Path(tmp), epochs=epochs, seed=seed, console=console)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        passed = _run(out, epochs=epochs, seed=seed, console=console)
+    elapsed = time.perf_counter() - started
+    if passed:
+        console.print(f"[bold green]All checks passed[/] in {elapsed:.1f} s.")
+    else:
+        console.print(f"[bold red]Some checks failed[/] ({elapsed:.1f} s).")
+        raise typer.Exit(1)
+
+
+def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
+    torch.manual_seed(seed)
+    checks = _Checks()
+    console.print(f"[bold]torchkeep demo[/] — files go to {workdir}")
+
+    with _step(console, 1, "data"):
+        images, labels, name = digits_dataset(seed=seed)
+        order = torch.randperm(len(images))
+        split = int(0.8 * len(images))
+        train = (images[order[:split]], labels[order[:split]])
+        test = (images[order[split:]], labels[order[split:]])
+        console.print(
+            f"  {name}: {len(train[0])} training and {len(test[0])} test images, 3x26x26; "
+            "task: is the digit ≥ 5?"
+        )
+
+    with _step(console, 2, "the model: parameters and buffers"):
+        model = TheModelClass()
+        summary = summarize(model)
+        console.print(summary_table(summary))
+        console.print(f"  {summary.totals_line()}")
+        console.print(
+            "  [dim]Buffers (BatchNorm's running statistics) are in the state dict but not trained: "
+            "save the state dict, not model.parameters().[/]"
+        )
+
+    with _step(console, 3, "train"):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss = _train(model, optimizer, train, test, epochs=epochs, console=console)
+
+    files = {
+        "weights (safetensors)": workdir / "model.safetensors",
+        "weights (torch.save)": workdir / "model.pt",
+        "whole model (torch.export)": workdir / "model.pt2",
+        "checkpoint": workdir / "checkpoint.tar",
+    }
+    with _step(console, 4, "save"):
+        save_weights(model, files["weights (safetensors)"], metadata={"dataset": name, "epochs": str(epochs)})
+        save_weights(model, files["weights (torch.save)"])
+        save_model(
+            model,
+            files["whole model (torch.export)"],
+            example_inputs=(test[0][:2],),
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        )
+        save_checkpoint(
+            files["checkpoint"],
+            model=model,
+            optimizer=optimizer,
+            epoch=epochs - 1,
+            loss=loss,
+            metrics={"test_accuracy": _accuracy(model, test)},
+        )
+        for what, path in files.items():
+            console.print(f"  {what:<28} {path.name:<18} {format_bytes(path.stat().st_size):>10}")
+
+    reference = _predict(model, test[0])
+    with _step(console, 5, "load each file back and compare predictions (eval mode)"):
+        _verify(model, optimizer, files, test[0], reference, workdir, checks, console)
+
+    with _step(console, 6, "summary"):
+        table = Table(show_edge=False, header_style="bold")
+        for column in ("file", "format", "size"):
+            table.add_column(column)
+        for path in files.values():
+            table.add_row(path.name, detect_format(path).value, format_bytes(path.stat().st_size))
+        console.print(table)
+        failed = [n for n, ok, _ in checks.rows if not ok]
+        console.print(
+            f"  {len(checks.rows) - len(failed)}/{len(checks.rows)} checks passed"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
+    return checks.passed
+
+
+def _verify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    files: dict[str, Path],
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    workdir: Path,
+    checks: _Checks,
+    console: Console,
+) -> None:
+    fresh = TheModelClass()
+    report = load_into(fresh, files["weights (safetensors)"])
+    checks.add(
+        console,
+        "safetensors → load_into → same predictions",
+        report.ok and torch.equal(_predict(fresh, images), reference),
+        report.headline(),
+    )
+
+    plain = TheModelClass()
+    plain.load_state_dict(torch.load(files["weights (torch.save)"], weights_only=True))
+    checks.add(
+        console,
+        ".pt → plain torch.load(weights_only=True) → same predictions",
+        torch.equal(_predict(plain, images), reference),
+    )
+
+    with console.status("  loading model.pt2 in a fresh Python process without TheModelClass…"):
+        try:
+            outputs, said = _fresh_process_outputs(files["whole model (torch.export)"], images, workdir)
+            ok, detail = torch.equal(outputs, reference), f"fresh process: {said}"
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            ok, detail = False, str(err)
+    checks.add(console, ".pt2 → load_model in a fresh process → same predictions", ok, detail)
+
+    resumed = TheModelClass()
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    info = load_checkpoint(files["checkpoint"], model=resumed, optimizer=resumed_opt)
+    same_state = all(
+        torch.equal(a["exp_avg"], b["exp_avg"])
+        for a, b in zip(
+            optimizer.state_dict()["state"].values(), resumed_opt.state_dict()["state"].values(), strict=True
+        )
+    )
+    checks.add(
+        console,
+        "checkpoint → model + optimizer restored",
+        torch.equal(_predict(resumed, images), reference) and same_state,
+        f"epoch {info.epoch}, loss {info.loss:.4f}, metrics {info.metrics}",
+    )
+
+    model.train()
+    with evaluating(model):
+        twice_equal = torch.equal(model(images[:8]), model(images[:8]))
+    checks.add(
+        console,
+        "evaluating(): Dropout off inside, training mode restored after",
+        twice_equal and model.training and all(m.training for m in model.modules()),
+    )
