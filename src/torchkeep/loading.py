@@ -199,7 +199,7 @@ def match_keys(source: Sequence[str], target: Sequence[str]) -> dict[str, str]:
         # one leading segment too many (file) or too few (file), judged by the common case
         heads = Counter(_first_segment(k) for k in free_src)
         head, count = heads.most_common(1)[0]
-        if head is not None:
+        if head is not None and head not in _WRAPPER_SEGMENTS:
             cut = len(head) + 1
             pair_by(
                 lambda k: k[cut:] if k.startswith(head + ".") else "\0" + k,
@@ -211,7 +211,7 @@ def match_keys(source: Sequence[str], target: Sequence[str]) -> dict[str, str]:
         dst_heads = Counter(_first_segment(k) for k in free_dst)
         if dst_heads:
             dst_head, dst_count = dst_heads.most_common(1)[0]
-            if dst_head is not None:
+            if dst_head is not None and dst_head not in _WRAPPER_SEGMENTS:
                 pair_by(lambda k: f"{dst_head}.{k}", lambda k: k, minimum=max(1, dst_count // 2))
     return pairs
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: real models, real files."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from torch import nn
+
+from torchkeep.tutorial import TheModelClass
+
+settings.register_profile(
+    "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.register_profile(
+    "ci", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def model() -> TheModelClass:
+    torch.manual_seed(0)
+    m = TheModelClass()
+    # non-trivial running stats, so buffers differ from a fresh model's
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(8, 3, 26, 26))
+    return m
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 26, 26, generator=torch.Generator().manual_seed(1))
+
+
+def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(sorted(a)) == list(sorted(b))
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+class TiedNet(nn.Module):
+    """An embedding and an output layer sharing one weight, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def rewrite_as_saved_on_gpu(src: Path, dst: Path) -> None:
+    """Copy a torch.save file, changing every storage location from cpu to cuda:0.
+
+    That is exactly what a file saved from CUDA tensors holds, so a CPU-only
+    machine can test loading one.
+    """
+    with zipfile.ZipFile(src) as archive:
+        names = archive.namelist()
+        records = {name: archive.read(name) for name in names}
+    pkl = next(n for n in names if n.endswith("data.pkl"))
+    records[pkl] = records[pkl].replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as out:
+        for name in names:
+            out.writestr(name, records[name])
