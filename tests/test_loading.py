@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TiedNet
 from torch import nn
 
 import torchkeep
+from conftest import TiedNet
 from torchkeep.loading import match_keys
 from torchkeep.tutorial import TheModelClass
 

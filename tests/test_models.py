@@ -18,7 +18,8 @@ from torchkeep.tutorial import TheModelClass
 def test_round_trip_in_process(tmp_path: Path, model: TheModelClass, images: torch.Tensor) -> None:
     model.train()
     torchkeep.save_model(model, tmp_path / "m.pt2", example_inputs=(images,))
-    assert model.training and model.dropout.training  # saving does not change the caller's mode
+    assert model.training
+    assert model.dropout.training
     loaded = torchkeep.load_model(tmp_path / "m.pt2")
     assert not loaded.training
     assert all(not m.training for m in loaded.modules())
@@ -29,8 +30,9 @@ def test_round_trip_in_process(tmp_path: Path, model: TheModelClass, images: tor
 
 def test_single_tensor_example_and_dynamic_batch(tmp_path: Path, model: TheModelClass) -> None:
     batch = torch.export.Dim("batch", min=1, max=64)
-    torchkeep.save_model(model, tmp_path / "m.pt2", example_inputs=torch.randn(2, 3, 26, 26),
-                         dynamic_shapes=({0: batch},))
+    torchkeep.save_model(
+        model, tmp_path / "m.pt2", example_inputs=torch.randn(2, 3, 26, 26), dynamic_shapes=({0: batch},)
+    )
     loaded = torchkeep.load_model(tmp_path / "m.pt2")
     assert loaded(torch.randn(5, 3, 26, 26)).shape == (5, 1)
 
@@ -81,8 +83,9 @@ def test_loads_in_a_fresh_process_where_the_class_does_not_exist(tmp_path: Path)
     assert done.stdout.strip() == "ok"
 
 
-def test_pickled_model_needs_trust_and_names_what_it_imports(tmp_path: Path, model: TheModelClass,
-                                                             images: torch.Tensor) -> None:
+def test_pickled_model_needs_trust_and_names_what_it_imports(
+    tmp_path: Path, model: TheModelClass, images: torch.Tensor
+) -> None:
     torch.save(model, tmp_path / "legacy.pt")
     with pytest.raises(torchkeep.UntrustedFileError) as info:
         torchkeep.load_model(tmp_path / "legacy.pt")

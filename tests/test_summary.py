@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import TiedNet
 from torch import nn
 
 import torchkeep
+from conftest import TiedNet
 from torchkeep.tutorial import TheModelClass
 
 TUTORIAL_SHAPES = {
@@ -35,10 +35,14 @@ def test_tutorial_model_has_8_parameters_3_buffers_11_entries() -> None:
     assert len(summary.state_dict_entries) == 11
     assert {r.name: r.shape for r in summary.rows} == TUTORIAL_SHAPES
     assert [r.name for r in summary.rows] == list(model.state_dict())
-    assert {r.name: tuple(t.shape) for r, t in zip(summary.rows, model.state_dict().values(), strict=True)} == {
-        r.name: r.shape for r in summary.rows
+    assert {
+        r.name: tuple(t.shape) for r, t in zip(summary.rows, model.state_dict().values(), strict=True)
+    } == {r.name: r.shape for r in summary.rows}
+    assert {r.name for r in summary.buffers} == {
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
     }
-    assert {r.name for r in summary.buffers} == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
     assert summary.parameter_numel == sum(p.numel() for p in model.parameters())
     assert summary.trainable_numel == summary.parameter_numel
     assert summary.total_bytes == sum(t.nbytes for t in model.state_dict().values())

@@ -10,19 +10,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TiedNet, assert_state_equal, rewrite_as_saved_on_gpu
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import torchkeep
+from conftest import TiedNet, assert_state_equal, rewrite_as_saved_on_gpu
 from torchkeep.tutorial import TheModelClass
 
 SUFFIXES = [".safetensors", ".pt", ".pth", ".bin"]
 DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
 ]
 
 
@@ -62,8 +72,10 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
     return t
 
 
-@given(state=st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]{0,12}", fullmatch=True), tensors(), max_size=5),
-       suffix=st.sampled_from(SUFFIXES))
+@given(
+    state=st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]{0,12}", fullmatch=True), tensors(), max_size=5),
+    suffix=st.sampled_from(SUFFIXES),
+)
 def test_round_trip_is_bitwise_exact(tmp_path: Path, state: dict[str, torch.Tensor], suffix: str) -> None:
     path = tmp_path / f"w{suffix}"
     torchkeep.save_weights(state, path)
@@ -104,7 +116,9 @@ def test_tied_weights_are_stored_once_and_come_back_tied(tmp_path: Path, suffix:
     loaded = torchkeep.load_weights(path)
     assert torch.equal(loaded["embed.weight"], net.embed.weight.detach())
     assert loaded["out.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
-    untied = torchkeep.save_weights({k: v.clone() for k, v in net.state_dict().items()}, tmp_path / f"u{suffix}")
+    untied = torchkeep.save_weights(
+        {k: v.clone() for k, v in net.state_dict().items()}, tmp_path / f"u{suffix}"
+    )
     assert path.stat().st_size < untied.stat().st_size
 
 
@@ -136,7 +150,9 @@ def test_dtype_casts_floats_only(tmp_path: Path, suffix: str) -> None:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_metadata_round_trip(tmp_path: Path, suffix: str) -> None:
-    path = torchkeep.save_weights({"a": torch.ones(2)}, tmp_path / f"m{suffix}", metadata={"dataset": "digits"})
+    path = torchkeep.save_weights(
+        {"a": torch.ones(2)}, tmp_path / f"m{suffix}", metadata={"dataset": "digits"}
+    )
     assert torchkeep.read_metadata(path)["dataset"] == "digits"
     assert torchkeep.summarize(path).metadata["dataset"] == "digits"
 
@@ -342,7 +358,9 @@ def test_save_refuses_what_is_not_a_state_dict(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_save_leaves_the_previous_file_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_the_previous_file_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = torchkeep.save_weights({"a": torch.ones(3)}, tmp_path / "w.pt")
     before = path.read_bytes()
 
@@ -404,7 +422,10 @@ def test_map_location_moves_tensors(tmp_path: Path) -> None:
     torchkeep.save_weights({"a": torch.ones(2)}, tmp_path / "a.safetensors")
     torchkeep.save_weights({"a": torch.ones(2)}, tmp_path / "a.pt")
     for name in ("a.safetensors", "a.pt"):
-        assert torchkeep.load_weights(tmp_path / name, map_location=torch.device("cpu"))["a"].device.type == "cpu"
+        assert (
+            torchkeep.load_weights(tmp_path / name, map_location=torch.device("cpu"))["a"].device.type
+            == "cpu"
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -178,12 +178,22 @@ def _check_zip(path: Path) -> FileFormat:
 
 
 def detect_format(path: str | os.PathLike[str]) -> FileFormat:
-    """The format of the file at ``path``, from its content.
+    """The format of the file at ``path``, from its content (the suffix is ignored).
+
+    Args:
+        path (str | PathLike): the file.
+
+    Returns:
+        A :class:`FileFormat`.
 
     Raises:
         ModelFileNotFoundError, PathIsDirectoryError: the path is not a file.
         CorruptFileError: a known format, but damaged or truncated.
         UnknownFormatError: not a model file.
+
+    Example:
+        >>> torchkeep.detect_format("pytorch_model.bin")
+        <FileFormat.TORCH_ZIP: 'torch.save (zip)'>
     """
     p = require_file(path)
     with p.open("rb") as f:

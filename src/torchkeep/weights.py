@@ -38,8 +38,8 @@ from torchkeep.safety import imported_names
 from torchkeep.storage import atomic_target
 
 __all__ = [
-    "STATE_DICT_KEYS",
     "MapLocation",
+    "extract_state_dict",
     "load_weights",
     "read_metadata",
     "save_weights",
@@ -53,7 +53,7 @@ MapLocation = str | torch.device
 StateDict = dict[str, torch.Tensor]
 
 # Where checkpoint dicts written by common tools keep the model's weights.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _RESERVED_PREFIX = "torchkeep."
 _ALIASES_KEY = "torchkeep.aliases"
 _PT_METADATA_RECORD = "extra/torchkeep_metadata.json"
@@ -230,6 +230,13 @@ def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str], *, du
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The text metadata stored with a weights file (empty if none).
 
+    Args:
+        path (str | PathLike): a file written by :func:`save_weights` or any
+            safetensors file (its ``__metadata__``).
+
+    Returns:
+        ``dict[str, str]``, without torchkeep's own bookkeeping entries.
+
     Example:
         >>> torchkeep.read_metadata("model.safetensors")
         {'format': 'pt', 'dataset': 'digits'}
@@ -301,7 +308,7 @@ def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> St
     if _is_tensor_dict(obj):
         return dict(obj)
     if isinstance(obj, Mapping):
-        for candidate in STATE_DICT_KEYS:
+        for candidate in _STATE_DICT_KEYS:
             if candidate in obj and _is_tensor_dict(obj[candidate]):
                 logger.info("using the state dict under %r", candidate)
                 return dict(obj[candidate])

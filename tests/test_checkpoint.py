@@ -1,0 +1,222 @@
+"""save_checkpoint / load_checkpoint: the classic layout, plain torch.load, other tools' files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+
+
+def make() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 4)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # type: ignore[attr-defined]
+        losses.append(loss.item())
+    return losses
+
+
+def test_round_trip_restores_everything(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make()
+    train(model, optimizer, scheduler, 3)
+    path = torchkeep.save_checkpoint(
+        tmp_path / "ckpt.tar",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=3,
+        step=30,
+        loss=torch.tensor(0.25),
+        metrics={"val_acc": np.float64(0.75)},
+        extra={"config": {"width": 8}},
+    )
+    model2, optimizer2, scheduler2 = make()
+    info = torchkeep.load_checkpoint(path, model=model2, optimizer=optimizer2, scheduler=scheduler2)
+    assert (info.epoch, info.step, info.loss) == (3, 30, 0.25)
+    assert info.metrics == {"val_acc": 0.75}
+    assert type(info.metrics["val_acc"]) is float
+    assert info.extra == {"config": {"width": 8}}
+    assert info.restored == ("model", "optimizer", "scheduler")
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    # both continue identically
+    torch.manual_seed(7)
+    first = train(model, optimizer, scheduler, 3)
+    torch.manual_seed(7)
+    second = train(model2, optimizer2, scheduler2, 3)
+    assert first == second
+
+
+def test_plain_torch_load_reads_it_with_the_classic_keys(tmp_path: Path) -> None:
+    model, optimizer, _ = make()
+    path = torchkeep.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=optimizer, epoch=1, loss=0.5)
+    content = torch.load(path, weights_only=True)
+    assert {"epoch", "model_state_dict", "optimizer_state_dict", "loss", "rng_state"} <= set(content)
+    model2, optimizer2, _ = make()
+    model2.load_state_dict(content["model_state_dict"])
+    optimizer2.load_state_dict(content["optimizer_state_dict"])
+
+
+def test_reads_a_hand_written_classic_checkpoint(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make()
+    train(model, optimizer, scheduler, 2)
+    torch.save(
+        {
+            "epoch": 4,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "loss": 0.125,
+        },
+        tmp_path / "hand.tar",
+    )
+    model2, optimizer2, _ = make()
+    info = torchkeep.load_checkpoint(tmp_path / "hand.tar", model=model2, optimizer=optimizer2)
+    assert info.layout == "classic"
+    assert (info.epoch, info.loss) == (4, 0.125)
+    assert optimizer2.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_reads_a_lightning_layout_ckpt(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make()
+    train(model, optimizer, scheduler, 2)
+    torch.save(
+        {
+            "epoch": 2,
+            "global_step": 20,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_states": [optimizer.state_dict()],
+            "lr_schedulers": [scheduler.state_dict()],
+        },
+        tmp_path / "last.ckpt",
+    )
+    model2, optimizer2, scheduler2 = make()
+    info = torchkeep.load_checkpoint(
+        tmp_path / "last.ckpt", model=model2, optimizer=optimizer2, scheduler=scheduler2
+    )
+    assert info.layout == "lightning"
+    assert (info.epoch, info.step) == (2, 20)
+    assert info.model_report is not None
+    assert info.model_report.renamed["model.0.weight"] == "0.weight"
+    assert torch.equal(model2[0].weight, model[0].weight)
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_rng_state_is_restored_on_request(tmp_path: Path) -> None:
+    model, _, _ = make()
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torchkeep.save_checkpoint(tmp_path / "c.pt", model=model)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    torchkeep.load_checkpoint(tmp_path / "c.pt", restore_rng=True)
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])
+
+
+def test_restore_rng_without_a_saved_state_warns(tmp_path: Path) -> None:
+    model, _, _ = make()
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "c.pt")
+    with pytest.warns(torchkeep.RngRestoreWarning, match="no RNG state"):
+        torchkeep.load_checkpoint(tmp_path / "c.pt", model=model, restore_rng=True)
+
+
+def test_cuda_rng_states_that_cannot_be_restored_are_named(tmp_path: Path) -> None:
+    from torchkeep.rng import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # as if saved on a 2-GPU machine
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    with pytest.warns(torchkeep.RngRestoreWarning, match="2 CUDA device"):
+        restore_rng_state(state)
+
+
+def test_missing_part_is_a_typed_error_and_nothing_changes(tmp_path: Path) -> None:
+    model, _, _ = make()
+    torchkeep.save_checkpoint(tmp_path / "c.pt", model=model)
+    model2, optimizer2, _ = make()
+    with torch.no_grad():
+        model2[0].weight.fill_(3.0)
+    with pytest.raises(torchkeep.CheckpointMismatchError, match="no optimizer state") as info:
+        torchkeep.load_checkpoint(tmp_path / "c.pt", model=model2, optimizer=optimizer2)
+    assert info.value.part == "optimizer"
+    assert torch.all(model2[0].weight == 3.0)
+
+
+def test_optimizer_with_other_param_groups_is_refused_before_loading(tmp_path: Path) -> None:
+    model, optimizer, _ = make()
+    torchkeep.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=optimizer)
+    model2, _, _ = make()
+    with torch.no_grad():
+        model2[0].weight.fill_(3.0)
+    two_groups = torch.optim.AdamW([{"params": model2[0].parameters()}, {"params": model2[3].parameters()}])
+    with pytest.raises(torchkeep.CheckpointMismatchError, match="1 parameter group"):
+        torchkeep.load_checkpoint(tmp_path / "c.pt", model=model2, optimizer=two_groups)
+    assert torch.all(model2[0].weight == 3.0)
+    fewer = torch.optim.AdamW(model2[0].parameters())
+    with pytest.raises(torchkeep.CheckpointMismatchError, match="parameter group 0 holds 6"):
+        torchkeep.load_checkpoint(tmp_path / "c.pt", model=model2, optimizer=fewer)
+
+
+def test_model_of_another_architecture(tmp_path: Path) -> None:
+    model, _, _ = make()
+    torchkeep.save_checkpoint(tmp_path / "c.pt", model=model)
+    with pytest.raises(torchkeep.KeyMismatchError):
+        torchkeep.load_checkpoint(tmp_path / "c.pt", model=nn.Sequential(nn.Linear(4, 3)))
+
+
+def test_values_a_safe_loader_cannot_read_are_refused(tmp_path: Path) -> None:
+    class Config:
+        pass
+
+    model, _, _ = make()
+    with pytest.raises(torchkeep.UnserializableValueError, match=r"extra\['cfg'\]\['obj'\]") as info:
+        torchkeep.save_checkpoint(tmp_path / "c.pt", model=model, extra={"cfg": {"obj": Config()}})
+    assert "dataclasses.asdict" in str(info.value)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_numpy_and_str_subclasses_become_plain_values(tmp_path: Path) -> None:
+    model, _, _ = make()
+    extra = {"arr": np.arange(3), "n": np.int32(4), "version": torch.__version__, "ok": np.bool_(True)}
+    path = torchkeep.save_checkpoint(tmp_path / "c.pt", model=model, extra=extra)
+    loaded = torch.load(path, weights_only=True)["extra"]
+    assert torch.equal(loaded["arr"], torch.arange(3))
+    assert loaded["n"] == 4
+    assert type(loaded["version"]) is str
+    assert loaded["ok"] is True
+
+
+def test_unknown_suffix(tmp_path: Path) -> None:
+    model, _, _ = make()
+    with pytest.raises(torchkeep.UnsupportedSuffixError, match=r"\.tar"):
+        torchkeep.save_checkpoint(tmp_path / "c.json", model=model)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(torchkeep.NotAStateDictError):
+        torchkeep.load_checkpoint(tmp_path / "list.pt")
