@@ -1,0 +1,1 @@
+"""Side-by-side timings of torchkeep against torch.save/torch.load and safetensors."""
