@@ -33,6 +33,12 @@ DTYPES = [
     torch.bool,
     torch.float8_e4m3fn,
     torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.complex64,
 ]
 
 
@@ -58,7 +64,7 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
     base_shape = [*shape[:-1], shape[-1] + 2] if shape else []
     if dtype == torch.bool:
         t = torch.randint(0, 2, base_shape, generator=g).bool()
-    elif dtype.is_floating_point:
+    elif dtype.is_floating_point or dtype.is_complex:
         t = (torch.randn(base_shape, generator=g) * 3).to(dtype)
     else:
         t = torch.randint(0, 100, base_shape, generator=g).to(dtype)
@@ -375,13 +381,17 @@ def test_failed_save_leaves_the_previous_file_untouched(
     assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]  # no temp file left behind
 
 
-def test_safetensors_refuses_a_dtype_it_cannot_store_before_writing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float8_e8m0fnu])
+def test_safetensors_refuses_a_dtype_it_cannot_store_before_writing(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    tensor = torch.ones(2).to(dtype)
     with pytest.raises(torchkeep.UnsupportedDtypeError, match=r"save to a \.pt file") as info:
-        torchkeep.save_weights({"z": torch.ones(2, dtype=torch.complex128)}, tmp_path / "z.safetensors")
+        torchkeep.save_weights({"z": tensor}, tmp_path / "z.safetensors")
     assert info.value.key == "z"
     assert list(tmp_path.iterdir()) == []
-    torchkeep.save_weights({"z": torch.ones(2, dtype=torch.complex128)}, tmp_path / "z.pt")
-    assert torchkeep.load_weights(tmp_path / "z.pt")["z"].dtype == torch.complex128
+    torchkeep.save_weights({"z": tensor}, tmp_path / "z.pt")
+    assert_bitwise_equal(torchkeep.load_weights(tmp_path / "z.pt")["z"], tensor)
 
 
 def test_a_killed_save_never_leaves_a_broken_file(tmp_path: Path) -> None:

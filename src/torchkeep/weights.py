@@ -57,7 +57,10 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _RESERVED_PREFIX = "torchkeep."
 _ALIASES_KEY = "torchkeep.aliases"
 _PT_METADATA_RECORD = "extra/torchkeep_metadata.json"
-_SAFETENSORS_TORCH_DTYPES = {name for name, _bits in SAFETENSORS_DTYPES.values()}
+# dtypes the installed safetensors both writes and reads back (it writes F8_E8M0 but cannot read it)
+_SAFETENSORS_TORCH_DTYPES = {
+    name for code, (name, _bits) in SAFETENSORS_DTYPES.items() if code not in {"F8_E8M0", "F4"}
+}
 
 
 def to_state_dict(obj: nn.Module | Mapping[str, Any]) -> StateDict:
