@@ -48,6 +48,7 @@ def test_every_module_declares_a_sorted_all() -> None:
         (errors.NotAStateDictError, TypeError),
         (errors.NotAModelError, TypeError),
         (errors.UnserializableValueError, TypeError),
+        (errors.MissingClassError, ImportError),
         (errors.KeyMismatchError, RuntimeError),
         (errors.CheckpointMismatchError, ValueError),
         (errors.ExportError, RuntimeError),

@@ -251,6 +251,24 @@ torch.save({{"w": torch.ones(1), "x": Payload()}}, {str(tmp_path / "evil.pt")!r}
     assert not marker.exists()
 
 
+def test_numpy_values_need_trust_and_trust_reads_them(tmp_path: Path, model: TheModelClass) -> None:
+    # old checkpoints often hold numpy scalars, which weights_only refuses
+    import numpy as np
+
+    torch.save({"model_state_dict": model.state_dict(), "loss": np.float64(0.5)}, tmp_path / "old.tar")
+    with pytest.raises(torchkeep.UntrustedFileError, match="trust=True") as info:
+        torchkeep.load_weights(tmp_path / "old.tar")
+    assert any(name.startswith("numpy") for name in info.value.globals)
+    assert_state_equal(torchkeep.load_weights(tmp_path / "old.tar", trust=True), dict(model.state_dict()))
+
+
+def test_trust_reads_the_weights_of_a_pickled_model(tmp_path: Path, model: TheModelClass) -> None:
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(torchkeep.UntrustedFileError):
+        torchkeep.load_weights(tmp_path / "whole.pt")
+    assert_state_equal(torchkeep.load_weights(tmp_path / "whole.pt", trust=True), dict(model.state_dict()))
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 

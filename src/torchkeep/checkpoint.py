@@ -30,7 +30,7 @@ from torchkeep.formats import FileFormat, suffix_format
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.storage import atomic_target
-from torchkeep.weights import MapLocation, to_state_dict, torch_load_safely
+from torchkeep.weights import MapLocation, read_torch_file, to_state_dict
 
 __all__ = ["CheckpointInfo", "Stateful", "load_checkpoint", "save_checkpoint"]
 
@@ -261,6 +261,7 @@ def load_checkpoint(
     map_location: MapLocation = "cpu",
     restore_rng: bool = False,
     strict: bool = True,
+    trust: bool = False,
 ) -> CheckpointInfo:
     """Restore a training checkpoint into the objects given.
 
@@ -279,6 +280,9 @@ def load_checkpoint(
         restore_rng (bool, default False): restore Python/NumPy/torch/CUDA RNG
             states saved with the checkpoint.
         strict (bool, default True): passed to :func:`load_into` for the model.
+        trust (bool, default False): allow unpickling any object (old
+            checkpoints holding NumPy scalars or custom classes). This runs
+            code named in the file: only for files you trust.
 
     Returns:
         A :class:`CheckpointInfo` with epoch, step, loss, metrics and extra.
@@ -294,7 +298,7 @@ def load_checkpoint(
         >>> start_epoch = info.epoch + 1
     """
     p = Path(path)
-    content = torch_load_safely(p, map_location=map_location)
+    content = read_torch_file(p, map_location=map_location, trust=trust)
     if not isinstance(content, Mapping):
         raise NotAStateDictError(
             p, f"a {type(content).__name__}", hint="pass a checkpoint file written by save_checkpoint"

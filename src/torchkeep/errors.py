@@ -15,6 +15,7 @@ went wrong and what to do next::
     ├── NotAStateDictError          (TypeError)
     ├── NotAModelError              (TypeError)
     ├── UnserializableValueError    (TypeError)
+    ├── MissingClassError           (ImportError)
     ├── KeyMismatchError            (RuntimeError)
     ├── CheckpointMismatchError     (ValueError)
     ├── ExportError                 (RuntimeError)
@@ -37,6 +38,7 @@ __all__ = [
     "ExportError",
     "InvalidMetadataError",
     "KeyMismatchError",
+    "MissingClassError",
     "ModelFileNotFoundError",
     "NotAModelError",
     "NotAStateDictError",
@@ -230,6 +232,24 @@ class NotAModelError(TorchkeepError, TypeError):
         self.found = found
         fix = fix or "build the model in code and load the weights with torchkeep.load_into(model, path)"
         super().__init__(f"{path} holds {found}, not a whole model; {fix}.")
+
+
+class MissingClassError(TorchkeepError, ImportError):
+    """A trusted pickle names a class or function that cannot be imported here.
+
+    Attributes:
+        path: the file, as ``str`` (ImportError's own attribute).
+        cause: what the import said.
+    """
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        self.cause = str(cause)
+        super().__init__(
+            f"{path} was pickled with a class or function that cannot be imported here ({cause}); make "
+            "it importable under the module path it was saved from, then re-save the file without pickle "
+            "(torchkeep.save_weights or torchkeep.save_model) so this never happens again.",
+            path=str(path),
+        )
 
 
 class UnserializableValueError(TorchkeepError, TypeError):

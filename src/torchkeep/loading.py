@@ -253,6 +253,7 @@ def load_into(
     strict: bool = True,
     rename: Rename | None = None,
     skip_mismatched: bool = False,
+    trust: bool = False,
 ) -> LoadReport:
     """Load weights into ``model`` and report what matched.
 
@@ -268,6 +269,8 @@ def load_into(
             ``(regex, replacement)`` pairs applied in order, or a function.
         skip_mismatched (bool, default False): keep the model's tensor where
             the shapes differ (e.g. a new head) instead of failing.
+        trust (bool, default False): passed to :func:`load_weights` for files
+            that are pickles of arbitrary objects. Only for files you trust.
 
     Returns:
         A :class:`LoadReport`; ``print(report)`` shows a table.
@@ -287,7 +290,7 @@ def load_into(
         state = to_state_dict(path_or_state_dict)
     else:
         source_name = os.fspath(path_or_state_dict)
-        state = load_weights(path_or_state_dict)
+        state = load_weights(path_or_state_dict, trust=trust)
     renamed_by_user = _apply_rename(state, rename)
     by_new_name = {renamed_by_user[k]: v for k, v in state.items()}
     original_name = {renamed_by_user[k]: k for k in state}

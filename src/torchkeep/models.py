@@ -22,7 +22,7 @@ from torchkeep.formats import FileFormat, detect_format, suffix_format
 from torchkeep.modes import evaluating
 from torchkeep.safety import imported_names
 from torchkeep.storage import atomic_target
-from torchkeep.weights import MapLocation, torch_load_safely
+from torchkeep.weights import MapLocation, read_torch_file
 
 __all__ = ["load_exported", "load_model", "save_model"]
 
@@ -140,20 +140,11 @@ def load_model(
         names = imported_names(p)
         if names:
             raise UntrustedFileError(p, names)
-        obj = torch_load_safely(p, map_location=map_location)
+        obj = read_torch_file(p, map_location=map_location)
         raise NotAModelError(
             p, "plain data (weights or a checkpoint)" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         )
-    logger.warning("unpickling %s with trust=True: this runs code named in the file", p)
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as err:
-        raise NotAModelError(
-            p,
-            f"a pickled model whose class cannot be imported here ({err})",
-            fix="make the class importable under the module path it was saved from (or re-save "
-            "the model with torchkeep.save_model where it is, for a file that needs no class)",
-        ) from err
+    obj = read_torch_file(p, map_location=map_location, trust=True)
     if not isinstance(obj, nn.Module):
         raise NotAModelError(p, f"a pickled {type(obj).__name__}")
     return obj.eval()

@@ -17,8 +17,8 @@ from torchkeep.weights import (
     extract_state_dict,
     load_weights,
     read_metadata,
+    read_torch_file,
     to_state_dict,
-    torch_load_safely,
 )
 
 __all__ = ["Summary", "SummaryRow", "summarize"]
@@ -244,9 +244,7 @@ def _summarize_file(path: Path) -> Summary:
         )
     elif fmt is FileFormat.TORCH_ZIP:
         # memory-mapped: only the pages the summary touches are read
-        state = extract_state_dict(
-            torch_load_safely(path, map_location="cpu", mmap=True), path=path, key=None
-        )
+        state = extract_state_dict(read_torch_file(path, map_location="cpu", mmap=True), path=path, key=None)
         rows = _rows_from_tensors(state)
     else:
         rows = _rows_from_tensors(load_weights(path))

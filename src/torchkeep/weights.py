@@ -23,6 +23,7 @@ from torch import nn
 from torchkeep.errors import (
     CorruptFileError,
     InvalidMetadataError,
+    MissingClassError,
     NotAStateDictError,
     UnsupportedDtypeError,
     UntrustedFileError,
@@ -42,9 +43,9 @@ __all__ = [
     "extract_state_dict",
     "load_weights",
     "read_metadata",
+    "read_torch_file",
     "save_weights",
     "to_state_dict",
-    "torch_load_safely",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,23 +258,31 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {}
 
 
-def torch_load_safely(path: Path, *, map_location: MapLocation | None, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with its failures turned into torchkeep errors.
+def read_torch_file(
+    path: Path, *, map_location: MapLocation | None, mmap: bool = False, trust: bool = False
+) -> Any:
+    """``torch.load`` with its failures turned into torchkeep errors.
 
-    Never falls back to unsafe loading.
+    Without ``trust`` it uses ``weights_only=True`` and never falls back to
+    unpickling arbitrary objects.
 
     Raises:
         UntrustedFileError: the file needs objects outside the safe allowlist.
+        MissingClassError: (``trust``) the pickle names a class that is not importable.
         CorruptFileError: the file is damaged.
     """
+    if trust:
+        logger.warning("unpickling %s with trust=True: this runs code named in the file", path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as err:
         names = imported_names(path)
-        if "Weights only load failed" in str(err) and names:
+        if not trust and "Weights only load failed" in str(err) and names:
             raise UntrustedFileError(path, names) from err
         raise CorruptFileError(path, f"its pickle data is damaged ({_first_line(err)})") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise MissingClassError(path, err) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CorruptFileError(path, _first_line(err)) from err
 
 
@@ -339,6 +348,7 @@ def load_weights(
     *,
     map_location: MapLocation = "cpu",
     key: str | None = None,
+    trust: bool = False,
 ) -> StateDict:
     """Load a state dict from any weights file, without running code from it.
 
@@ -352,7 +362,11 @@ def load_weights(
         map_location (str | torch.device, default "cpu"): where the tensors
             go. The default loads files saved on a GPU on any machine.
         key (str | None, default None): the entry of a checkpoint dict that
-            holds the weights, when it is not one of the usual names.
+            holds the weights, when it is not one of the usual names (for
+            ``torch.save`` files).
+        trust (bool, default False): allow unpickling any object from a
+            ``torch.save`` file (a pickled model gives its state dict). This
+            runs code named in the file: only for files you trust.
 
     Returns:
         ``dict[str, Tensor]``; tied weights come back as the same tensor.
@@ -362,7 +376,8 @@ def load_weights(
         CorruptFileError: the file is empty, truncated or damaged.
         UnknownFormatError: the file is not a model file.
         NotAStateDictError: the file holds no state dict (try ``key=``).
-        UntrustedFileError: the file is a pickle of arbitrary objects.
+        UntrustedFileError: the file is a pickle of arbitrary objects and
+            ``trust`` is False.
 
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
@@ -378,7 +393,9 @@ def load_weights(
 
         program = load_exported(p)
         return {k: v.to(map_location) for k, v in program.state_dict.items()}
-    obj = torch_load_safely(p, map_location=map_location)
+    obj = read_torch_file(p, map_location=map_location, trust=trust)
+    if trust and isinstance(obj, nn.Module):
+        return to_state_dict(obj)
     return extract_state_dict(obj, path=p, key=key)
 
 

@@ -9,9 +9,7 @@ import typer
 from rich.console import Console
 
 from torchkeep._table import format_bytes
-from torchkeep.errors import UntrustedFileError
-from torchkeep.models import load_model
-from torchkeep.weights import load_weights, read_metadata, save_weights, to_state_dict
+from torchkeep.weights import load_weights, read_metadata, save_weights
 
 __all__ = ["convert_command"]
 
@@ -26,18 +24,15 @@ def convert_command(
         None, "--dtype", help="Cast floating-point tensors: float32, float16, bfloat16."
     ),
     trust: bool = typer.Option(
-        False, "--trust", help="Allow unpickling a whole pickled model (runs code from the file)."
+        False,
+        "--trust",
+        help="Allow unpickling any object, e.g. a whole pickled model (runs code from the file).",
     ),
 ) -> None:
     """Convert weights between .pt/.pth/.bin and .safetensors, by suffix."""
     if dtype is not None and dtype not in _DTYPES:
         raise typer.BadParameter(f"choose one of {', '.join(_DTYPES)}", param_hint="--dtype")
-    try:
-        state = load_weights(source, key=key)
-    except UntrustedFileError:
-        if not trust:
-            raise
-        state = to_state_dict(load_model(source, trust=True))
+    state = load_weights(source, key=key, trust=trust)
     metadata = read_metadata(source)
     metadata.pop("format", None)
     save_weights(state, target, dtype=_DTYPES[dtype] if dtype else None, metadata=metadata)
