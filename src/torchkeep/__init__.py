@@ -11,6 +11,7 @@ Example:
 """
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save_checkpoint
+from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointMismatchError,
     CorruptFileError,
@@ -18,9 +19,12 @@ from torchkeep.errors import (
     InvalidMetadataError,
     KeyMismatchError,
     MissingClassError,
+    MissingMetricError,
     ModelFileNotFoundError,
+    NewerFormatError,
     NotAModelError,
     NotAStateDictError,
+    NoValidCheckpointError,
     PathIsDirectoryError,
     RngRestoreWarning,
     ShapeMismatch,
@@ -34,27 +38,36 @@ from torchkeep.errors import (
 )
 from torchkeep.formats import FileFormat, detect_format
 from torchkeep.loading import LoadReport, load_into
+from torchkeep.manager import CheckpointEntry, Checkpointer
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
+from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
 from torchkeep.weights import load_weights, read_metadata, save_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointEntry",
     "CheckpointInfo",
     "CheckpointMismatchError",
+    "Checkpointer",
     "CorruptFileError",
+    "EarlyStopping",
     "ExportError",
     "FileFormat",
     "InvalidMetadataError",
     "KeyMismatchError",
     "LoadReport",
     "MissingClassError",
+    "MissingMetricError",
     "ModelFileNotFoundError",
+    "NewerFormatError",
+    "NoValidCheckpointError",
     "NotAModelError",
     "NotAStateDictError",
     "PathIsDirectoryError",
+    "ResumableSampler",
     "RngRestoreWarning",
     "ShapeMismatch",
     "Stateful",

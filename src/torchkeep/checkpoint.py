@@ -32,7 +32,7 @@ from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, read_torch_file, to_state_dict
 
-__all__ = ["CheckpointInfo", "Stateful", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointInfo", "Stateful", "apply_states", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,47 @@ def _check_optimizer(path: Path, optimizer: Any, saved: Mapping[str, Any]) -> No
             )
 
 
+def apply_states(
+    path: Path,
+    parts: Mapping[str, Any],
+    given: Mapping[str, Any],
+    *,
+    strict: bool,
+    available: list[str],
+) -> tuple[list[str], LoadReport | None]:
+    """Load saved states into the given objects, after checking that everything fits.
+
+    ``parts`` maps a name (``"model"``, ``"optimizer"``, a stateful's name) to
+    its saved state (``None`` when absent); ``given`` maps names to the
+    objects to restore (``None`` to skip). The model goes through
+    :func:`load_into`, the rest through ``load_state_dict``. Every check that
+    can fail runs before the first object changes.
+
+    Returns:
+        The names restored, and the model's :class:`LoadReport` (if a model was given).
+    """
+    for name, obj in given.items():
+        if obj is not None and parts.get(name) is None:
+            raise CheckpointMismatchError(
+                path,
+                name,
+                f"the checkpoint holds no {name} state (it has: {', '.join(available)})",
+                f"restore without {name}=",
+            )
+    if given.get("optimizer") is not None:
+        _check_optimizer(path, given["optimizer"], parts["optimizer"])
+    restored: list[str] = []
+    report = None
+    if given.get("model") is not None:
+        report = load_into(given["model"], parts["model"], strict=strict)
+        restored.append("model")
+    for name, obj in given.items():
+        if name != "model" and obj is not None:
+            obj.load_state_dict(parts[name])
+            restored.append(name)
+    return restored, report
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -306,26 +347,7 @@ def load_checkpoint(
     layout = _layout(content)
     parts = _parts(content, layout)
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    for name, obj in given.items():
-        if obj is not None and parts[name] is None:
-            raise CheckpointMismatchError(
-                p,
-                name,
-                f"the checkpoint holds no {name} state (it has: {', '.join(map(str, content))})",
-                f"call load_checkpoint without {name}=",
-            )
-    if optimizer is not None:
-        _check_optimizer(p, optimizer, parts["optimizer"])
-    restored: list[str] = []
-    report = None
-    if model is not None:
-        report = load_into(model, parts["model"], strict=strict)
-        restored.append("model")
-    for name in ("optimizer", "scheduler", "scaler"):
-        obj = given[name]
-        if obj is not None:
-            obj.load_state_dict(parts[name])
-            restored.append(name)
+    restored, report = apply_states(p, parts, given, strict=strict, available=list(map(str, content)))
     if restore_rng:
         if "rng_state" in content:
             restore_rng_state(content["rng_state"])

@@ -18,6 +18,9 @@ went wrong and what to do next::
     ├── MissingClassError           (ImportError)
     ├── KeyMismatchError            (RuntimeError)
     ├── CheckpointMismatchError     (ValueError)
+    ├── NewerFormatError            (ValueError)
+    ├── NoValidCheckpointError      (FileNotFoundError)
+    ├── MissingMetricError          (KeyError)
     ├── ExportError                 (RuntimeError)
     └── UntrustedFileError          (pickle.UnpicklingError)
 
@@ -39,7 +42,10 @@ __all__ = [
     "InvalidMetadataError",
     "KeyMismatchError",
     "MissingClassError",
+    "MissingMetricError",
     "ModelFileNotFoundError",
+    "NewerFormatError",
+    "NoValidCheckpointError",
     "NotAModelError",
     "NotAStateDictError",
     "PathIsDirectoryError",
@@ -347,6 +353,64 @@ class CheckpointMismatchError(TorchkeepError, ValueError):
         self.path = path
         self.part = part
         super().__init__(f"{path}: the {part} does not fit: {reason}; {fix}.")
+
+
+class NewerFormatError(TorchkeepError, ValueError):
+    """A checkpoint was written by a newer torchkeep, in a format this version does not know.
+
+    Attributes:
+        path: the checkpoint.
+        found: its format version.
+        supported: the newest version this torchkeep reads.
+    """
+
+    def __init__(self, path: Path, found: object, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"{path} uses checkpoint format version {found}, but this torchkeep reads versions up to "
+            f"{supported}; upgrade torchkeep (pip install -U torchkeep) to restore it. Nothing was changed."
+        )
+
+
+class NoValidCheckpointError(TorchkeepError, FileNotFoundError):
+    """A run folder holds checkpoints, but none of them verifies.
+
+    Attributes:
+        directory: the run folder.
+        reasons: ``{checkpoint folder name: why it is invalid}``.
+    """
+
+    def __init__(self, directory: Path, reasons: dict[str, str]) -> None:
+        self.directory = directory
+        self.reasons = dict(reasons)
+        listed = "; ".join(f"{name}: {why}" for name, why in list(self.reasons.items())[:5])
+        super().__init__(
+            f"{directory} holds {len(self.reasons)} checkpoint(s) and none is valid ({listed}). "
+            "Nothing was restored or changed. Restore the folder from a backup, or move it away to "
+            "start the run from scratch; `torchkeep verify` shows each problem."
+        )
+
+
+class MissingMetricError(TorchkeepError, KeyError):
+    """The metric to monitor is not among the metrics given.
+
+    Attributes:
+        monitor: the metric's name.
+        available: the names that were given.
+    """
+
+    def __init__(self, monitor: str, available: Sequence[str], *, where: str) -> None:
+        self.monitor = monitor
+        self.available = list(available)
+        super().__init__(
+            f"{where} monitors {monitor!r}, but the metrics given are {self.available or 'empty'}; "
+            f"pass metrics={{{monitor!r}: value}} or monitor one of the given names"
+        )
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 class ExportError(TorchkeepError, RuntimeError):

@@ -40,6 +40,7 @@ from torchkeep.storage import atomic_target
 
 __all__ = [
     "MapLocation",
+    "compact_tensors",
     "extract_state_dict",
     "load_weights",
     "read_metadata",
@@ -105,7 +106,7 @@ def _view_identity(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _compact(state: StateDict, dtype: torch.dtype | None) -> tuple[StateDict, dict[str, str]]:
+def compact_tensors(state: StateDict, dtype: torch.dtype | None) -> tuple[StateDict, dict[str, str]]:
     """CPU tensors that each own exactly their data, plus ``alias -> canonical`` for tied keys.
 
     Keys that are the very same view of the same memory (tied weights) are kept
@@ -196,7 +197,7 @@ def save_weights(
     fmt = suffix_format(target)
     meta = _check_metadata(metadata)
     state = to_state_dict(model_or_state_dict)
-    kept, aliases = _compact(state, dtype)
+    kept, aliases = compact_tensors(state, dtype)
     if fmt is FileFormat.SAFETENSORS:
         _write_safetensors(target, kept, aliases, meta, durable=durable)
     else:

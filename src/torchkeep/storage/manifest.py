@@ -1,0 +1,99 @@
+"""Checksummed manifests: how a reader knows a checkpoint folder is whole.
+
+The manifest is written last, after every file it lists is on disk; it
+records each file's size and SHA-256. A folder verifies when the manifest
+parses and every listed file has exactly that size and digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchkeep.storage.atomic import fsync_file
+
+__all__ = ["MANIFEST", "FileRecord", "Verdict", "file_record", "read_manifest", "verify_folder", "write_json"]
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Size and SHA-256 of one file."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a folder verified, and if not, why."""
+
+    ok: bool
+    reason: str = ""
+    manifest: dict[str, Any] | None = None
+
+
+def file_record(path: Path) -> FileRecord:
+    """Size and SHA-256 of ``path``, read in large chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb", buffering=0) as f:
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return FileRecord(size, digest.hexdigest())
+
+
+def write_json(path: Path, data: Any, *, durable: bool = True) -> None:
+    """Write JSON and (by default) fsync it."""
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    if durable:
+        fsync_file(path)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The parsed manifest of ``folder``.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        ValueError: it is not a JSON object with a ``files`` table.
+    """
+    with (folder / MANIFEST).open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ValueError("the manifest has no 'files' table")
+    return data
+
+
+def verify_folder(folder: Path, *, checksums: bool = True) -> Verdict:
+    """Check a folder against its manifest: every file present, sizes (and digests) equal."""
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError:
+        return Verdict(False, "no manifest.json (an unfinished or damaged checkpoint)")
+    except (ValueError, UnicodeDecodeError) as err:
+        return Verdict(False, f"manifest.json is not valid ({err})")
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if os.sep in name or name.startswith(".") or not isinstance(entry, dict):
+            return Verdict(False, f"manifest.json lists an invalid entry {name!r}")
+        if not path.is_file():
+            return Verdict(False, f"{name} is missing", manifest)
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return Verdict(False, f"{name} has {size} bytes, the manifest says {entry.get('size')}", manifest)
+        if checksums and file_record(path).sha256 != entry.get("sha256"):
+            return Verdict(
+                False, f"{name} does not match its SHA-256 checksum (its content changed)", manifest
+            )
+    return Verdict(True, "", manifest)
