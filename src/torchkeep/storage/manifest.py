@@ -55,7 +55,7 @@ def file_record(path: Path) -> FileRecord:
 def write_json(path: Path, data: Any, *, durable: bool = True) -> None:
     """Write JSON and (by default) fsync it."""
     with path.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
+        json.dump(data, f, indent=1, allow_nan=False)  # key order is data too
         f.write("\n")
     if durable:
         fsync_file(path)
