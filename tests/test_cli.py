@@ -150,9 +150,66 @@ def test_demo_runs_green_and_leaves_the_files(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All checks passed" in done.stdout
-    assert "5/5 checks passed" in done.stdout
+    assert "7/7 checks passed" in done.stdout
+    assert "resumed run continues exactly" in done.stdout
     for name in ("model.safetensors", "model.pt", "model.pt2", "checkpoint.tar"):
         assert (tmp_path / name).stat().st_size > 0
+    assert torchkeep.Checkpointer(tmp_path / "run").latest is not None
     assert "bn.running_mean" in done.stdout
     loaded = torchkeep.load_model(tmp_path / "model.pt2")
     assert loaded(torch.zeros(3, 3, 26, 26)).shape == (3, 1)
+
+
+def _run_with_checkpoints(tmp_path: Path) -> Path:
+    model = torch.nn.Linear(3, 2)
+    ckpts = torchkeep.Checkpointer(tmp_path / "run", monitor="val_loss")
+    for step, loss in ((1, 0.5), (2, 0.3), (3, 0.4)):
+        ckpts.save(step, model=model, metrics={"val_loss": loss})
+    return tmp_path / "run"
+
+
+def test_ls_marks_best_and_latest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_with_checkpoints(tmp_path)
+    code, out, _ = run_cli(["ls", str(run)], capsys)
+    assert code == 0
+    assert "step-00000002" in out
+    assert "(best)" in out
+    assert "(latest)" in out
+    code, out, _ = run_cli(["ls", str(run), "--json"], capsys)
+    rows = json.loads(out)
+    assert [(r["step"], r["best"], r["latest"], r["valid"]) for r in rows] == [
+        (1, False, False, True),
+        (2, True, False, True),
+        (3, False, True, True),
+    ]
+
+
+def test_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_with_checkpoints(tmp_path)
+    code, out, _ = run_cli(["verify", str(run)], capsys)
+    assert code == 0
+    assert out.count("valid") == 3
+    tensors = run / "step-00000002" / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    code, out, _ = run_cli(["verify", str(run)], capsys)
+    assert code == 1
+    assert "invalid  step-00000002" in out
+    assert "SHA-256" in out
+    code, _, _ = run_cli(["verify", str(run / "step-00000003")], capsys)
+    assert code == 0
+    code, _, _ = run_cli(["ls", str(run), "--verify"], capsys)
+    assert code == 0
+
+
+def test_verify_single_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = torchkeep.save_weights(TheModelClass(), tmp_path / "w.pt")
+    assert run_cli(["verify", str(path)], capsys)[0] == 0
+    path.write_bytes(path.read_bytes()[:-100])
+    code, out, _ = run_cli(["verify", str(path)], capsys)
+    assert code == 1
+    assert "damaged" in out
+    code, _, err = run_cli(["verify", str(tmp_path / "missing")], capsys)
+    assert code != 0
+    assert "no such file" in err

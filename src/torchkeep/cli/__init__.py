@@ -43,10 +43,12 @@ def exit_code(err: BaseException) -> int:
 
 
 def _register() -> None:
-    from torchkeep.cli import convert, demo, inspect
+    from torchkeep.cli import convert, demo, inspect, ls, verify
 
     app.command("inspect")(inspect.inspect_command)
     app.command("convert")(convert.convert_command)
+    app.command("ls")(ls.ls_command)
+    app.command("verify")(verify.verify_command)
     app.command("demo")(demo.demo_command)
 
 

@@ -37,6 +37,7 @@ from torchkeep.checkpoint import load_checkpoint, save_checkpoint
 from torchkeep.cli.inspect import summary_table
 from torchkeep.formats import detect_format
 from torchkeep.loading import load_into
+from torchkeep.manager import Checkpointer
 from torchkeep.models import save_model
 from torchkeep.modes import evaluating
 from torchkeep.summary import summarize
@@ -77,10 +78,47 @@ class _Checks:
 
 @contextmanager
 def _step(console: Console, number: int, title: str) -> Iterator[None]:
-    console.rule(f"[bold]{number}/6 {title}", align="left")
+    console.rule(f"[bold]{number}/7 {title}", align="left")
     start = time.perf_counter()
     yield
     console.print(f"  [dim]{time.perf_counter() - start:.1f} s[/]")
+
+
+_COLUMNS = (
+    SpinnerColumn(),
+    TextColumn("{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+)
+_BATCH = 64
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    progress: Progress,
+    label: str,
+) -> float:
+    """One epoch in a shuffled order drawn from the global RNG; the mean loss."""
+    images, labels = data
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    order = torch.randperm(len(images))
+    batches = len(order) // _BATCH
+    task = progress.add_task(label, total=batches)
+    total = 0.0
+    for i in range(batches):
+        idx = order[i * _BATCH : (i + 1) * _BATCH]
+        optimizer.zero_grad()
+        loss = loss_fn(model(images[idx]).squeeze(1), labels[idx])
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        progress.advance(task)
+    progress.remove_task(task)
+    return total / max(1, batches)
 
 
 def _train(
@@ -92,36 +130,118 @@ def _train(
     epochs: int,
     console: Console,
 ) -> float:
-    images, labels = data
-    loss_fn = nn.BCEWithLogitsLoss()
-    batch = 64
     last_loss = float("nan")
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*_COLUMNS, console=console, transient=True) as progress:
         for epoch in range(epochs):
-            model.train()
-            order = torch.randperm(len(images))
-            task = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=len(order) // batch)
-            total = 0.0
-            for i in range(len(order) // batch):
-                idx = order[i * batch : (i + 1) * batch]
-                optimizer.zero_grad()
-                loss = loss_fn(model(images[idx]).squeeze(1), labels[idx])
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-                progress.advance(task)
-            last_loss = total / max(1, len(order) // batch)
+            last_loss = _train_epoch(model, optimizer, data, progress, f"epoch {epoch + 1}/{epochs}")
             console.print(
                 f"  epoch {epoch + 1}: loss {last_loss:.4f}, test accuracy {_accuracy(model, test):.1%}"
             )
     return last_loss
+
+
+def _validation_loss(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    with evaluating(model):
+        return float(
+            nn.functional.binary_cross_entropy_with_logits(model(test[0]).squeeze(1), test[1]).item()
+        )
+
+
+def _resume_walkthrough(
+    workdir: Path,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    seed: int,
+    checks: _Checks,
+    console: Console,
+) -> None:
+    """Train straight through; train again, stop half way, resume in new objects; compare the losses."""
+    run_dir = workdir / "run"
+    straight: list[float] = []
+    resumed: list[float] = []
+    with Progress(*_COLUMNS, console=console, transient=True) as progress:
+        torch.manual_seed(seed + 1)
+        model = TheModelClass()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for epoch in range(epochs):
+            straight.append(
+                _train_epoch(model, optimizer, train, progress, f"uninterrupted, epoch {epoch + 1}")
+            )
+
+        torch.manual_seed(seed + 1)
+        model = TheModelClass()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ckpts = Checkpointer(run_dir, keep_last=2, keep_best=1, monitor="val_loss")
+        stop = max(1, epochs // 2)
+        for epoch in range(stop):
+            resumed.append(
+                _train_epoch(model, optimizer, train, progress, f"interrupted run, epoch {epoch + 1}")
+            )
+            ckpts.save(
+                epoch,
+                model=model,
+                optimizer=optimizer,
+                epoch=epoch,
+                metrics={"val_loss": _validation_loss(model, test), "train_loss": resumed[-1]},
+            )
+        console.print(
+            f"  [yellow]interrupted after epoch {stop}[/]; "
+            f"a new model and optimizer resume from {run_dir.name}/"
+        )
+        del model, optimizer
+        torch.manual_seed(12345)  # as a new process would: other weights, other random state
+
+        model = TheModelClass()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        info = Checkpointer(run_dir, keep_last=2, keep_best=1, monitor="val_loss").restore(
+            model=model, optimizer=optimizer
+        )
+        start = 0 if info is None else int(info.step or 0) + 1
+        for epoch in range(start, epochs):
+            resumed.append(_train_epoch(model, optimizer, train, progress, f"resumed run, epoch {epoch + 1}"))
+            ckpts.save(
+                epoch,
+                model=model,
+                optimizer=optimizer,
+                epoch=epoch,
+                metrics={"val_loss": _validation_loss(model, test), "train_loss": resumed[-1]},
+            )
+
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("epoch", "uninterrupted loss", "interrupted + resumed loss"):
+        table.add_column(column, justify="right")
+    for epoch, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+        note = " (resumed)" if epoch == start else ""
+        table.add_row(str(epoch + 1), f"{a:.6f}", f"{b:.6f}{note}")
+    console.print(table)
+    checks.add(
+        console,
+        "resumed run continues exactly (bitwise equal losses)",
+        straight == resumed,
+        f"restored {', '.join(info.restored) if info else 'nothing'} from epoch {start}",
+    )
+
+    best = ckpts.best
+    console.print(
+        "  kept: "
+        + ", ".join(f"{e.path.name} (val_loss {e.metrics['val_loss']:.4f})" for e in ckpts.list())
+        + f"; best: {best.name if best else '-'}"
+    )
+    best_model = TheModelClass()
+    best_info = ckpts.restore(model=best_model, path=best, restore_rng=False) if best else None
+    ok = (
+        best_info is not None
+        and abs(_validation_loss(best_model, test) - best_info.metrics["val_loss"]) < 1e-6
+    )
+    checks.add(
+        console,
+        "best checkpoint picked and restored",
+        ok,
+        f"epoch {best_info.epoch + 1 if best_info and best_info.epoch is not None else '?'}, "
+        f"test accuracy {_accuracy(best_model, test):.1%}",
+    )
 
 
 def _accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -243,7 +363,10 @@ def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
     with _step(console, 5, "load each file back and compare predictions (eval mode)"):
         _verify(model, optimizer, files, test[0], reference, workdir, checks, console)
 
-    with _step(console, 6, "summary"):
+    with _step(console, 6, "checkpoints: interrupt, resume exactly, keep the best"):
+        _resume_walkthrough(workdir, train, test, epochs=epochs, seed=seed, checks=checks, console=console)
+
+    with _step(console, 7, "summary"):
         table = Table(show_edge=False, header_style="bold")
         for column in ("file", "format", "size"):
             table.add_column(column)

@@ -1,0 +1,83 @@
+"""``torchkeep ls RUN_DIR``: the checkpoints of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from torchkeep._table import format_bytes
+from torchkeep.manager import Checkpointer
+
+__all__ = ["ls_command"]
+
+
+def ls_command(
+    run_dir: Path = typer.Argument(..., help="A run folder written by torchkeep.Checkpointer."),
+    monitor: str | None = typer.Option(None, "--monitor", help="Metric that marks the best checkpoint."),
+    mode: str = typer.Option("min", "--mode", help="min or max: which way the metric is better."),
+    verify: bool = typer.Option(False, "--verify", help="Check SHA-256 digests too (reads every file)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir}: no such run folder; pass the folder given to torchkeep.Checkpointer"
+        )
+    if monitor is None:  # default to the metric the checkpoints share, if there is exactly one
+        names = {name for e in Checkpointer(run_dir).list() for name in e.metrics}
+        monitor = names.pop() if len(names) == 1 else None
+    checkpointer = Checkpointer(run_dir, monitor=monitor, mode=mode)
+    entries = checkpointer.list(verify=verify)
+    best, latest = checkpointer.best, checkpointer.latest
+    if as_json:
+        rows = [
+            {
+                "path": str(e.path),
+                "step": e.step,
+                "epoch": e.epoch,
+                "created": e.created,
+                "size": e.size,
+                "metrics": e.metrics,
+                "valid": e.valid,
+                "reason": e.reason,
+                "best": e.path == best,
+                "latest": e.path == latest,
+            }
+            for e in entries
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    console = Console(highlight=False)
+    if not entries:
+        console.print(f"{run_dir}: no checkpoints yet")
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("checkpoint", "step", "epoch", "created", "size", "metrics", "status"):
+        table.add_column(
+            column,
+            justify="right" if column in ("step", "size") else "left",
+            no_wrap=column in ("checkpoint", "step", "size"),
+            overflow="fold",
+        )
+    for e in entries:
+        marks = [m for m, path in (("best", best), ("latest", latest)) if e.path == path]
+        status = "[green]valid[/]" if e.valid else f"[red]invalid: {e.reason}[/]"
+        if marks:
+            status += " [bold](" + ", ".join(marks) + ")[/]"
+        metrics = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.metrics.items()
+        )
+        table.add_row(
+            e.path.name,
+            str(e.step),
+            "" if e.epoch is None else str(e.epoch),
+            e.created or "",
+            format_bytes(e.size),
+            metrics,
+            status,
+        )
+    console.print(table)

@@ -1,0 +1,55 @@
+"""``torchkeep verify PATH``: is a checkpoint (or a run, or a file) whole?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from torchkeep.errors import TorchkeepError
+from torchkeep.formats import FileFormat, detect_format, require_file
+from torchkeep.manager import Checkpointer
+from torchkeep.storage.manifest import MANIFEST, verify_folder
+from torchkeep.weights import load_weights, read_torch_file
+
+__all__ = ["verify_command", "verify_path"]
+
+
+def verify_path(path: Path) -> list[tuple[str, bool, str]]:
+    """``(name, ok, reason)`` for a checkpoint folder, each checkpoint of a run folder, or a file."""
+    if path.is_dir():
+        if (path / MANIFEST).exists() or path.name.startswith("step-"):
+            verdict = verify_folder(path)
+            return [(path.name, verdict.ok, verdict.reason)]
+        entries = Checkpointer(path).list(verify=True)
+        if not entries:
+            return [(path.name, False, "no checkpoints in this folder")]
+        return [(e.path.name, e.valid, e.reason) for e in entries]
+    try:
+        require_file(path)
+        fmt = detect_format(path)
+        if fmt is FileFormat.SAFETENSORS or fmt is FileFormat.TORCH_EXPORT:
+            load_weights(path)
+        else:
+            read_torch_file(path, map_location="cpu")  # every record read, nothing unpickled unsafely
+    except TorchkeepError as err:
+        return [(path.name, False, str(err))]
+    return [(path.name, True, "")]
+
+
+def verify_command(
+    path: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a single file."),
+) -> None:
+    """Check that checkpoints are whole: manifest sizes and SHA-256 digests, or a full read of a file.
+
+    Exits 0 when everything is valid and 1 when anything is not.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    console = Console(highlight=False)
+    results = verify_path(path)
+    for name, ok, reason in results:
+        console.print(f"[green]valid[/]    {name}" if ok else f"[red]invalid[/]  {name}: {reason}")
+    if not all(ok for _, ok, _ in results):
+        raise typer.Exit(1)
