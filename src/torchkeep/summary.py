@@ -51,6 +51,17 @@ class SummaryRow:
     in_state_dict: bool = True
     tied_to: str | None = None
 
+    def notes(self) -> list[str]:
+        """Short remarks for a table: frozen, not saved, tied to …"""
+        notes = []
+        if self.requires_grad is False and self.kind == "parameter":
+            notes.append("frozen")
+        if not self.in_state_dict:
+            notes.append("not saved")
+        if self.tied_to:
+            notes.append(f"tied to {self.tied_to}")
+        return notes
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -159,13 +170,7 @@ class Summary:
     def __str__(self) -> str:
         rows = []
         for r in self.rows:
-            notes = []
-            if r.requires_grad is False and r.kind == "parameter":
-                notes.append("frozen")
-            if not r.in_state_dict:
-                notes.append("not saved")
-            if r.tied_to:
-                notes.append(f"tied to {r.tied_to}")
+            notes = r.notes()
             rows.append(
                 (
                     r.name,

@@ -175,22 +175,18 @@ def _resume_walkthrough(
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         ckpts = Checkpointer(run_dir, keep_last=2, keep_best=1, monitor="val_loss")
         stop = max(1, epochs // 2)
+
+        def epoch_and_save(epoch: int, label: str) -> None:
+            resumed.append(_train_epoch(model, optimizer, train, progress, f"{label}, epoch {epoch + 1}"))
+            metrics = {"val_loss": _validation_loss(model, test), "train_loss": resumed[-1]}
+            ckpts.save(epoch, model=model, optimizer=optimizer, epoch=epoch, metrics=metrics)
+
         for epoch in range(stop):
-            resumed.append(
-                _train_epoch(model, optimizer, train, progress, f"interrupted run, epoch {epoch + 1}")
-            )
-            ckpts.save(
-                epoch,
-                model=model,
-                optimizer=optimizer,
-                epoch=epoch,
-                metrics={"val_loss": _validation_loss(model, test), "train_loss": resumed[-1]},
-            )
+            epoch_and_save(epoch, "interrupted run")
         console.print(
             f"  [yellow]interrupted after epoch {stop}[/]; "
             f"a new model and optimizer resume from {run_dir.name}/"
         )
-        del model, optimizer
         torch.manual_seed(12345)  # as a new process would: other weights, other random state
 
         model = TheModelClass()
@@ -200,14 +196,7 @@ def _resume_walkthrough(
         )
         start = 0 if info is None else int(info.step or 0) + 1
         for epoch in range(start, epochs):
-            resumed.append(_train_epoch(model, optimizer, train, progress, f"resumed run, epoch {epoch + 1}"))
-            ckpts.save(
-                epoch,
-                model=model,
-                optimizer=optimizer,
-                epoch=epoch,
-                metrics={"val_loss": _validation_loss(model, test), "train_loss": resumed[-1]},
-            )
+            epoch_and_save(epoch, "resumed run")
 
     table = Table(show_edge=False, header_style="bold")
     for column in ("epoch", "uninterrupted loss", "interrupted + resumed loss"):

@@ -30,13 +30,7 @@ def summary_table(summary: Summary, *, limit: int | None = None) -> Table:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     rows = summary.rows if limit is None else summary.rows[:limit]
     for r in rows:
-        notes = []
-        if r.requires_grad is False and r.kind == "parameter":
-            notes.append("[cyan]frozen[/]")
-        if not r.in_state_dict:
-            notes.append("not saved")
-        if r.tied_to:
-            notes.append(f"tied to {r.tied_to}")
+        notes = ["[cyan]frozen[/]" if note == "frozen" else note for note in r.notes()]
         table.add_row(
             r.name,
             r.kind,
