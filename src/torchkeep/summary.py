@@ -272,7 +272,8 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
     only the header is read.
 
     Args:
-        obj (nn.Module | str | PathLike | Mapping[str, Tensor]): what to describe.
+        obj (nn.Module | str | PathLike | Mapping[str, Tensor]): what to describe;
+            a Checkpointer checkpoint folder shows every tensor it holds.
 
     Returns:
         A :class:`Summary`; ``print(summary)`` shows the table.
@@ -287,4 +288,7 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
         return _summarize_model(obj)
     if isinstance(obj, Mapping):
         return Summary(_rows_from_tensors(to_state_dict(obj)), "state dict")
-    return _summarize_file(Path(obj))
+    path = Path(obj)
+    if path.is_dir() and (path / "tensors.safetensors").is_file():  # a Checkpointer checkpoint folder
+        return _summarize_file(path / "tensors.safetensors")
+    return _summarize_file(path)
