@@ -12,6 +12,7 @@ Example:
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save_checkpoint
 from torchkeep.data import ResumableSampler
+from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.errors import (
     CheckpointMismatchError,
     CorruptFileError,
@@ -22,6 +23,7 @@ from torchkeep.errors import (
     MissingMetricError,
     ModelFileNotFoundError,
     NewerFormatError,
+    NoMatchError,
     NotAModelError,
     NotAStateDictError,
     NoValidCheckpointError,
@@ -43,6 +45,7 @@ from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
 from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
+from torchkeep.transfer import FreezeReport, freeze, param_groups, refresh_optimizer, trainable, unfreeze
 from torchkeep.weights import load_weights, read_metadata, save_weights
 
 __version__ = "0.1.0"
@@ -56,6 +59,7 @@ __all__ = [
     "EarlyStopping",
     "ExportError",
     "FileFormat",
+    "FreezeReport",
     "InvalidMetadataError",
     "KeyMismatchError",
     "LoadReport",
@@ -63,6 +67,7 @@ __all__ = [
     "MissingMetricError",
     "ModelFileNotFoundError",
     "NewerFormatError",
+    "NoMatchError",
     "NoValidCheckpointError",
     "NotAModelError",
     "NotAStateDictError",
@@ -73,6 +78,7 @@ __all__ = [
     "Stateful",
     "Summary",
     "SummaryRow",
+    "TensorChange",
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",
@@ -80,16 +86,23 @@ __all__ = [
     "UnsupportedDtypeError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
+    "WeightsDiff",
     "__version__",
     "detect_format",
+    "diff",
     "evaluating",
+    "freeze",
     "load_checkpoint",
     "load_into",
     "load_model",
     "load_weights",
+    "param_groups",
     "read_metadata",
+    "refresh_optimizer",
     "save_checkpoint",
     "save_model",
     "save_weights",
     "summarize",
+    "trainable",
+    "unfreeze",
 ]

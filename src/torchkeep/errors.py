@@ -21,6 +21,7 @@ went wrong and what to do next::
     ├── NewerFormatError            (ValueError)
     ├── NoValidCheckpointError      (FileNotFoundError)
     ├── MissingMetricError          (KeyError)
+    ├── NoMatchError                (ValueError)
     ├── ExportError                 (RuntimeError)
     └── UntrustedFileError          (pickle.UnpicklingError)
 
@@ -45,6 +46,7 @@ __all__ = [
     "MissingMetricError",
     "ModelFileNotFoundError",
     "NewerFormatError",
+    "NoMatchError",
     "NoValidCheckpointError",
     "NotAModelError",
     "NotAStateDictError",
@@ -411,6 +413,22 @@ class MissingMetricError(TorchkeepError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
+
+
+class NoMatchError(TorchkeepError, ValueError):
+    """A freeze/unfreeze/head target matches nothing in the model.
+
+    Attributes:
+        target: the target as given.
+    """
+
+    def __init__(self, target: object, reason: str) -> None:
+        self.target = target
+        super().__init__(
+            f"target {target!r} selects nothing: {reason}; pass a submodule name from "
+            "model.named_modules(), a glob over model.named_parameters() names (e.g. 'layer4.*'), "
+            "a module type, or a submodule"
+        )
 
 
 class ExportError(TorchkeepError, RuntimeError):
