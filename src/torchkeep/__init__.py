@@ -20,6 +20,7 @@ from torchkeep.errors import (
     InvalidMetadataError,
     KeyMismatchError,
     MissingClassError,
+    MissingExtraError,
     MissingMetricError,
     ModelFileNotFoundError,
     NewerFormatError,
@@ -37,8 +38,10 @@ from torchkeep.errors import (
     UnsupportedDtypeError,
     UnsupportedSuffixError,
     UntrustedFileError,
+    WeightsUnavailableError,
 )
 from torchkeep.formats import FileFormat, detect_format
+from torchkeep.heads import head_names, preprocessing, pretrained, replace_head
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.manager import CheckpointEntry, Checkpointer
 from torchkeep.models import load_model, save_model
@@ -64,6 +67,7 @@ __all__ = [
     "KeyMismatchError",
     "LoadReport",
     "MissingClassError",
+    "MissingExtraError",
     "MissingMetricError",
     "ModelFileNotFoundError",
     "NewerFormatError",
@@ -87,18 +91,23 @@ __all__ = [
     "UnsupportedSuffixError",
     "UntrustedFileError",
     "WeightsDiff",
+    "WeightsUnavailableError",
     "__version__",
     "detect_format",
     "diff",
     "evaluating",
     "freeze",
+    "head_names",
     "load_checkpoint",
     "load_into",
     "load_model",
     "load_weights",
     "param_groups",
+    "preprocessing",
+    "pretrained",
     "read_metadata",
     "refresh_optimizer",
+    "replace_head",
     "save_checkpoint",
     "save_model",
     "save_weights",

@@ -16,6 +16,8 @@ went wrong and what to do next::
     ├── NotAModelError              (TypeError)
     ├── UnserializableValueError    (TypeError)
     ├── MissingClassError           (ImportError)
+    ├── MissingExtraError           (ImportError)
+    ├── WeightsUnavailableError     (FileNotFoundError)
     ├── KeyMismatchError            (RuntimeError)
     ├── CheckpointMismatchError     (ValueError)
     ├── NewerFormatError            (ValueError)
@@ -43,6 +45,7 @@ __all__ = [
     "InvalidMetadataError",
     "KeyMismatchError",
     "MissingClassError",
+    "MissingExtraError",
     "MissingMetricError",
     "ModelFileNotFoundError",
     "NewerFormatError",
@@ -60,6 +63,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
+    "WeightsUnavailableError",
 ]
 
 _LIST_LIMIT = 10
@@ -257,6 +261,38 @@ class MissingClassError(TorchkeepError, ImportError):
             "it importable under the module path it was saved from, then re-save the file without pickle "
             "(torchkeep.save_weights or torchkeep.save_model) so this never happens again.",
             path=str(path),
+        )
+
+
+class MissingExtraError(TorchkeepError, ImportError):
+    """An optional dependency is not installed.
+
+    Attributes:
+        package: the missing package.
+        extra: the torchkeep extra that installs it.
+    """
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(f"this needs {package}, which is not installed; pip install 'torchkeep[{extra}]'")
+
+
+class WeightsUnavailableError(TorchkeepError, FileNotFoundError):
+    """Pretrained weights are neither in the cache nor downloadable (e.g. offline).
+
+    Attributes:
+        url: where they would come from.
+        cache_path: where torchkeep looked for them, and where to put them.
+    """
+
+    def __init__(self, url: str, cache_path: Path, cause: BaseException) -> None:
+        self.url = url
+        self.cache_path = cache_path
+        super().__init__(
+            f"pretrained weights are not cached at {cache_path} and downloading {url} failed ({cause}). "
+            f"On a machine with network access, download that URL and copy the file to {cache_path} "
+            "(or set TORCH_HOME to a folder holding hub/checkpoints/ with it), or pass weights_path=..."
         )
 
 
