@@ -35,12 +35,15 @@ from torch import nn
 from torchkeep._table import format_bytes
 from torchkeep.checkpoint import load_checkpoint, save_checkpoint
 from torchkeep.cli.inspect import summary_table
+from torchkeep.diff import diff
 from torchkeep.formats import detect_format
+from torchkeep.heads import replace_head
 from torchkeep.loading import load_into
 from torchkeep.manager import Checkpointer
 from torchkeep.models import save_model
 from torchkeep.modes import evaluating
 from torchkeep.summary import summarize
+from torchkeep.transfer import freeze, param_groups
 from torchkeep.tutorial import TheModelClass, digits_dataset
 from torchkeep.weights import save_weights
 
@@ -78,7 +81,7 @@ class _Checks:
 
 @contextmanager
 def _step(console: Console, number: int, title: str) -> Iterator[None]:
-    console.rule(f"[bold]{number}/7 {title}", align="left")
+    console.rule(f"[bold]{number}/8 {title}", align="left")
     start = time.perf_counter()
     yield
     console.print(f"  [dim]{time.perf_counter() - start:.1f} s[/]")
@@ -292,6 +295,85 @@ def demo_command(
         raise typer.Exit(1)
 
 
+def _ten_class_digits(
+    seed: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """10 training images per digit and a test set, for the 0-9 task (labels 0..9)."""
+    images, _, _ = digits_dataset(seed=seed)
+    try:
+        from sklearn.datasets import load_digits
+
+        labels = torch.tensor(load_digits().target)
+    except ImportError:  # the synthetic stand-in has two classes only
+        labels = torch.arange(len(images)) % 2
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    classes = int(labels.max()) + 1
+    few = torch.cat([order[labels[order] == c][:10] for c in range(classes)])
+    rest = torch.ones(len(images), dtype=torch.bool)
+    rest[few] = False
+    return (images[few], labels[few]), (images[rest], labels[rest])
+
+
+def _fit_classes(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int) -> None:
+    optimizer = torch.optim.Adam(param_groups(model, lr=1e-3))
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.split(torch.randperm(len(data[0])), 32):
+            optimizer.zero_grad()
+            loss = loss_fn(model(data[0][idx]), data[1][idx])
+            loss.backward()
+            optimizer.step()
+
+
+def _class_accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    with evaluating(model):
+        return float((model(test[0]).argmax(1) == test[1]).float().mean().item())
+
+
+def _transfer_walkthrough(
+    weights: Path, workdir: Path, *, seed: int, checks: _Checks, console: Console
+) -> None:
+    """Reuse the trained model's features for a new task: which digit (0-9) from 10 images each."""
+    few, test = _ten_class_digits(seed)
+    classes = int(test[1].max()) + 1
+    torch.manual_seed(seed + 2)
+    model = TheModelClass()
+    load_into(model, weights)
+    replace_head(model, classes, attr="fc2")
+    report = freeze(model, "conv", "bn")
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("layer", "parameters", "state"):
+        table.add_column(column)
+    for name, module in model.named_children():
+        params = list(module.parameters())
+        if params:
+            frozen = not any(p.requires_grad for p in params)
+            state = "[cyan]frozen[/]" + (" (eval mode, statistics fixed)" if name == "bn" else "")
+            table.add_row(name, f"{sum(p.numel() for p in params):,}", state if frozen else "trainable")
+    console.print(table)
+    console.print(f"  {report}")
+    _fit_classes(model, few, epochs=30)
+    save_weights(model, workdir / "digits10.safetensors")
+    torch.manual_seed(seed + 2)
+    scratch = replace_head(TheModelClass(), classes, attr="fc2")
+    _fit_classes(scratch, few, epochs=30)
+    console.print(
+        f"  {len(few[0])} training images, {len(test[0])} test images: "
+        f"fine-tuned {_class_accuracy(model, test):.1%}, "
+        f"same model trained from scratch {_class_accuracy(scratch, test):.1%}"
+    )
+    changed = {c.key for c in diff(weights, workdir / "digits10.safetensors").changed}
+    backbone = {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
+    checks.add(
+        console,
+        "frozen backbone bitwise unchanged after fine-tuning (torchkeep diff)",
+        not (changed & backbone),
+        f"changed: {', '.join(sorted(changed))}",
+    )
+
+
 def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
     torch.manual_seed(seed)
     checks = _Checks()
@@ -355,7 +437,12 @@ def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
     with _step(console, 6, "checkpoints: interrupt, resume exactly, keep the best"):
         _resume_walkthrough(workdir, train, test, epochs=epochs, seed=seed, checks=checks, console=console)
 
-    with _step(console, 7, "summary"):
+    with _step(console, 7, "transfer learning: new head, frozen backbone, fine-tune"):
+        _transfer_walkthrough(
+            files["weights (safetensors)"], workdir, seed=seed, checks=checks, console=console
+        )
+
+    with _step(console, 8, "summary"):
         table = Table(show_edge=False, header_style="bold")
         for column in ("file", "format", "size"):
             table.add_column(column)
