@@ -289,3 +289,18 @@ def test_transfer_learning_beats_training_from_scratch(tmp_path: Path) -> None:
     scratch_acc = accuracy(scratch, x_new[rest], y_new[rest])
     print(f"digits 5-9 from 25 images: transfer {transfer_acc:.1%}, scratch {scratch_acc:.1%}")
     assert transfer_acc > scratch_acc
+
+
+def test_a_1000_class_checkpoint_loads_into_a_10_class_model(tmp_path: Path) -> None:
+    imagenet = torchvision.models.resnet18(weights=None)
+    torch.save({"state_dict": nn.DataParallel(imagenet).state_dict()}, tmp_path / "imagenet.ckpt")
+    model = torchkeep.replace_head(torchvision.models.resnet18(weights=None), 10)
+    with pytest.raises(torchkeep.KeyMismatchError, match="skip_mismatched=True"):
+        torchkeep.load_into(model, tmp_path / "imagenet.ckpt")
+    report = torchkeep.load_into(model, tmp_path / "imagenet.ckpt", skip_mismatched=True)
+    assert [(m.key, m.file_shape, m.model_shape) for m in report.mismatched] == [
+        ("fc.weight", (1000, 512), (10, 512)),
+        ("fc.bias", (1000,), (10,)),
+    ]
+    assert "fc.weight" in str(report)
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
