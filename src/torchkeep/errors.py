@@ -64,9 +64,16 @@ __all__ = [
     "UnsupportedSuffixError",
     "UntrustedFileError",
     "WeightsUnavailableError",
+    "first_line",
 ]
 
 _LIST_LIMIT = 10
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _short_list(items: Sequence[str], limit: int = _LIST_LIMIT) -> str:
@@ -476,7 +483,7 @@ class ExportError(TorchkeepError, RuntimeError):
 
     def __init__(self, model_name: str, cause: BaseException) -> None:
         self.model_name = model_name
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        first = first_line(cause)
         super().__init__(
             f"torch.export could not capture {model_name}: {first}. Check that example_inputs "
             "match what forward() takes, pass dynamic_shapes=... for sizes that vary, or save "

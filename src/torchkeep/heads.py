@@ -144,8 +144,9 @@ def _torchvision() -> Any:
 
 def _weights_enum(name: str, weights: str) -> Any:
     models = _torchvision().models
-    if name not in models.list_models(module=models):
-        close = [n for n in models.list_models(module=models) if name.split("_")[0] in n][:8]
+    known = models.list_models(module=models)
+    if name not in known:
+        close = [n for n in known if name.split("_")[0] in n][:8]
         raise NoMatchError(name, f"torchvision has no classification model of that name (similar: {close})")
     enum = models.get_model_weights(name)
     if weights == "DEFAULT":

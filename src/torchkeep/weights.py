@@ -27,6 +27,7 @@ from torchkeep.errors import (
     NotAStateDictError,
     UnsupportedDtypeError,
     UntrustedFileError,
+    first_line,
 )
 from torchkeep.formats import (
     SAFETENSORS_DTYPES,
@@ -280,16 +281,11 @@ def read_torch_file(
         names = imported_names(path)
         if not trust and "Weights only load failed" in str(err) and names:
             raise UntrustedFileError(path, names) from err
-        raise CorruptFileError(path, f"its pickle data is damaged ({_first_line(err)})") from err
+        raise CorruptFileError(path, f"its pickle data is damaged ({first_line(err)})") from err
     except (ModuleNotFoundError, AttributeError) as err:
         raise MissingClassError(path, err) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CorruptFileError(path, _first_line(err)) from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise CorruptFileError(path, first_line(err)) from err
 
 
 def _is_tensor_dict(obj: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
@@ -408,4 +404,4 @@ def _load_safetensors(path: Path, map_location: MapLocation) -> StateDict:
     try:
         return load_file(path, device=str(device))
     except SafetensorError as err:
-        raise CorruptFileError(path, _first_line(err)) from err
+        raise CorruptFileError(path, first_line(err)) from err
