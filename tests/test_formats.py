@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,6 @@ import torch
 
 import torchkeep
 from torchkeep.formats import FileFormat, detect_format, read_safetensors_header
-from torchkeep.safety import imported_names
 from torchkeep.storage.atomic import atomic_target
 
 
@@ -54,29 +51,6 @@ def test_header_lists_tensors_and_metadata(tmp_path: Path) -> None:
         ("w", "torch.bfloat16", (2, 3), 12)
     ]
     assert header.metadata["k"] == "v"
-
-
-def test_imported_names_covers_global_and_stack_global(tmp_path: Path) -> None:
-    script = f"""
-import os, pickle, torch
-class P:
-    def __reduce__(self):
-        return (os.getcwd, ())
-torch.save({{"p": P()}}, {str(tmp_path / "zip.pt")!r})
-torch.save({{"p": P()}}, {str(tmp_path / "legacy.pt")!r}, _use_new_zipfile_serialization=False)
-with open({str(tmp_path / "proto4.pkl")!r}, "wb") as f:
-    pickle.dump({{"p": P()}}, f, protocol=4)
-"""
-    subprocess.run([sys.executable, "-c", script], check=True)
-    for name in ("zip.pt", "legacy.pt", "proto4.pkl"):
-        found = imported_names(tmp_path / name)
-        assert "posix.getcwd" in found or "os.getcwd" in found, (name, found)
-
-
-def test_imported_names_of_a_weights_file_is_empty(tmp_path: Path, model: torch.nn.Module) -> None:
-    torch.save(model.state_dict(), tmp_path / "w.pt")
-    assert imported_names(tmp_path / "w.pt") == []
-    assert "torch._utils._rebuild_tensor_v2" in imported_names(tmp_path / "w.pt", include_benign=True)
 
 
 def test_atomic_target_keeps_the_old_file_on_error(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from torchkeep.errors import (
     ExportError,
     InvalidMetadataError,
     KeyMismatchError,
+    LimitExceededError,
     MissingClassError,
     MissingExtraError,
     MissingMetricError,
@@ -34,8 +35,10 @@ from torchkeep.errors import (
     TorchkeepError,
     TorchkeepWarning,
     UnknownFormatError,
+    UnsafeFileError,
     UnserializableValueError,
     UnsupportedDtypeError,
+    UnsupportedFormatError,
     UnsupportedSuffixError,
     UntrustedFileError,
     WeightsUnavailableError,
@@ -46,6 +49,7 @@ from torchkeep.loading import LoadReport, load_into
 from torchkeep.manager import CheckpointEntry, Checkpointer
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
+from torchkeep.safety import Limits, ScanResult, scan
 from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
 from torchkeep.transfer import FreezeReport, freeze, param_groups, refresh_optimizer, trainable, unfreeze
@@ -65,6 +69,8 @@ __all__ = [
     "FreezeReport",
     "InvalidMetadataError",
     "KeyMismatchError",
+    "LimitExceededError",
+    "Limits",
     "LoadReport",
     "MissingClassError",
     "MissingExtraError",
@@ -78,6 +84,7 @@ __all__ = [
     "PathIsDirectoryError",
     "ResumableSampler",
     "RngRestoreWarning",
+    "ScanResult",
     "ShapeMismatch",
     "Stateful",
     "Summary",
@@ -86,8 +93,10 @@ __all__ = [
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",
+    "UnsafeFileError",
     "UnserializableValueError",
     "UnsupportedDtypeError",
+    "UnsupportedFormatError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
     "WeightsDiff",
@@ -111,6 +120,7 @@ __all__ = [
     "save_checkpoint",
     "save_model",
     "save_weights",
+    "scan",
     "summarize",
     "trainable",
     "unfreeze",

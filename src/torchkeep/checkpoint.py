@@ -29,6 +29,7 @@ from torchkeep.errors import (
 from torchkeep.formats import FileFormat, suffix_format
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.safety import DEFAULT_LIMITS, Limits
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, read_torch_file, to_state_dict
 
@@ -303,6 +304,7 @@ def load_checkpoint(
     restore_rng: bool = False,
     strict: bool = True,
     trust: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> CheckpointInfo:
     """Restore a training checkpoint into the objects given.
 
@@ -324,6 +326,8 @@ def load_checkpoint(
         trust (bool, default False): allow unpickling any object (old
             checkpoints holding NumPy scalars or custom classes). This runs
             code named in the file: only for files you trust.
+        limits (Limits, default Limits()): bounds on what the file may ask
+            for, checked before allocating.
 
     Returns:
         A :class:`CheckpointInfo` with epoch, step, loss, metrics and extra.
@@ -333,13 +337,15 @@ def load_checkpoint(
             or the optimizer's parameter groups differ.
         KeyMismatchError: the model does not fit the saved weights.
         NotAStateDictError: the file is not a checkpoint.
+        UnsafeFileError, LimitExceededError, CorruptFileError: as for
+            :func:`load_weights`.
 
     Example:
         >>> info = torchkeep.load_checkpoint("ckpt.tar", model=model, optimizer=opt)
         >>> start_epoch = info.epoch + 1
     """
     p = Path(path)
-    content = read_torch_file(p, map_location=map_location, trust=trust)
+    content = read_torch_file(p, map_location=map_location, trust=trust, limits=limits)
     if not isinstance(content, Mapping):
         raise NotAStateDictError(
             p, f"a {type(content).__name__}", hint="pass a checkpoint file written by save_checkpoint"

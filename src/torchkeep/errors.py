@@ -8,7 +8,9 @@ went wrong and what to do next::
     ├── ModelFileNotFoundError      (FileNotFoundError)
     ├── PathIsDirectoryError        (IsADirectoryError)
     ├── CorruptFileError            (ValueError)
-    ├── UnknownFormatError          (ValueError)
+    ├── UnsupportedFormatError      (ValueError)
+    │   └── UnknownFormatError
+    ├── LimitExceededError          (ValueError)
     ├── UnsupportedSuffixError      (ValueError)
     ├── UnsupportedDtypeError       (TypeError)
     ├── InvalidMetadataError        (TypeError)
@@ -25,7 +27,8 @@ went wrong and what to do next::
     ├── MissingMetricError          (KeyError)
     ├── NoMatchError                (ValueError)
     ├── ExportError                 (RuntimeError)
-    └── UntrustedFileError          (pickle.UnpicklingError)
+    └── UnsafeFileError             (pickle.UnpicklingError)
+        (also importable as UntrustedFileError)
 
     TorchkeepWarning                (UserWarning)
     └── RngRestoreWarning
@@ -44,6 +47,7 @@ __all__ = [
     "ExportError",
     "InvalidMetadataError",
     "KeyMismatchError",
+    "LimitExceededError",
     "MissingClassError",
     "MissingExtraError",
     "MissingMetricError",
@@ -59,8 +63,10 @@ __all__ = [
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",
+    "UnsafeFileError",
     "UnserializableValueError",
     "UnsupportedDtypeError",
+    "UnsupportedFormatError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
     "WeightsUnavailableError",
@@ -131,18 +137,51 @@ class CorruptFileError(TorchkeepError, ValueError):
     Attributes:
         path: the file.
         reason: what is wrong with it.
+        member: the zip member (or other part) where it was found, if known.
+        offset: the byte offset (in the file, or in ``member``), if known.
     """
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(
+        self, path: Path, reason: str, *, member: str | None = None, offset: int | None = None
+    ) -> None:
         self.path = path
         self.reason = reason
+        self.member = member
+        self.offset = offset
         super().__init__(
-            f"{path} is damaged: {reason}. The file cannot be read as it is; "
+            f"{path} is damaged: {reason}{_where(member, offset)}. The file cannot be read as it is; "
             "re-create or re-download it (an interrupted copy or save is the usual cause)."
         )
 
 
-class UnknownFormatError(TorchkeepError, ValueError):
+def _where(member: str | None, offset: int | None) -> str:
+    parts = []
+    if member is not None:
+        parts.append(f"member {member!r}")
+    if offset is not None:
+        parts.append(f"offset {offset}")
+    return f" (at {', '.join(parts)})" if parts else ""
+
+
+class UnsupportedFormatError(TorchkeepError, ValueError):
+    """The file is in a format torchkeep recognises but will not read safely.
+
+    Attributes:
+        path: the file.
+        detected: what the file is.
+        remedy: what to do instead.
+    """
+
+    def __init__(self, path: Path, detected: str, remedy: str) -> None:
+        self.path = path
+        self.detected = detected
+        self.remedy = remedy
+        super().__init__(
+            f"{path} is {detected}, which torchkeep does not read without running code. {remedy}"
+        )
+
+
+class UnknownFormatError(UnsupportedFormatError):
     """The file is not a model file torchkeep knows.
 
     Attributes:
@@ -151,12 +190,36 @@ class UnknownFormatError(TorchkeepError, ValueError):
     """
 
     def __init__(self, path: Path, detected: str) -> None:
-        self.path = path
-        self.detected = detected
-        super().__init__(
-            f"{path} is not a model file (it looks like {detected}). torchkeep reads "
-            ".safetensors files, torch.save files (.pt/.pth/.bin/.ckpt/.tar) and "
+        remedy = (
+            "torchkeep reads .safetensors files, torch.save files (.pt/.pth/.bin/.ckpt/.tar) and "
             "torch.export programs (.pt2); check that the path points to one of them."
+        )
+        super().__init__(path, detected, remedy)
+        Exception.__init__(self, f"{path} is not a model file (it looks like {detected}). {remedy}")
+
+
+class LimitExceededError(TorchkeepError, ValueError):
+    """A file asks for more than the reading limits allow (checked before allocating).
+
+    Attributes:
+        path: the file.
+        limit: the name of the :class:`~torchkeep.Limits` field.
+        value: what the file asks for.
+        maximum: the limit in force.
+
+    Example:
+        >>> torchkeep.load_weights("huge.pt", limits=torchkeep.Limits(max_bytes=2**41))
+    """
+
+    def __init__(self, path: Path, limit: str, value: int, maximum: int, *, what: str = "the file") -> None:
+        self.path = path
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+        super().__init__(
+            f"{path}: {what} exceeds the reading limit {limit}={maximum:,} (it asks for {value:,}); "
+            "nothing was allocated. If you trust the file and it really is this large, pass "
+            f"limits=torchkeep.Limits({limit}={value:,}) (CLI: --limit {limit}={value})."
         )
 
 
@@ -491,25 +554,60 @@ class ExportError(TorchkeepError, RuntimeError):
         )
 
 
-class UntrustedFileError(TorchkeepError, pickle.UnpicklingError):
-    """Loading the file would import (and run) code named in it.
+class UnsafeFileError(TorchkeepError, pickle.UnpicklingError):
+    """Loading the file would import or call code, or it is built to fool readers.
 
     Attributes:
         path: the file.
-        globals: the ``module.name`` objects the file would import.
+        globals: the ``module.name`` objects outside the allowlist that the
+            file would import.
+        reason: what was refused.
+        member: the zip member (e.g. ``archive/data.pkl``), if any.
+        offset: the byte offset in that member (or file) where it was found.
+        opcode: the pickle opcode refused, if any.
     """
 
-    def __init__(self, path: Path, globals_: Sequence[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        globals_: Sequence[str] = (),
+        *,
+        reason: str | None = None,
+        member: str | None = None,
+        offset: int | None = None,
+        opcode: str | None = None,
+    ) -> None:
         self.path = path
         self.globals = list(globals_)
-        names = _short_list(self.globals) if self.globals else "objects outside the safe allowlist"
-        super().__init__(
-            f"{path} is a pickle that would import {names} when loaded, and loading it can run "
-            "any code those imports allow. If you trust where the file came from, pass "
-            "trust=True; to make a portable file without pickle, load it once with trust=True "
-            "and re-save it with torchkeep.save_model(model, 'model.pt2', example_inputs=...) "
-            "or torchkeep.save_weights(model, 'model.safetensors')."
-        )
+        self.member = member
+        self.offset = offset
+        self.opcode = opcode
+        if reason is None:
+            names = _short_list(self.globals) if self.globals else "objects outside the safe allowlist"
+            reason = f"is a pickle that would import {names} when loaded"
+        self.reason = reason
+        where = _where(member, offset)
+        if opcode is not None:
+            where = f"{where[:-1]}, opcode {opcode})" if where else f" (opcode {opcode})"
+        if self.globals or opcode is not None:
+            advice = (
+                "Nothing was unpickled. If you trust where the file came from, pass trust=True; "
+                "`torchkeep scan` lists everything it would import. To make a file that needs no trust, "
+                "load it once with trust=True and re-save it with "
+                "torchkeep.save_weights(model, 'model.safetensors') or "
+                "torchkeep.save_model(model, 'model.pt2', example_inputs=...) "
+                "(CLI: torchkeep convert --trust IN OUT.safetensors)."
+            )
+        else:
+            advice = (
+                "Nothing was unpickled. The file looks crafted to fool model-file scanners: do not "
+                "load it with torch.load; `torchkeep scan` shows the details."
+            )
+        super().__init__(f"{path} {reason}{where}. {advice}")
+
+
+# The name used before ``scan`` existed; the same class.
+UntrustedFileError = UnsafeFileError
 
 
 class TorchkeepWarning(UserWarning):

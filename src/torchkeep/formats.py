@@ -13,23 +13,27 @@ import json
 import os
 import pickle
 import struct
-import zipfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from torchkeep.errors import (
     CorruptFileError,
+    LimitExceededError,
     ModelFileNotFoundError,
     PathIsDirectoryError,
     UnknownFormatError,
     UnsupportedSuffixError,
+    first_line,
 )
+from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "FileFormat",
     "SafetensorsHeader",
     "TensorInfo",
+    "check_safetensors_header",
     "detect_format",
     "read_safetensors_header",
     "require_file",
@@ -39,7 +43,6 @@ __all__ = [
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 # torch.save's legacy format starts with this pickled integer (protocol 2).
 _LEGACY_PREFIX = pickle.dumps(_LEGACY_MAGIC_NUMBER, protocol=2)[:-1]
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 # safetensors dtype codes, their torch names and item sizes in bits
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -165,11 +168,10 @@ def _describe_unknown(head: bytes) -> str:
 
 
 def _check_zip(path: Path) -> FileFormat:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile as err:
-        raise CorruptFileError(path, f"the zip archive is truncated or broken ({err})") from err
+    from torchkeep.safety.ziparchive import ZipArchive
+
+    with path.open("rb") as f:
+        names = list(ZipArchive(path, f, path.stat().st_size, limits=DEFAULT_LIMITS).members)
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         return FileFormat.TORCH_ZIP
     if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
@@ -189,6 +191,7 @@ def detect_format(path: str | os.PathLike[str]) -> FileFormat:
     Raises:
         ModelFileNotFoundError, PathIsDirectoryError: the path is not a file.
         CorruptFileError: a known format, but damaged or truncated.
+        UnsafeFileError: a zip archive built to fool readers.
         UnknownFormatError: not a model file.
 
     Example:
@@ -210,24 +213,51 @@ def detect_format(path: str | os.PathLike[str]) -> FileFormat:
     raise UnknownFormatError(p, _describe_unknown(head))
 
 
-def _parse_tensor_entry(path: Path, name: str, entry: Any) -> tuple[TensorInfo, tuple[int, int]]:
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise _DuplicateKey(duplicate)
+    return dict(pairs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+# Unicode categories a tensor name never needs and attackers use to disguise one
+# (control characters, bidi overrides, zero-width and other format characters).
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _printable(name: str) -> bool:
+    return all(unicodedata.category(c) not in _UNPRINTABLE for c in name)
+
+
+def _parse_tensor_entry(
+    path: Path, name: str, entry: Any, limits: Limits
+) -> tuple[TensorInfo, tuple[int, int]]:
+    if not _printable(name):
+        raise CorruptFileError(path, f"tensor name {name!r} contains control or invisible characters")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CorruptFileError(path, f"the header entry for {name!r} is malformed")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in SAFETENSORS_DTYPES:
         raise CorruptFileError(path, f"tensor {name!r} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CorruptFileError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CorruptFileError(path, f"tensor {name!r} has an invalid shape {shape!r:.80}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CorruptFileError(path, f"tensor {name!r} has invalid data offsets {offsets!r}")
+        raise CorruptFileError(path, f"tensor {name!r} has invalid data offsets {offsets!r:.80}")
     numel = 1
     for d in shape:
         numel *= d
+        if numel > limits.max_numel:
+            raise LimitExceededError(path, "max_numel", numel, limits.max_numel, what=f"tensor {name!r}")
     torch_name, bits = SAFETENSORS_DTYPES[dtype]
     nbytes = (numel * bits + 7) // 8
     if offsets[1] - offsets[0] != nbytes:
@@ -237,48 +267,96 @@ def _parse_tensor_entry(path: Path, name: str, entry: Any) -> tuple[TensorInfo, 
     return TensorInfo(name, torch_name, tuple(shape), nbytes), (offsets[0], offsets[1])
 
 
-def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Parse and check a safetensors header without reading tensor data.
-
-    Checks that the header is JSON, that every entry is well formed, and that
-    the data section is exactly as long as the tensors need (so a truncated
-    file is caught before anything is loaded).
-
-    Raises:
-        CorruptFileError: the header is broken or the file is truncated.
-    """
-    p = require_file(path)
-    size = p.stat().st_size
-    with p.open("rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise CorruptFileError(p, "the file is shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise CorruptFileError(
-                p, f"the header claims {header_len} bytes but the file has only {size - 8} after it"
-            )
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptFileError(p, f"the safetensors header is not valid JSON ({err})") from err
-    if not isinstance(header, dict):
-        raise CorruptFileError(p, "the safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+def _check_metadata_section(path: Path, metadata: Any, limits: Limits) -> dict[str, str]:
+    if metadata is None:
+        return {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise CorruptFileError(p, "__metadata__ is not a mapping of strings to strings")
-    infos: list[TensorInfo] = []
-    data_end = 0
-    for name, entry in header.items():
-        info, (_, end) = _parse_tensor_entry(p, name, entry)
-        infos.append(info)
-        data_end = max(data_end, end)
-    available = size - 8 - header_len
-    if available < data_end:
-        raise CorruptFileError(
-            p, f"the file is truncated: tensors need {data_end} bytes of data, only {available} are there"
+        raise CorruptFileError(path, "__metadata__ is not a mapping of strings to strings")
+    if len(metadata) > limits.max_metadata:
+        raise LimitExceededError(
+            path, "max_metadata", len(metadata), limits.max_metadata, what="__metadata__"
         )
-    return SafetensorsHeader(tuple(infos), dict(metadata))
+    for key in metadata:
+        if not _printable(key):
+            raise CorruptFileError(path, f"metadata key {key!r} contains control or invisible characters")
+    return dict(metadata)
+
+
+def read_safetensors_header(
+    path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS
+) -> SafetensorsHeader:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Stricter than the safetensors library: the header must be one JSON object
+    (padding spaces allowed) without duplicate keys; tensor names printable;
+    ``__metadata__`` strings only; and the tensors' byte ranges, sorted, must
+    tile the data section exactly: no gaps, overlaps or trailing bytes, so no
+    byte of the file is left unexplained.
+
+    Args:
+        path (str | PathLike): the file.
+        limits (Limits): header size, element count and metadata bounds.
+
+    Raises:
+        CorruptFileError: the header is broken, the ranges do not tile the
+            data, or the file is truncated.
+        LimitExceededError: the header or a shape is larger than ``limits`` allow.
+    """
+    p = require_file(path)
+    with p.open("rb") as f:
+        return check_safetensors_header(p, f, p.stat().st_size, limits=limits)
+
+
+def check_safetensors_header(p: Path, f: BinaryIO, size: int, *, limits: Limits) -> SafetensorsHeader:
+    """:func:`read_safetensors_header` on an open stream of ``size`` bytes (``p`` names it in errors)."""
+    f.seek(0)
+    raw_len = f.read(8)
+    if len(raw_len) < 8:
+        raise CorruptFileError(p, "the file is shorter than a safetensors header")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > limits.max_header_bytes:
+        raise LimitExceededError(
+            p, "max_header_bytes", header_len, limits.max_header_bytes, what="the safetensors header"
+        )
+    if header_len > size - 8:
+        raise CorruptFileError(
+            p, f"the header claims {header_len} bytes but the file has only {size - 8} after it"
+        )
+    raw = f.read(header_len)
+    if not raw.startswith(b"{"):
+        raise CorruptFileError(p, "the safetensors header does not start with '{'")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise CorruptFileError(p, f"the safetensors header lists {err.args[0]!r} twice") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CorruptFileError(p, f"the safetensors header is not valid JSON ({first_line(err)})") from err
+    if not isinstance(header, dict):
+        raise CorruptFileError(p, "the safetensors header is not a JSON object")
+    metadata = _check_metadata_section(p, header.pop("__metadata__", None), limits)
+    infos: list[TensorInfo] = []
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        info, (begin, end) = _parse_tensor_entry(p, name, entry, limits)
+        infos.append(info)
+        ranges.append((begin, end, name))
+    available = size - 8 - header_len
+    at = 0
+    for begin, end, name in sorted(ranges):
+        if begin != at:
+            what = (
+                "overlaps the previous tensor"
+                if begin < at
+                else f"leaves {begin - at} unexplained bytes before it"
+            )
+            raise CorruptFileError(p, f"tensor {name!r} {what} (data offsets must tile the data section)")
+        at = end
+    if at > available:
+        raise CorruptFileError(
+            p, f"the file is truncated: tensors need {at} bytes of data, only {available} are there"
+        )
+    if at < available:
+        raise CorruptFileError(p, f"{available - at} bytes follow the last tensor (trailing data)")
+    return SafetensorsHeader(tuple(infos), metadata)

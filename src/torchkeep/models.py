@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.errors import CorruptFileError, ExportError, NotAModelError, UntrustedFileError
+from torchkeep.errors import CorruptFileError, ExportError, NotAModelError, UnsafeFileError
 from torchkeep.formats import FileFormat, detect_format, suffix_format
 from torchkeep.modes import evaluating
-from torchkeep.safety import imported_names
+from torchkeep.safety import scan
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, read_torch_file
 
@@ -81,7 +81,22 @@ def save_model(
 
 
 def load_exported(path: Path) -> torch.export.ExportedProgram:
-    """Read a ``.pt2`` program, with damage reported as :class:`CorruptFileError`."""
+    """Read a ``.pt2`` program, with damage reported as :class:`CorruptFileError`.
+
+    The archive and the pickles inside it (sample inputs) are scanned first
+    with torchkeep's own reader, so ``torch.export.load`` only ever sees a
+    file that holds nothing but tensors and plain values.
+
+    Raises:
+        UnsafeFileError: the archive imports or calls something outside the allowlist.
+        CorruptFileError: the archive is damaged.
+    """
+    verdict = scan(path)
+    if verdict.verdict == "UNSAFE":
+        names = [f.detail for f in verdict.findings if f.kind == "import"]
+        raise UnsafeFileError(path, names, reason=None if names else f"is unsafe: {verdict.reason}")
+    if verdict.verdict != "SAFE":
+        raise CorruptFileError(path, verdict.reason)
     try:
         return torch.export.load(path)
     except Exception as err:  # a damaged archive fails in many ways inside torch
@@ -119,7 +134,7 @@ def load_model(
         An ``nn.Module`` in eval mode.
 
     Raises:
-        UntrustedFileError: a pickled model and ``trust`` is False; the error
+        UnsafeFileError: a pickled model and ``trust`` is False; the error
             lists the classes and functions the file would import.
         NotAModelError: the file holds weights or a checkpoint, not a model.
         CorruptFileError, UnknownFormatError, ModelFileNotFoundError: as for
@@ -137,10 +152,7 @@ def load_model(
     if fmt is FileFormat.SAFETENSORS:
         raise NotAModelError(p, "weights (safetensors)")
     if not trust:
-        names = imported_names(p)
-        if names:
-            raise UntrustedFileError(p, names)
-        obj = read_torch_file(p, map_location=map_location)
+        obj = read_torch_file(p, map_location=map_location)  # raises UnsafeFileError for a pickled model
         raise NotAModelError(
             p, "plain data (weights or a checkpoint)" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         )

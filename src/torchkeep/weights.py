@@ -25,8 +25,8 @@ from torchkeep.errors import (
     InvalidMetadataError,
     MissingClassError,
     NotAStateDictError,
+    UnsafeFileError,
     UnsupportedDtypeError,
-    UntrustedFileError,
     first_line,
 )
 from torchkeep.formats import (
@@ -36,7 +36,7 @@ from torchkeep.formats import (
     read_safetensors_header,
     suffix_format,
 )
-from torchkeep.safety import imported_names
+from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.storage import atomic_target
 
 __all__ = [
@@ -261,30 +261,41 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def read_torch_file(
-    path: Path, *, map_location: MapLocation | None, mmap: bool = False, trust: bool = False
+    path: Path,
+    *,
+    map_location: MapLocation | None,
+    mmap: bool = False,
+    trust: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Any:
-    """``torch.load`` with its failures turned into torchkeep errors.
+    """Read a ``torch.save`` file: with torchkeep's allowlist reader, or ``torch.load`` on trust.
 
-    Without ``trust`` it uses ``weights_only=True`` and never falls back to
-    unpickling arbitrary objects.
+    Without ``trust`` nothing is unpickled: :func:`torchkeep.safety.load_torch_file`
+    builds the result, and no error ever falls back to ``torch.load``.
 
     Raises:
-        UntrustedFileError: the file needs objects outside the safe allowlist.
+        UnsafeFileError: the file needs objects outside the allowlist (all
+            of them are named), or is built to fool readers.
+        LimitExceededError: the file asks for more than ``limits`` allow.
         MissingClassError: (``trust``) the pickle names a class that is not importable.
         CorruptFileError: the file is damaged.
     """
-    if trust:
-        logger.warning("unpickling %s with trust=True: this runs code named in the file", path)
+    if not trust:
+        try:
+            return load_torch_file(path, map_location=map_location, mmap=mmap, limits=limits)
+        except UnsafeFileError as err:
+            if not err.globals:
+                raise
+            names = [f.detail for f in scan(path, limits=limits).findings if f.kind == "import"]
+            raise UnsafeFileError(
+                path, names or err.globals, member=err.member, offset=err.offset, opcode=err.opcode
+            ) from None
+    logger.warning("unpickling %s with trust=True: this runs code named in the file", path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        names = imported_names(path)
-        if not trust and "Weights only load failed" in str(err) and names:
-            raise UntrustedFileError(path, names) from err
-        raise CorruptFileError(path, f"its pickle data is damaged ({first_line(err)})") from err
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except (ModuleNotFoundError, AttributeError) as err:
         raise MissingClassError(path, err) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CorruptFileError(path, first_line(err)) from err
 
 
@@ -346,6 +357,8 @@ def load_weights(
     map_location: MapLocation = "cpu",
     key: str | None = None,
     trust: bool = False,
+    mmap: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> StateDict:
     """Load a state dict from any weights file, without running code from it.
 
@@ -364,6 +377,12 @@ def load_weights(
         trust (bool, default False): allow unpickling any object from a
             ``torch.save`` file (a pickled model gives its state dict). This
             runs code named in the file: only for files you trust.
+        mmap (bool, default False): map a ``torch.save`` file instead of
+            reading it: returns at once and reads pages on first use (the
+            records' CRCs are then not checked). Safetensors files are always
+            mapped.
+        limits (Limits, default Limits()): bounds on what the file may ask
+            for (bytes, tensors, elements, nesting), checked before allocating.
 
     Returns:
         ``dict[str, Tensor]``; tied weights come back as the same tensor.
@@ -373,8 +392,10 @@ def load_weights(
         CorruptFileError: the file is empty, truncated or damaged.
         UnknownFormatError: the file is not a model file.
         NotAStateDictError: the file holds no state dict (try ``key=``).
-        UntrustedFileError: the file is a pickle of arbitrary objects and
-            ``trust`` is False.
+        UnsafeFileError: the file would import or call something outside
+            the allowlist (a pickle of arbitrary objects) and ``trust`` is
+            False, or it is built to fool readers; nothing was unpickled.
+        LimitExceededError: the file asks for more than ``limits`` allow.
 
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
@@ -382,7 +403,7 @@ def load_weights(
     p = Path(path)
     fmt = detect_format(p)
     if fmt is FileFormat.SAFETENSORS:
-        header = read_safetensors_header(p)
+        header = read_safetensors_header(p, limits=limits)
         tensors = _load_safetensors(p, map_location)
         return extract_state_dict(_restore_aliases(tensors, header.metadata, p), path=p, key=None)
     if fmt is FileFormat.TORCH_EXPORT:
@@ -390,7 +411,7 @@ def load_weights(
 
         program = load_exported(p)
         return {k: v.to(map_location) for k, v in program.state_dict.items()}
-    obj = read_torch_file(p, map_location=map_location, trust=trust)
+    obj = read_torch_file(p, map_location=map_location, trust=trust, mmap=mmap, limits=limits)
     if trust and isinstance(obj, nn.Module):
         return to_state_dict(obj)
     return extract_state_dict(obj, path=p, key=key)

@@ -1,5 +1,13 @@
-"""Reading model files without running code from them."""
+"""Reading model files without running code from them.
 
-from torchkeep.safety.globals import imported_names
+``ziparchive`` checks archives strictly, ``unpickler`` runs pickles on an
+allowlist (``allowlist`` says what may be built and how), ``torchfile`` reads
+``torch.save`` files with both, ``scan`` reports on any file without loading
+it, and ``limits`` bounds everything before it is allocated.
+"""
 
-__all__ = ["imported_names"]
+from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
+from torchkeep.safety.scan import ScanResult, scan
+from torchkeep.safety.torchfile import load_torch_file
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "ScanResult", "load_torch_file", "scan"]

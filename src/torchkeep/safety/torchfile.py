@@ -1,0 +1,554 @@
+"""Reading ``torch.save`` files (zip and legacy) without unpickling them.
+
+The archive is checked by :class:`~torchkeep.safety.ziparchive.ZipArchive`,
+``data.pkl`` runs on the allowlist :class:`~torchkeep.safety.unpickler.Unpickler`,
+and each storage comes straight from its zip record: read into memory that
+belongs to the tensor (CRC-checked on the way), or memory-mapped
+(``mmap=True``: nothing is read until used, so the CRC is not checked).
+Every storage must be exactly as long as its reference says
+(``numel * itemsize == record length``), and every tensor view must lie
+inside its storage.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mmap as mmap_module
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import torch
+
+from torchkeep.errors import CorruptFileError, LimitExceededError, UnsupportedFormatError
+from torchkeep.safety.allowlist import StorageRef, StorageType, TensorLimits
+from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
+from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
+from torchkeep.safety.ziparchive import ZipArchive, ZipMember
+
+__all__ = ["LEGACY_MAGIC", "load_torch_file", "scan_torch_stream", "torch_prefix"]
+
+logger = logging.getLogger(__name__)
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_LOCATION = re.compile(r"[a-z_]{1,32}(:[0-9]{1,4})?")
+_READ_CHUNK = 64 << 20
+# torch.save's legacy format starts with this pickled integer (protocol 2)
+_LEGACY_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+class _Storages:
+    """Builds storages for persistent ids, once per key, and keeps the byte budget."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: torch.device | None,
+        limits: Limits,
+        meta: bool,
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.limits = limits
+        self.meta = meta
+        self.total = 0
+        self.loaded: dict[str, StorageRef] = {}
+
+    def _target(self, location: str) -> torch.device:
+        if not _LOCATION.fullmatch(location):
+            raise CorruptFileError(self.path, f"a storage has the invalid location {location!r}")
+        if self.device is not None:
+            return self.device
+        try:
+            saved = torch.device(location)
+        except RuntimeError as err:
+            raise CorruptFileError(self.path, f"a storage has the invalid location {location!r}") from err
+        if saved.type != "cpu" and not _device_available(saved):
+            raise UnsupportedFormatError(
+                self.path,
+                f"a file with tensors saved on {location}",
+                "That device is not available here; pass map_location='cpu' (or another device).",
+            )
+        return saved
+
+    def get(self, key: str, stype: StorageType, numel: int, location: str, build: Any) -> StorageRef:
+        if not _KEY.fullmatch(key):
+            raise CorruptFileError(self.path, f"a storage has the invalid key {key[:40]!r}")
+        known = self.loaded.get(key)
+        if known is not None:
+            if (known.dtype, known.numel) != (stype.dtype, numel):
+                raise CorruptFileError(
+                    self.path,
+                    f"storage {key!r} is referenced as {numel} x {stype.dtype} and as "
+                    f"{known.numel} x {known.dtype}",
+                )
+            return known
+        nbytes = numel * stype.dtype.itemsize
+        self.total += nbytes
+        if self.total > self.limits.max_bytes:
+            raise LimitExceededError(
+                self.path, "max_bytes", self.total, self.limits.max_bytes, what="tensor data"
+            )
+        device = self._target(location)
+        if self.meta:
+            storage = _meta_storage(nbytes)
+            build(nbytes)  # still checks that the record exists and has the declared size
+        else:
+            storage = build(nbytes)
+            if device.type != "cpu":
+                storage = _move(storage, device)
+        ref = StorageRef(key, storage, stype.dtype, numel)
+        self.loaded[key] = ref
+        return ref
+
+
+def _device_available(device: torch.device) -> bool:
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    try:
+        return bool(available()) if callable(available) else False
+    except RuntimeError:
+        return False
+
+
+def _move(storage: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    moved: torch.UntypedStorage = flat.to(device).untyped_storage()
+    return moved
+
+
+def _meta_storage(nbytes: int) -> torch.UntypedStorage:
+    return torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
+
+
+def _read_into(f: Any, offset: int, nbytes: int) -> tuple[torch.UntypedStorage, int]:
+    """Read ``nbytes`` at ``offset`` into a new storage; return it and the CRC-32 of the bytes."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = buffer.numpy().data if nbytes else memoryview(b"")
+    f.seek(offset)
+    crc = 0
+    done = 0
+    while done < nbytes:
+        chunk = view[done : done + _READ_CHUNK]
+        got = f.readinto(chunk)
+        if not got:
+            break
+        crc = zlib.crc32(chunk[:got], crc)
+        done += got
+    if done != nbytes:
+        raise EOFError(f"read {done} of {nbytes} bytes")
+    return buffer.untyped_storage(), crc
+
+
+class _Arena:
+    """Every stored data record of an archive, read into one buffer in the background.
+
+    One allocation and large sequential reads instead of one of each per
+    tensor. A reader thread fills the buffer while a second thread checks each
+    record's CRC-32 as soon as its bytes are in (both release the GIL), and
+    the interpreter meanwhile builds tensors on slices of the buffer: slices
+    are separate storages of exactly their record's size that keep the
+    buffer alive. :meth:`finish` waits for both threads and raises what they found.
+    """
+
+    def __init__(self, path: Path, archive: ZipArchive, members: list[ZipMember]) -> None:
+        self._path = path
+        self._archive = archive
+        self._members = sorted(members, key=lambda m: m.data_offset)
+        self.start = self._members[0].data_offset
+        self._length = self._members[-1].data_offset + self._members[-1].size - self.start
+        self.storage = torch.empty(self._length, dtype=torch.uint8).untyped_storage()
+        self._view = torch.empty(0, dtype=torch.uint8).set_(self.storage).numpy().data
+        self._read = 0
+        self._progress = threading.Condition()
+        self._stop = False
+        self._finished = False
+        self._errors: list[Exception] = []
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._fill,), name="torchkeep-read", daemon=True),
+            threading.Thread(target=self._guard, args=(self._check,), name="torchkeep-crc", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def slice(self, member: ZipMember) -> torch.UntypedStorage:
+        begin = member.data_offset - self.start
+        return cast(torch.UntypedStorage, self.storage[begin : begin + member.size])
+
+    def _guard(self, work: Any) -> None:
+        try:
+            work()
+        except Exception as err:  # handed to the caller by finish()
+            with self._progress:
+                self._errors.append(err)
+                self._stop = True
+                self._progress.notify_all()
+
+    def _fill(self) -> None:
+        with self._path.open("rb", buffering=0) as f:
+            f.seek(self.start)
+            while self._read < self._length and not self._stop:
+                got = f.readinto(self._view[self._read : self._read + _READ_CHUNK])
+                if not got:
+                    raise CorruptFileError(self._path, "the file ended while its tensor data was read")
+                with self._progress:
+                    self._read += got
+                    self._progress.notify_all()
+
+    def _check(self) -> None:
+        for member in self._members:
+            end = member.data_offset - self.start + member.size
+            with self._progress:
+                while self._read < end and not self._stop:
+                    self._progress.wait()
+                if self._stop:
+                    return
+            begin = end - member.size
+            self._archive.check_crc(member, zlib.crc32(self._view[begin:end]))
+
+    def finish(self, *, abort: bool = False) -> None:
+        """Wait for the reads and checks; raise the first error they hit (unless aborting)."""
+        if self._finished:
+            return
+        self._finished = True
+        if abort:
+            with self._progress:
+                self._stop = True
+                self._progress.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self._view.release()
+        if self._errors and not abort:
+            raise self._errors[0]
+
+
+def _device_of(map_location: str | torch.device | None) -> torch.device | None:
+    return None if map_location is None else torch.device(map_location)
+
+
+def load_torch_file(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device | None = "cpu",
+    mmap: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Any:
+    """What ``torch.load(path, weights_only=True)`` returns, built without unpickling.
+
+    Args:
+        path (str | PathLike): a ``torch.save`` file, zip or legacy format.
+        map_location (str | torch.device | None, default "cpu"): where tensors
+            go; None keeps the device each was saved on.
+        mmap (bool, default False): map the file instead of reading it
+            (zip format only): returns at once, pages are read on first use,
+            and CRCs are not checked.
+        limits (Limits): bounds checked before anything is allocated.
+
+    Raises:
+        UnsafeFileError: the file imports or calls something outside the
+            allowlist, or is built to fool readers; nothing was unpickled.
+        CorruptFileError: the file is damaged.
+        LimitExceededError: the file asks for more than ``limits`` allow.
+        UnsupportedFormatError: a known format that cannot be read safely.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(4)
+        if head == b"PK\x03\x04":
+            return _load_zip(
+                p, f, size, device=_device_of(map_location), mmap=mmap, limits=limits, meta=False
+            )
+        return _load_legacy(p, f, size, device=_device_of(map_location), limits=limits, meta=False)
+
+
+def torch_prefix(archive: ZipArchive) -> str:
+    """The folder every record of a ``torch.save`` archive lives in.
+
+    Raises:
+        CorruptFileError: not exactly one ``<folder>/data.pkl`` or records outside it.
+    """
+    pickles = [name for name in archive.members if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        raise CorruptFileError(
+            archive.path, f"a torch.save archive holds one <folder>/data.pkl, this one holds {len(pickles)}"
+        )
+    prefix = pickles[0][: -len("data.pkl")]
+    strays = [name for name in archive.members if not name.startswith(prefix)]
+    if strays:
+        raise CorruptFileError(archive.path, f"records outside the archive folder {prefix!r}: {strays[:3]}")
+    return prefix
+
+
+Collector = Callable[[Unpickler], None]
+
+
+def _load_zip(
+    path: Path,
+    f: BinaryIO,
+    size: int,
+    *,
+    device: torch.device | None,
+    mmap: bool,
+    limits: Limits,
+    meta: bool,
+    collect: Collector | None = None,
+) -> Any:
+    archive = ZipArchive(path, f, size, limits=limits)
+    prefix = torch_prefix(archive)
+    byteorder = archive.members.get(prefix + "byteorder")
+    if byteorder is not None and archive.read(byteorder.name, max_size=16) != b"little":
+        raise UnsupportedFormatError(
+            path,
+            "a torch.save file written on a big-endian machine",
+            "Load it there with torch.load and save it again, or pass trust=True to use torch.load here.",
+        )
+    data = archive.read(prefix + "data.pkl", max_size=limits.max_pickle_bytes)
+    records = [m for name, m in archive.members.items() if name.startswith(prefix + "data/")]
+    total = sum(m.size for m in records)
+    if total > limits.max_bytes:
+        raise LimitExceededError(path, "max_bytes", total, limits.max_bytes, what="tensor data")
+    stored = [m for m in records if m.stored]
+    arena = _Arena(path, archive, stored) if stored and not mmap and not meta else None
+    mapped: list[torch.UntypedStorage] = []
+
+    def build_record(member: ZipMember) -> Any:
+        def build(nbytes: int) -> torch.UntypedStorage | None:
+            if member.size != nbytes:
+                raise CorruptFileError(
+                    path,
+                    f"the storage needs {nbytes} bytes but its record holds {member.size} "
+                    "(a declared size that does not match the data is how CVE-2026-24747 files attack)",
+                    member=member.name,
+                )
+            if meta:
+                return None
+            if not member.stored:
+                raw = archive.read(member.name)
+                return (
+                    torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
+                    if raw
+                    else (torch.empty(0, dtype=torch.uint8).untyped_storage())
+                )
+            if arena is not None:
+                return arena.slice(member)
+            if not mapped:
+                whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+                mapped.append(cast(torch.UntypedStorage, whole))
+            return cast(torch.UntypedStorage, mapped[0][member.data_offset : member.data_offset + nbytes])
+
+        return build
+
+    storages = _Storages(path, device=device, limits=limits, meta=meta)
+
+    def load(key: str, stype: StorageType, numel: int, location: str, view: Any) -> StorageRef:
+        if view is not None:
+            raise CorruptFileError(
+                path, "a storage view in a zip-format file (only the legacy format has them)"
+            )
+        if not _KEY.fullmatch(key):
+            raise CorruptFileError(path, f"a storage has the invalid key {key[:40]!r}")
+        member = archive.member(f"{prefix}data/{key}")
+        return storages.get(key, stype, numel, location, build_record(member))
+
+    unpickler = Unpickler(
+        data, path=path, member=prefix + "data.pkl", storages=load, limits=limits, collect=collect is not None
+    )
+    try:
+        if arena is not None and device is not None and device.type != "cpu":
+            arena.finish()  # storages are copied to the device as they are met: they must be complete
+        result = unpickler.run()
+        if collect is None:
+            check_structure(result, path=path, limits=limits)
+    except BaseException:
+        if arena is not None:
+            arena.finish(abort=True)
+        raise
+    finally:
+        if collect is not None:
+            collect(unpickler)
+    if arena is not None:
+        arena.finish()
+    return result
+
+
+def _load_legacy(
+    path: Path,
+    f: BinaryIO,
+    size: int,
+    *,
+    device: torch.device | None,
+    limits: Limits,
+    meta: bool,
+    collect: Collector | None = None,
+) -> Any:
+    if size == 0:
+        raise CorruptFileError(path, "the file is empty (0 bytes)")
+    if isinstance(f, io.BytesIO):
+        return _read_legacy(
+            path, f.getbuffer(), f, size, device=device, limits=limits, meta=meta, collect=collect
+        )
+    with mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ) as mm:
+        return _read_legacy(path, mm, f, size, device=device, limits=limits, meta=meta, collect=collect)
+
+
+def _read_legacy(
+    path: Path,
+    mm: Any,
+    f: BinaryIO,
+    size: int,
+    *,
+    device: torch.device | None,
+    limits: Limits,
+    meta: bool,
+    collect: Collector | None,
+) -> Any:
+    def run(unpickler: Unpickler) -> Any:
+        try:
+            return unpickler.run(allow_trailing=True)
+        finally:
+            if collect is not None:
+                collect(unpickler)
+
+    def small(start: int) -> tuple[Any, int]:
+        unpickler = Unpickler(
+            mm, path=path, member=None, start=start, storages=None, limits=limits, collect=collect is not None
+        )
+        return run(unpickler), unpickler.end
+
+    magic, pos = small(0)
+    if magic != LEGACY_MAGIC:
+        raise UnsupportedFormatError(
+            path,
+            "not a torch.save file (a plain pickle or another format)",
+            "Only torch.save files and safetensors are read safely; if you trust the file, "
+            "`torchkeep convert --trust IN OUT.safetensors` converts it.",
+        )
+    protocol, pos = small(pos)
+    if protocol != _LEGACY_PROTOCOL:
+        raise CorruptFileError(path, f"unknown legacy protocol version {protocol!r}")
+    sys_info, pos = small(pos)
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise UnsupportedFormatError(
+            path,
+            "a legacy torch.save file from a big-endian machine",
+            "Pass trust=True to load it with torch.load, or re-save it where it was made.",
+        )
+    tensor_limits = TensorLimits(limits.max_numel, limits.max_tensors)
+    # Pass 1: find where each storage's bytes are (they follow all the pickles).
+    declared: dict[str, tuple[StorageType, int]] = {}
+
+    def note(key: str, stype: StorageType, numel: int, location: str, view: Any) -> StorageRef:
+        previous = declared.setdefault(key, (stype, numel))
+        if previous != (stype, numel):
+            raise CorruptFileError(path, f"storage {key!r} is declared twice with different types or sizes")
+        return StorageRef(key, _meta_storage(numel * stype.dtype.itemsize), stype.dtype, numel)
+
+    first = Unpickler(
+        mm,
+        path=path,
+        member=None,
+        start=pos,
+        storages=note,
+        limits=limits,
+        tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors),
+        collect=collect is not None,
+    )
+    run(first)
+    keys, data_start = small(first.end)
+    if not isinstance(keys, list) or any(type(k) is not str for k in keys) or set(keys) != set(declared):
+        raise CorruptFileError(path, "the list of storages does not match the storages the data refers to")
+    offsets: dict[str, int] = {}
+    at = data_start
+    for key in keys:
+        stype, numel = declared[key]
+        raw = bytes(mm[at : at + 8])
+        if len(raw) != 8 or struct.unpack("<q", raw)[0] != numel:
+            raise CorruptFileError(path, f"storage {key!r} does not start with its size {numel}", offset=at)
+        offsets[key] = at + 8
+        at += 8 + numel * stype.dtype.itemsize
+        if at > size:
+            raise CorruptFileError(path, "the file is truncated inside the tensor data", offset=at)
+    if at != size:
+        raise CorruptFileError(path, f"{size - at} unexplained bytes follow the tensor data", offset=at)
+    # Pass 2: build, with storages read from where pass 1 found them.
+    storages = _Storages(path, device=device, limits=limits, meta=meta)
+    views: dict[str, StorageRef] = {}
+
+    def load(key: str, stype: StorageType, numel: int, location: str, view: Any) -> StorageRef:
+        def build(nbytes: int) -> torch.UntypedStorage | None:
+            if meta:
+                return None
+            try:
+                storage, _crc = _read_into(f, offsets[key], nbytes)
+            except (OSError, EOFError) as err:
+                raise CorruptFileError(path, f"reading storage {key!r} failed ({err})") from err
+            return storage
+
+        root = storages.get(key, stype, numel, location, build)
+        if view is None:
+            return root
+        view_key, offset, view_numel = view
+        if offset + view_numel > numel:
+            raise CorruptFileError(path, f"storage view {view_key!r} lies outside storage {key!r}")
+        if view_key not in views:
+            itemsize = stype.dtype.itemsize
+            sliced = root.storage[offset * itemsize : (offset + view_numel) * itemsize]
+            views[view_key] = StorageRef(view_key, sliced, stype.dtype, view_numel)
+        return views[view_key]
+
+    if meta:
+        return None  # pass 1 checked every reference and the data layout; nothing more to see
+    second = Unpickler(
+        mm, path=path, member=None, start=pos, storages=load, limits=limits, tensor_limits=tensor_limits
+    )
+    result = second.run(allow_trailing=True)
+    check_structure(result, path=path, limits=limits)
+    return result
+
+
+def scan_torch_stream(path: Path, f: BinaryIO, size: int, *, limits: Limits, collect: Collector) -> None:
+    """Run the loader over a torch.save file or a raw pickle in collect mode, tensors on the meta device.
+
+    ``collect`` receives each interpreter after it ran (also when it stopped
+    on an error), with the imports it saw and the findings it recorded.
+
+    Raises:
+        UnsafeFileError, CorruptFileError, LimitExceededError: as the loader would.
+    """
+    f.seek(0)
+    head = f.read(len(_LEGACY_PREFIX))
+    f.seek(0)
+    if head.startswith(b"PK\x03\x04"):
+        _load_zip(path, f, size, device=None, mmap=False, limits=limits, meta=True, collect=collect)
+    elif head == _LEGACY_PREFIX:
+        _load_legacy(path, f, size, device=None, limits=limits, meta=True, collect=collect)
+    else:
+        buffer = f.getbuffer() if isinstance(f, io.BytesIO) else f.read(limits.max_pickle_bytes + 1)
+        if len(buffer) > limits.max_pickle_bytes:
+            raise LimitExceededError(
+                path, "max_pickle_bytes", size, limits.max_pickle_bytes, what="the pickle"
+            )
+        unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
+        try:
+            unpickler.run(allow_trailing=True)
+            if unpickler.end != len(buffer):
+                extra = len(buffer) - unpickler.end
+                hidden = Finding(
+                    "structure",
+                    f"{extra} bytes follow the pickle (a file hidden behind it?)",
+                    None,
+                    unpickler.end,
+                )
+                unpickler.findings.append(hidden)
+        finally:
+            collect(unpickler)
