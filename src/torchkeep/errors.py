@@ -219,7 +219,7 @@ class LimitExceededError(TorchkeepError, ValueError):
         super().__init__(
             f"{path}: {what} exceeds the reading limit {limit}={maximum:,} (it asks for {value:,}); "
             "nothing was allocated. If you trust the file and it really is this large, pass "
-            f"limits=torchkeep.Limits({limit}={value:,}) (CLI: --limit {limit}={value})."
+            f"limits=torchkeep.Limits({limit}={value:,}) (CLI: --raise-limit {limit}={value})."
         )
 
 

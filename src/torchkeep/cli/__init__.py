@@ -43,13 +43,14 @@ def exit_code(err: BaseException) -> int:
 
 
 def _register() -> None:
-    from torchkeep.cli import convert, demo, diff, inspect, ls, verify
+    from torchkeep.cli import convert, demo, diff, inspect, ls, scan, verify
 
     app.command("inspect")(inspect.inspect_command)
     app.command("diff")(diff.diff_command)
     app.command("convert")(convert.convert_command)
     app.command("ls")(ls.ls_command)
     app.command("verify")(verify.verify_command)
+    app.command("scan")(scan.scan_command)
     app.command("demo")(demo.demo_command)
 
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from torchkeep._table import format_bytes
+from torchkeep.cli._limits import RAISE_LIMIT_HELP, parse_limits
 from torchkeep.weights import load_weights, read_metadata, save_weights
 
 __all__ = ["convert_command"]
@@ -28,11 +29,12 @@ def convert_command(
         "--trust",
         help="Allow unpickling any object, e.g. a whole pickled model (runs code from the file).",
     ),
+    raise_limit: list[str] | None = typer.Option(None, "--raise-limit", help=RAISE_LIMIT_HELP),
 ) -> None:
     """Convert weights between .pt/.pth/.bin and .safetensors, by suffix."""
     if dtype is not None and dtype not in _DTYPES:
         raise typer.BadParameter(f"choose one of {', '.join(_DTYPES)}", param_hint="--dtype")
-    state = load_weights(source, key=key, trust=trust)
+    state = load_weights(source, key=key, trust=trust, limits=parse_limits(raise_limit))
     metadata = read_metadata(source)
     metadata.pop("format", None)
     save_weights(state, target, dtype=_DTYPES[dtype] if dtype else None, metadata=metadata)

@@ -28,7 +28,7 @@ from torchkeep.errors import (
     first_line,
 )
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
-from torchkeep.safety.torchfile import scan_torch_stream
+from torchkeep.safety.torchfile import LEGACY_PREFIX, scan_torch_stream
 from torchkeep.safety.unpickler import Finding, Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
 
@@ -82,6 +82,7 @@ class _Collected:
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.imports: list[str] = []
+        self.format = "unknown"
 
     def add(self, unpickler: Unpickler) -> None:
         self.findings += unpickler.findings
@@ -108,27 +109,36 @@ def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Sc
     """
     p = Path(path)
     collected = _Collected()
-    fmt = "unknown"
     try:
         if not p.is_file():
-            return ScanResult(p, fmt, "ERROR", "no such file" if not p.exists() else "not a regular file")
+            return ScanResult(
+                p, "unknown", "ERROR", "no such file" if not p.exists() else "not a regular file"
+            )
         with p.open("rb") as f:
             head = f.read(16)
-            fmt = _describe(head)
             _scan_stream(p, f, head, collected, limits)
     except UnsafeFileError as err:
-        return ScanResult(p, fmt, "UNSAFE", _reason(err), _with(collected, err), tuple(collected.imports))
+        return ScanResult(
+            p, collected.format, "UNSAFE", _reason(err), _with(collected, err), tuple(collected.imports)
+        )
     except LimitExceededError as err:
-        return ScanResult(p, fmt, "UNSAFE", _reason(err), tuple(collected.findings), tuple(collected.imports))
+        return ScanResult(
+            p, collected.format, "UNSAFE", _reason(err), tuple(collected.findings), tuple(collected.imports)
+        )
     except CorruptFileError as err:
         verdict = "UNSAFE" if collected.findings else "CORRUPT"
-        return ScanResult(p, fmt, verdict, _reason(err), tuple(collected.findings), tuple(collected.imports))
+        return ScanResult(
+            p, collected.format, verdict, _reason(err), tuple(collected.findings), tuple(collected.imports)
+        )
     except UnsupportedFormatError as err:
-        return ScanResult(p, fmt, "ERROR", _reason(err), tuple(collected.findings), tuple(collected.imports))
+        return ScanResult(
+            p, collected.format, "ERROR", _reason(err), tuple(collected.findings), tuple(collected.imports)
+        )
     except (TorchkeepError, OSError) as err:
         return ScanResult(
-            p, fmt, "ERROR", first_line(err), tuple(collected.findings), tuple(collected.imports)
+            p, collected.format, "ERROR", first_line(err), tuple(collected.findings), tuple(collected.imports)
         )
+    fmt = collected.format
     imports = tuple(dict.fromkeys(collected.imports))
     if collected.findings:
         first = collected.findings[0]
@@ -147,31 +157,23 @@ def _with(collected: _Collected, err: UnsafeFileError) -> tuple[Finding, ...]:
     return (*collected.findings, Finding("structure", detail, err.member, err.offset or 0))
 
 
-def _describe(head: bytes) -> str:
-    if head.startswith(b"PK\x03\x04"):
-        return "zip archive"
-    if head.startswith(_NPY_MAGIC):
-        return "numpy .npy"
-    if head.startswith(b"\x80"):
-        return "pickle"
-    if len(head) > 8 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
-
-
 def _scan_stream(path: Path, f: Any, head: bytes, collected: _Collected, limits: Limits) -> None:
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     if head.startswith(b"PK\x03\x04"):
+        collected.format = "zip archive"
         _scan_zip(path, f, size, collected, limits)
     elif head.startswith(_NPY_MAGIC):
+        collected.format = "numpy .npy"
         f.seek(0)
         _scan_npy(path, f.read(), None, collected, limits)
     elif head.startswith(b"\x80"):
+        collected.format = "torch.save (legacy)" if head.startswith(LEGACY_PREFIX) else "pickle"
         scan_torch_stream(path, f, size, limits=limits, collect=collected.add)
     elif len(head) > 8 and head[8:9] == b"{":
         from torchkeep.formats import check_safetensors_header
 
+        collected.format = "safetensors"
         check_safetensors_header(path, f, size, limits=limits)
     else:
         raise UnsupportedFormatError(path, "no model format torchkeep knows", "Nothing to scan.")
@@ -181,8 +183,13 @@ def _scan_zip(path: Path, f: Any, size: int, collected: _Collected, limits: Limi
     archive = ZipArchive(path, f, size, limits=limits)
     names = list(archive.members)
     if any(n.endswith("/data.pkl") and n.count("/") == 1 for n in names):
+        collected.format = "torch.save (zip)"
         scan_torch_stream(path, f, size, limits=limits, collect=collected.add)
         return
+    if any(n.endswith("/archive_format") for n in names):
+        collected.format = "torch.export (.pt2)"
+    elif names and all(n.endswith(".npy") for n in names):
+        collected.format = "numpy .npz"
     for name in names:
         if not name.endswith(_NESTED_SUFFIXES):
             continue
@@ -245,6 +252,13 @@ def _scan_npy(path: Path, data: bytes, member: str | None, collected: _Collected
                 body,
             )
         )
+        unpickler = Unpickler(
+            memoryview(data), path=path, member=member, start=body, storages=None, limits=limits, collect=True
+        )
+        try:
+            unpickler.run(allow_trailing=True)
+        finally:
+            collected.add(unpickler)
         return
     if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptFileError(path, f"{where} has an invalid shape {shape!r:.60}", member=member)

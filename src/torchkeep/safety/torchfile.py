@@ -32,7 +32,7 @@ from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
 from torchkeep.safety.ziparchive import ZipArchive, ZipMember
 
-__all__ = ["LEGACY_MAGIC", "load_torch_file", "scan_torch_stream", "torch_prefix"]
+__all__ = ["LEGACY_MAGIC", "LEGACY_PREFIX", "load_torch_file", "scan_torch_stream", "torch_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _LOCATION = re.compile(r"[a-z_]{1,32}(:[0-9]{1,4})?")
 _READ_CHUNK = 64 << 20
 # torch.save's legacy format starts with this pickled integer (protocol 2)
-_LEGACY_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+LEGACY_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 class _Storages:
@@ -526,11 +526,11 @@ def scan_torch_stream(path: Path, f: BinaryIO, size: int, *, limits: Limits, col
         UnsafeFileError, CorruptFileError, LimitExceededError: as the loader would.
     """
     f.seek(0)
-    head = f.read(len(_LEGACY_PREFIX))
+    head = f.read(len(LEGACY_PREFIX))
     f.seek(0)
     if head.startswith(b"PK\x03\x04"):
         _load_zip(path, f, size, device=None, mmap=False, limits=limits, meta=True, collect=collect)
-    elif head == _LEGACY_PREFIX:
+    elif head == LEGACY_PREFIX:
         _load_legacy(path, f, size, device=None, limits=limits, meta=True, collect=collect)
     else:
         buffer = f.getbuffer() if isinstance(f, io.BytesIO) else f.read(limits.max_pickle_bytes + 1)

@@ -135,7 +135,7 @@ class Unpickler:
         return LimitExceededError(self._path, limit, value, maximum, what=f"{where} at offset {self._at}")
 
     def _record(self, kind: str, detail: str) -> None:
-        self.findings.append(Finding(kind, detail, self._member, self._at - self._start))
+        self.findings.append(Finding(kind, detail, self._member, self._at))
 
     # -- the loop -------------------------------------------------------------
     # One function with the opcodes inline: a method call per opcode made the
