@@ -26,12 +26,12 @@ from torchkeep.errors import (
     RngRestoreWarning,
     UnserializableValueError,
 )
-from torchkeep.formats import FileFormat, suffix_format
+from torchkeep.formats import FileFormat, detect_format, suffix_format
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.safety import DEFAULT_LIMITS, Limits
 from torchkeep.storage import atomic_target
-from torchkeep.weights import MapLocation, read_torch_file, to_state_dict
+from torchkeep.weights import MapLocation, load_weights, read_torch_file, to_state_dict
 
 __all__ = ["CheckpointInfo", "Stateful", "apply_states", "load_checkpoint", "save_checkpoint"]
 
@@ -345,7 +345,10 @@ def load_checkpoint(
         >>> start_epoch = info.epoch + 1
     """
     p = Path(path)
-    content = read_torch_file(p, map_location=map_location, trust=trust, limits=limits)
+    if detect_format(p) in {FileFormat.SAFETENSORS, FileFormat.TORCH_EXPORT}:
+        content: object = load_weights(p, map_location=map_location, limits=limits)  # bare weights
+    else:
+        content = read_torch_file(p, map_location=map_location, trust=trust, limits=limits)
     if not isinstance(content, Mapping):
         raise NotAStateDictError(
             p, f"a {type(content).__name__}", hint="pass a checkpoint file written by save_checkpoint"

@@ -137,6 +137,10 @@ class SafetensorsHeader:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def _looks_like_pickle(head: bytes) -> bool:
+    return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _describe_unknown(head: bytes) -> str:
     signatures = {
         b"\x89PNG": "a PNG image",
@@ -203,7 +207,9 @@ def detect_format(path: str | os.PathLike[str]) -> FileFormat:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
         return _check_zip(p)
-    if head.startswith(_LEGACY_PREFIX):
+    if head.startswith(_LEGACY_PREFIX) or _looks_like_pickle(head):
+        # A plain pickle goes to the same allowlist reader: it refuses a hostile one as
+        # UnsafeFileError and a harmless one as "not a torch.save file".
         return FileFormat.TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
         read_safetensors_header(p)

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, cast
 
 import torch
 
-from torchkeep.errors import CorruptFileError, LimitExceededError, UnsupportedFormatError
+from torchkeep.errors import CorruptFileError, LimitExceededError, UnknownFormatError, UnsupportedFormatError
 from torchkeep.safety.allowlist import StorageRef, StorageType, TensorLimits
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
@@ -367,7 +367,7 @@ def _load_zip(
         if arena is not None and device is not None and device.type != "cpu":
             arena.finish()  # storages are copied to the device as they are met: they must be complete
         result = unpickler.run()
-        if collect is None:
+        if not unpickler.findings:  # with findings (collect mode) the result holds placeholders
             check_structure(result, path=path, limits=limits)
     except BaseException:
         if arena is not None:
@@ -425,14 +425,11 @@ def _read_legacy(
         )
         return run(unpickler), unpickler.end
 
+    if not (len(mm) > 2 and mm[0] == 0x80):
+        raise UnknownFormatError(path, "binary data of no known format")
     magic, pos = small(0)
     if magic != LEGACY_MAGIC:
-        raise UnsupportedFormatError(
-            path,
-            "not a torch.save file (a plain pickle or another format)",
-            "Only torch.save files and safetensors are read safely; if you trust the file, "
-            "`torchkeep convert --trust IN OUT.safetensors` converts it.",
-        )
+        raise UnknownFormatError(path, "a plain pickle file, not written by torch.save")
     protocol, pos = small(pos)
     if protocol != _LEGACY_PROTOCOL:
         raise CorruptFileError(path, f"unknown legacy protocol version {protocol!r}")
@@ -463,7 +460,7 @@ def _read_legacy(
         tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors),
         collect=collect is not None,
     )
-    run(first)
+    first_result = run(first)
     keys, data_start = small(first.end)
     if not isinstance(keys, list) or any(type(k) is not str for k in keys) or set(keys) != set(declared):
         raise CorruptFileError(path, "the list of storages does not match the storages the data refers to")
@@ -507,6 +504,8 @@ def _read_legacy(
         return views[view_key]
 
     if meta:
+        if not first.findings:
+            check_structure(first_result, path=path, limits=limits)
         return None  # pass 1 checked every reference and the data layout; nothing more to see
     second = Unpickler(
         mm, path=path, member=None, start=pos, storages=load, limits=limits, tensor_limits=tensor_limits
@@ -540,7 +539,9 @@ def scan_torch_stream(path: Path, f: BinaryIO, size: int, *, limits: Limits, col
             )
         unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
         try:
-            unpickler.run(allow_trailing=True)
+            result = unpickler.run(allow_trailing=True)
+            if not unpickler.findings:
+                check_structure(result, path=path, limits=limits)
             if unpickler.end != len(buffer):
                 extra = len(buffer) - unpickler.end
                 hidden = Finding(

@@ -14,6 +14,7 @@ lists everything a file would import or call.
 
 from __future__ import annotations
 
+import pickletools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -559,8 +560,6 @@ _U32 = struct.Struct("<I")
 def _opcode_label(code: int) -> str:
     if code < 0:
         return "none"
-    import pickletools
-
     for op in pickletools.opcodes:
         if op.code == chr(code):
             return op.name
