@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._hostile import MARKER, Case, build
+from _hostile import MARKER, Case, build
 
 WORKER = Path(__file__).with_name("_hostile_worker.py")
 
@@ -104,10 +104,8 @@ def test_the_payloads_are_real(tmp_path: Path) -> None:
     # Control: the same kind of file, unpickled by plain pickle, does create its marker.
     folder = tmp_path / "control"
     build(folder)
-    code = (
-        "import pickle, sys\n"
-        "with open(sys.argv[1], 'rb') as f:\n"
-        "    pickle.load(f)\n"
+    code = "import pickle, sys\nwith open(sys.argv[1], 'rb') as f:\n    pickle.load(f)\n"
+    subprocess.run(
+        [sys.executable, "-c", code, str(folder / "raw_pickle_payload.pkl")], check=True, timeout=60
     )
-    subprocess.run([sys.executable, "-c", code, str(folder / "raw_pickle_payload.pkl")], check=True, timeout=60)
     assert (folder / MARKER).exists()

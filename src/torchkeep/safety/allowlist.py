@@ -242,6 +242,13 @@ def _ordered_dict(args: tuple[Any, ...], limits: TensorLimits) -> collections.Or
     return collections.OrderedDict(pairs)
 
 
+def _counter(args: tuple[Any, ...], limits: TensorLimits) -> collections.Counter[Any]:
+    if not args:
+        return collections.Counter()
+    _require(len(args) == 1 and type(args[0]) is dict, "Counter takes one dict")
+    return collections.Counter(args[0])
+
+
 def _set(kind: type[set[Any]] | type[frozenset[Any]]) -> Callable[[tuple[Any, ...], TensorLimits], Any]:
     def build(args: tuple[Any, ...], limits: TensorLimits) -> Any:
         if not args:
@@ -356,6 +363,7 @@ def _table() -> dict[tuple[str, str], object]:
         ("torch._utils._rebuild_parameter_with_state", _rebuild_parameter),
         ("torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2),
         ("collections.OrderedDict", _ordered_dict),
+        ("collections.Counter", _counter),
         ("builtins.set", _set(set)),
         ("builtins.frozenset", _set(frozenset)),
         ("builtins.complex", _complex),
