@@ -339,10 +339,10 @@ class ZipArchive:
     def _check_descriptor(self, member: ZipMember, at: int, length: int) -> None:
         raw = self._read_at(at, length)
         body = raw[4:] if raw.startswith(_DESCRIPTOR) else raw
+        if len(body) not in {12, 20}:
+            raise self._corrupt(f"member {member.name!r} has a malformed data descriptor", offset=at)
         crc = struct.unpack_from("<I", body)[0]
-        sizes = body[4:]
-        wide = len(sizes) == 16
-        csize, usize = struct.unpack("<QQ" if wide else "<II", sizes)
+        csize, usize = struct.unpack_from("<QQ" if len(body) == 20 else "<II", body, 4)
         if crc != member.crc or (csize, usize) != (member.compressed_size, member.size):
             raise self._unsafe(
                 f"member {member.name!r} has a data descriptor that disagrees with the directory",
