@@ -1,8 +1,10 @@
-"""Format detection by content and the pickle import listing."""
+"""Format detection by content, and the strict safetensors header checks."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,10 @@ def test_plain_pickle_is_named(tmp_path: Path) -> None:
     import pickle
 
     (tmp_path / "p.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    # detection hands pickles to the allowlist reader, which names what it found
+    assert detect_format(tmp_path / "p.pt") is FileFormat.TORCH_LEGACY
     with pytest.raises(torchkeep.UnknownFormatError, match="plain pickle"):
-        detect_format(tmp_path / "p.pt")
+        torchkeep.load_weights(tmp_path / "p.pt")
 
 
 def test_header_lists_tensors_and_metadata(tmp_path: Path) -> None:
@@ -69,3 +73,67 @@ def test_atomic_target_keeps_the_old_file_on_error(tmp_path: Path) -> None:
     with atomic_target(tmp_path / "sub" / "g.bin") as tmp:
         tmp.write_bytes(b"new")
     assert (tmp_path / "sub" / "g.bin").read_bytes() == b"new"
+
+
+def _safetensors(path: Path, header: dict[str, object] | str, data: bytes) -> Path:
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _f32(begin: int, n: int) -> dict[str, object]:
+    return {"dtype": "F32", "shape": [n], "data_offsets": [begin, begin + 4 * n]}
+
+
+def test_files_from_the_safetensors_library_pass_the_strict_checks(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        "a": torch.ones(3, dtype=torch.int8),  # odd sizes make the library pad and align
+        "b": torch.ones(5, dtype=torch.float64),
+        "c": torch.ones(0, 2),
+        "d": torch.ones(2, dtype=torch.bfloat16),
+    }
+    save_file(tensors, tmp_path / "lib.safetensors", metadata={"who": "safetensors"})
+    header = read_safetensors_header(tmp_path / "lib.safetensors")
+    assert sorted(t.name for t in header.tensors) == ["a", "b", "c", "d"]
+    assert header.metadata == {"who": "safetensors"}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "reason"),
+    [
+        ({"a": _f32(0, 2), "b": _f32(12, 1)}, bytes(16), "unexplained bytes"),  # a gap
+        ({"a": _f32(0, 2), "b": _f32(4, 2)}, bytes(12), "overlaps"),
+        ({"a": _f32(0, 2)}, bytes(12), "trailing data"),
+        ({"a": _f32(0, 4)}, bytes(8), "truncated"),
+        ({"a": _f32(0, 2), "__metadata__": {"k": 1}}, bytes(8), "mapping of strings"),
+        ({"a\u0007b": _f32(0, 2)}, bytes(8), "control or invisible"),
+        ({"a\u200bb": _f32(0, 2)}, bytes(8), "control or invisible"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "invalid data offsets"),
+        ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "claims 8 bytes"),
+        (' {"a": 1}', b"", "does not start with"),
+    ],
+)
+def test_safetensors_headers_that_are_refused(
+    tmp_path: Path, header: object, data: bytes, reason: str
+) -> None:
+    path = _safetensors(
+        tmp_path / "bad.safetensors",
+        header if isinstance(header, str) else json.loads(json.dumps(header)),
+        data,
+    )
+    with pytest.raises(torchkeep.CorruptFileError, match=reason):
+        read_safetensors_header(path)
+
+
+def test_safetensors_limits(tmp_path: Path) -> None:
+    many = {f"t{i}": _f32(4 * i, 1) for i in range(5)} | {"__metadata__": {str(i): "v" for i in range(5)}}
+    path = _safetensors(tmp_path / "m.safetensors", many, bytes(20))
+    with pytest.raises(torchkeep.LimitExceededError, match="max_metadata"):
+        read_safetensors_header(path, limits=torchkeep.Limits(max_metadata=3))
+    with pytest.raises(torchkeep.LimitExceededError, match="max_header_bytes"):
+        read_safetensors_header(path, limits=torchkeep.Limits(max_header_bytes=10))
+    assert len(read_safetensors_header(path).tensors) == 5
