@@ -404,3 +404,19 @@ def test_quantized_tensors_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.UnsafeFileError, match="_rebuild_qtensor") as info:
         torchkeep.load_weights(tmp_path / "q.pt")
     assert "trust=True" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reading_straight_to_cuda_matches_torch_load(tmp_path: Path) -> None:
+    state = _views() | _hf_bin() | {"half": torch.randn(64, 64).half()}
+    torch.save(state, tmp_path / "cpu.pt")
+    for mmap in (False, True):
+        ours, theirs = read_both(tmp_path / "cpu.pt", map_location="cuda", mmap=mmap)
+        assert_same(ours, theirs)
+        assert_same_sharing(ours, theirs)
+    torch.save({k: v.cuda() for k, v in state.items()}, tmp_path / "gpu.pt")
+    kept = load_torch_file(tmp_path / "gpu.pt", map_location=None)  # stays where it was saved
+    assert {t.device.type for t in kept.values()} == {"cuda"}
+    assert_same(kept, torch.load(tmp_path / "gpu.pt", weights_only=True))
+    on_cpu = torchkeep.load_weights(tmp_path / "gpu.pt")  # the default map_location is "cpu"
+    assert {t.device.type for t in on_cpu.values()} == {"cpu"}
