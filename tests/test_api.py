@@ -48,7 +48,7 @@ def test_every_module_declares_a_sorted_all() -> None:
         (errors.ModelFileNotFoundError, FileNotFoundError),
         (errors.PathIsDirectoryError, IsADirectoryError),
         (errors.CorruptFileError, ValueError),
-        (errors.UnknownFormatError, ValueError),
+        (errors.UnknownFormatError, errors.UnsupportedFormatError),
         (errors.UnsupportedSuffixError, ValueError),
         (errors.UnsupportedDtypeError, TypeError),
         (errors.InvalidMetadataError, TypeError),
@@ -60,6 +60,9 @@ def test_every_module_declares_a_sorted_all() -> None:
         (errors.CheckpointMismatchError, ValueError),
         (errors.ExportError, RuntimeError),
         (errors.UntrustedFileError, pickle.UnpicklingError),
+        (errors.UnsafeFileError, pickle.UnpicklingError),
+        (errors.LimitExceededError, ValueError),
+        (errors.UnsupportedFormatError, ValueError),
     ],
 )
 def test_errors_subclass_the_base_and_the_builtin(error: type, builtin: type) -> None:
