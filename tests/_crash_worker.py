@@ -22,14 +22,19 @@ def fill(model: nn.Module, step: int) -> None:
             tensor.fill_(step)
 
 
-def save_forever(run_dir: str, committed: Synchronized) -> None:  # type: ignore[type-arg]
+def save_forever(run_dir: str, committed: Synchronized, async_save: bool = False) -> None:  # type: ignore[type-arg]
     torch.set_num_threads(1)
-    checkpointer = Checkpointer(run_dir, keep_last=3)
+    checkpointer = Checkpointer(run_dir, keep_last=3, async_save=async_save)
     model = make_model()
     info = checkpointer.restore(model=model, restore_rng=False)
     step = 0 if info is None else int(info.step or 0) + 1
     while True:
         fill(model, step)
         checkpointer.save(step, model=model, metrics={"value": float(step)})
-        committed.value = step
+        if async_save:
+            # save() returned after a snapshot; the previous step is committed (save waited for it)
+            committed.value = step - 1
+            fill(model, -1)  # change the model at once: the checkpoint being written must not see it
+        else:
+            committed.value = step
         step += 1

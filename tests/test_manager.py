@@ -363,7 +363,7 @@ def test_resume_in_a_new_process_is_bitwise_exact(
         assert torch.equal(a[key], b[key]), key
 
 
-def _crash_rounds(tmp_path: Path, rounds: int) -> None:
+def _crash_rounds(tmp_path: Path, rounds: int, *, async_save: bool = False) -> None:
     sys.path.insert(0, str(HERE))
     import _crash_worker as worker
 
@@ -373,7 +373,7 @@ def _crash_rounds(tmp_path: Path, rounds: int) -> None:
     rng = random.Random(1234)
     run_dir = tmp_path / "run"
     for _ in range(rounds):
-        process = context.Process(target=worker.save_forever, args=(str(run_dir), committed))
+        process = context.Process(target=worker.save_forever, args=(str(run_dir), committed, async_save))
         process.start()
         process.join(timeout=rng.uniform(0.05, 0.6))
         process.kill()  # SIGKILL: no cleanup, no atexit
@@ -391,8 +391,11 @@ def _crash_rounds(tmp_path: Path, rounds: int) -> None:
     assert committed.value > 0
 
 
-def test_sigkill_at_random_moments_never_loses_a_committed_checkpoint(tmp_path: Path) -> None:
-    _crash_rounds(tmp_path, rounds=30)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_at_random_moments_never_loses_a_committed_checkpoint(
+    tmp_path: Path, async_save: bool
+) -> None:
+    _crash_rounds(tmp_path, rounds=30, async_save=async_save)
 
 
 @pytest.mark.skipif("TORCHKEEP_SLOW" not in __import__("os").environ, reason="set TORCHKEEP_SLOW=1 to run")

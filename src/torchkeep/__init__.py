@@ -14,6 +14,7 @@ from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save
 from torchkeep.data import ResumableSampler
 from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.errors import (
+    AsyncSaveError,
     CheckpointMismatchError,
     CorruptFileError,
     ExportError,
@@ -58,6 +59,7 @@ from torchkeep.weights import load_weights, read_metadata, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointEntry",
     "CheckpointInfo",
     "CheckpointMismatchError",

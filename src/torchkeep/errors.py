@@ -24,6 +24,7 @@ went wrong and what to do next::
     ├── CheckpointMismatchError     (ValueError)
     ├── NewerFormatError            (ValueError)
     ├── NoValidCheckpointError      (FileNotFoundError)
+    ├── AsyncSaveError              (RuntimeError)
     ├── MissingMetricError          (KeyError)
     ├── NoMatchError                (ValueError)
     ├── ExportError                 (RuntimeError)
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointMismatchError",
     "CorruptFileError",
     "ExportError",
@@ -479,6 +481,28 @@ class NewerFormatError(TorchkeepError, ValueError):
         super().__init__(
             f"{path} uses checkpoint format version {found}, but this torchkeep reads versions up to "
             f"{supported}; upgrade torchkeep (pip install -U torchkeep) to restore it. Nothing was changed."
+        )
+
+
+class AsyncSaveError(TorchkeepError, RuntimeError):
+    """A checkpoint written in the background (``async_save=True``) failed.
+
+    Raised by the next call on the :class:`~torchkeep.Checkpointer` (``save``,
+    ``wait``, ``restore``, leaving its ``with`` block), so no failure is lost.
+    The failed checkpoint was not committed; earlier ones are intact.
+
+    Attributes:
+        step: the step whose save failed.
+        cause: the original exception (also ``__cause__``).
+    """
+
+    def __init__(self, step: int, cause: BaseException) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(
+            f"the background save of step {step} failed: {first_line(cause)}. That checkpoint was not "
+            "committed and the earlier ones are intact; fix the cause (disk space? permissions?) and "
+            "save again."
         )
 
 

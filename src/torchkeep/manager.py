@@ -27,6 +27,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch import nn
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
 from torchkeep.errors import (
+    AsyncSaveError,
     CheckpointMismatchError,
     MissingMetricError,
     NewerFormatError,
@@ -45,6 +47,7 @@ from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.serialize import flatten, unflatten
 from torchkeep.storage.atomic import fsync_dir, fsync_file
 from torchkeep.storage.manifest import MANIFEST, file_record, verify_folder, write_json
+from torchkeep.storage.staging import StagingBuffers
 from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
 
 __all__ = ["FORMAT_VERSION", "CheckpointEntry", "Checkpointer", "metric_value"]
@@ -96,6 +99,13 @@ class CheckpointEntry:
     reason: str = ""
 
 
+def _log_failure(future: Future[Path]) -> None:
+    # Logged where it happens too, in case the program ends before the next call raises it.
+    error = future.exception()
+    if error is not None:
+        logger.error("background checkpoint save failed: %s", error)
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -118,6 +128,14 @@ class Checkpointer:
             step is a multiple of this.
         durable (bool, default True): fsync files and folders on save, so a
             committed checkpoint also survives a power loss.
+        async_save (bool, default False): ``save()`` returns once every tensor
+            is copied into host staging buffers (reused from save to save,
+            pinned for GPU tensors); a background thread writes, checksums,
+            fsyncs, commits and prunes. One save is in flight at most (the
+            next ``save()`` waits for it); ``wait()`` or leaving a ``with``
+            block flushes; a background failure is raised by the next call as
+            :class:`AsyncSaveError`. Staging costs host memory equal to the
+            state's size.
 
     With no ``keep_*`` option every checkpoint is kept. The options compose:
     a checkpoint stays if any of them keeps it, and the one just written and
@@ -142,6 +160,7 @@ class Checkpointer:
         mode: str = "min",
         keep_every: int | None = None,
         durable: bool = True,
+        async_save: bool = False,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -157,8 +176,53 @@ class Checkpointer:
         self.mode = mode
         self.keep_every = keep_every
         self.durable = durable
+        self.async_save = async_save
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future[Path]] | None = None
+        self._staging = StagingBuffers()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._clean_leftovers()
+
+    # -- background saves --------------------------------------------------------------------------
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (``async_save=True``) is committed; return its folder.
+
+        Returns:
+            The folder committed by the background save, or ``None`` when none was in flight.
+
+        Raises:
+            AsyncSaveError: the background save failed (nothing of it was committed).
+        """
+        if self._pending is None:
+            return None
+        step, future = self._pending
+        self._pending = None
+        try:
+            return future.result()
+        except Exception as err:
+            raise AsyncSaveError(step, err) from err
+
+    def close(self) -> None:
+        """Flush the save in flight and stop the background thread (``with`` does this)."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # do not hide the error that ends the block; a failed save is still logged
+            self.close()
+        except AsyncSaveError as failed:
+            logger.error("%s", failed)
 
     # -- listing -----------------------------------------------------------------------------------
 
@@ -192,6 +256,10 @@ class Checkpointer:
             verify (bool, default False): check SHA-256 digests too (reads
                 every file); without it, only that each file has its size.
         """
+        self.wait()
+        return self._entries(verify=verify)
+
+    def _entries(self, *, verify: bool = False) -> builtins.list[CheckpointEntry]:
         return [self._entry(step, path, checksums=verify) for step, path in self._folders()]
 
     @property
@@ -248,11 +316,14 @@ class Checkpointer:
                 restored by the same keyword.
 
         Returns:
-            The committed checkpoint folder.
+            The committed checkpoint folder (with ``async_save``, the folder it
+            will be once the background write commits it; ``wait()`` for that).
 
         Raises:
             UnserializableValueError: a value that cannot be stored without pickle.
+            AsyncSaveError: the previous background save failed.
         """
+        self.wait()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         clash = _RESERVED & set(stateful)
@@ -285,9 +356,29 @@ class Checkpointer:
             "rng": flatten(capture_rng_state(), "rng", tensors),
             "versions": {"torch": str(torch.__version__), "format": FORMAT_VERSION},
         }
-        kept, aliases = compact_tensors(tensors, None)
+        if not self.async_save:
+            kept, aliases = compact_tensors(tensors, None)
+            state["aliases"] = aliases
+            return self._write(step, kept, state, epoch, clean_metrics)
+        kept, aliases = compact_tensors(tensors, None, stage=self._staging.copy)
+        self._staging.settle(set(kept))
         state["aliases"] = aliases
-        folder = self._commit(step, kept, state, epoch=epoch, metrics=clean_metrics)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+        future = self._executor.submit(self._write, step, kept, state, epoch, clean_metrics)
+        future.add_done_callback(_log_failure)
+        self._pending = (step, future)
+        return self.directory / f"step-{step:08d}"
+
+    def _write(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        epoch: int | None,
+        metrics: dict[str, float | None],
+    ) -> Path:
+        folder = self._commit(step, tensors, state, epoch=epoch, metrics=metrics)
         logger.info("saved checkpoint %s", folder)
         self._prune(just_written=folder)
         return folder
@@ -348,7 +439,7 @@ class Checkpointer:
     def _prune(self, *, just_written: Path) -> None:
         if self.keep_last is None and self.keep_best is None and self.keep_every is None:
             return
-        entries = self.list()  # from disk, so pruning after a resume sees every checkpoint
+        entries = self._entries()  # from disk, so pruning after a resume sees every checkpoint
         keep = {just_written}
         valid = [e for e in entries if e.valid]
         if self.keep_last is not None:
@@ -419,7 +510,9 @@ class Checkpointer:
             NoValidCheckpointError: checkpoints exist but none verifies.
             NewerFormatError: the newest checkpoint was written by a newer torchkeep.
             CheckpointMismatchError, KeyMismatchError: it does not fit the objects given.
+            AsyncSaveError: a background save failed.
         """
+        self.wait()
         candidates = [Path(path)] if path is not None else [p for _, p in reversed(self._folders())]
         if not candidates:
             return None

@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -107,13 +107,20 @@ def _view_identity(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def compact_tensors(state: StateDict, dtype: torch.dtype | None) -> tuple[StateDict, dict[str, str]]:
+def compact_tensors(
+    state: StateDict,
+    dtype: torch.dtype | None,
+    *,
+    stage: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[StateDict, dict[str, str]]:
     """CPU tensors that each own exactly their data, plus ``alias -> canonical`` for tied keys.
 
     Keys that are the very same view of the same memory (tied weights) are kept
     once and listed as aliases. Any other tensor that is a slice of a larger
     storage, non-contiguous, or shares memory with one already kept is copied,
-    so the file holds exactly the tensors' data and nothing else.
+    so the file holds exactly the tensors' data and nothing else. With
+    ``stage``, every kept tensor is instead copied by ``stage(key, tensor)``
+    (into a staging buffer of its own: a snapshot the caller may change after).
     """
     kept: StateDict = {}
     aliases: dict[str, str] = {}
@@ -139,6 +146,9 @@ def compact_tensors(state: StateDict, dtype: torch.dtype | None) -> tuple[StateD
             seen_views[identity] = key
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+        if stage is not None:
+            kept[key] = stage(key, t)
+            continue
         t = t.to("cpu")
         ptr = t.untyped_storage().data_ptr()
         owns_exactly = (
