@@ -151,3 +151,31 @@ def test_restore_and_list_wait_for_the_save_in_flight(tmp_path: Path) -> None:
     info = torchkeep.Checkpointer(tmp_path).restore(model=TheModelClass(), restore_rng=False)
     assert info is not None
     assert info.step == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_state_is_staged_in_pinned_buffers(tmp_path: Path) -> None:
+    model, opt, _ = _setup()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_step_on(model, opt, "cuda")
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    ckpts = torchkeep.Checkpointer(tmp_path, async_save=True)
+    ckpts.save(1, model=model, optimizer=opt)
+    buffers = ckpts._staging._buffers
+    assert all(b.is_pinned() for k, b in buffers.items() if k.startswith("model/"))  # GPU tensors
+    assert not any(b.is_pinned() for k, b in buffers.items() if k.startswith("rng/"))  # CPU ones
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.fill_(3)
+    ckpts.wait()
+    fresh = TheModelClass()
+    ckpts.restore(model=fresh, restore_rng=False)
+    for key, value in before.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def _train_step_on(model: nn.Module, opt: torch.optim.Optimizer, device: str) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, 3, 26, 26, device=device)).sum().backward()
+    opt.step()
