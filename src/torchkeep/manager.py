@@ -45,9 +45,10 @@ from torchkeep.errors import (
 )
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.serialize import flatten, unflatten
-from torchkeep.storage.atomic import fsync_dir, fsync_file
+from torchkeep.storage.atomic import fsync_dir
 from torchkeep.storage.manifest import MANIFEST, file_record, verify_folder, write_json
 from torchkeep.storage.staging import StagingBuffers
+from torchkeep.storage.tensorfile import write_safetensors
 from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
 
 __all__ = ["FORMAT_VERSION", "CheckpointEntry", "Checkpointer", "metric_value"]
@@ -392,21 +393,23 @@ class Checkpointer:
         epoch: int | None,
         metrics: dict[str, float | None],
     ) -> Path:
-        from safetensors.torch import save_file
-
         name = f"step-{step:08d}"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
-            if self.durable:
-                fsync_file(tmp / TENSORS)
+            # one pass: the SHA-256 is computed from memory while the file is written and fsynced
+            fd = os.open(tmp / TENSORS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                written = write_safetensors(fd, tensors, {"format": "pt"}, sha256=True, fsync=self.durable)
+            finally:
+                os.close(fd)
             write_json(tmp / STATE, state, durable=self.durable)
-            files = {}
-            for file in (TENSORS, STATE):
-                record = file_record(tmp / file)
-                files[file] = {"size": record.size, "sha256": record.sha256}
+            record = file_record(tmp / STATE)
+            files = {
+                TENSORS: {"size": written.size, "sha256": written.sha256},
+                STATE: {"size": record.size, "sha256": record.sha256},
+            }
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,

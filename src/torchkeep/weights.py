@@ -38,6 +38,7 @@ from torchkeep.formats import (
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.storage import atomic_target
+from torchkeep.storage.tensorfile import write_safetensors
 
 __all__ = [
     "MapLocation",
@@ -221,8 +222,6 @@ def save_weights(
 def _write_safetensors(
     target: Path, kept: StateDict, aliases: dict[str, str], meta: dict[str, str], *, durable: bool
 ) -> None:
-    from safetensors.torch import save_file
-
     for key, t in kept.items():
         if str(t.dtype) not in _SAFETENSORS_TORCH_DTYPES:
             raise UnsupportedDtypeError(key, str(t.dtype))
@@ -230,7 +229,11 @@ def _write_safetensors(
     if aliases:
         header_meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_target(target, durable=durable) as tmp:
-        save_file(kept, str(tmp), metadata=header_meta)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_safetensors(fd, kept, header_meta)
+        finally:
+            os.close(fd)
 
 
 def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str], *, durable: bool) -> None:

@@ -1,0 +1,183 @@
+"""Writing safetensors files in one pass, straight from each tensor's memory.
+
+The safetensors library's ``save_file`` first copies every tensor into a
+``bytes`` object; this writer hands the tensors' own memory to ``os.writev``
+in large batches, so a save costs what the kernel's copy into the page cache
+costs and nothing more. A SHA-256 of the file can be computed on a second
+thread from the same memory while it is written (hashlib releases the GIL),
+instead of reading the file back afterwards.
+
+The file is a standard safetensors file: an 8-byte little-endian header
+length, a JSON header padded with spaces to a multiple of 8, then the tensors'
+bytes in header order, each range following the previous one. Tensors are
+ordered by item size, largest first, so each starts aligned to its item size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["WriteResult", "safetensors_layout", "write_safetensors"]
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under it
+_HASH_BATCH = 8 << 20
+
+
+def _codes() -> dict[torch.dtype, str]:
+    from torchkeep.formats import SAFETENSORS_DTYPES
+
+    codes = {}
+    for code, (name, _bits) in SAFETENSORS_DTYPES.items():
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype) and code not in {"F4"}:
+            codes[dtype] = code
+    return codes
+
+
+_TORCH_TO_CODE = _codes()
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What was written: total bytes and, when asked for, the SHA-256 of the file."""
+
+    size: int
+    sha256: str | None
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a memoryview over its own memory (no copy)."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat.numpy().data
+
+
+def safetensors_layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[torch.Tensor]]:
+    """The header bytes (length prefix included) and the tensors in the order their data follows.
+
+    Raises:
+        KeyError: a tensor's dtype has no safetensors code (callers check dtypes first).
+    """
+    order = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())  # stable: ties keep their order
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, t in order:
+        header[name] = {
+            "dtype": _TORCH_TO_CODE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, [t for _, t in order]
+
+
+def _batches(views: list[memoryview]) -> list[list[memoryview]]:
+    """Group views into writev calls: at most IOV_MAX views and about 1 GiB each."""
+    batches: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    size = 0
+    for view in views:
+        for start in range(0, max(len(view), 1), _MAX_WRITE):
+            part = view[start : start + _MAX_WRITE]
+            if current and (len(current) >= _IOV_MAX or size + len(part) > _MAX_WRITE):
+                batches.append(current)
+                current, size = [], 0
+            current.append(part)
+            size += len(part)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _write_all(fd: int, batch: list[memoryview]) -> None:
+    while batch:
+        written = os.writev(fd, batch)
+        while batch and written >= len(batch[0]):
+            written -= len(batch[0])
+            batch = batch[1:]
+        if batch and written:
+            batch = [batch[0][written:], *batch[1:]]
+
+
+class _Hasher:
+    """SHA-256 of a byte stream, computed on a second thread from the writer's own views."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self._queue: queue.Queue[list[memoryview] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="torchkeep-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            for view in batch:
+                self.digest.update(view)
+
+    def feed(self, batch: list[memoryview]) -> None:
+        self._queue.put(batch)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self.digest.hexdigest()
+
+
+def write_safetensors(
+    fd: int,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    sha256: bool = False,
+    fsync: bool = False,
+) -> WriteResult:
+    """Write ``tensors`` (contiguous CPU tensors) as a safetensors file to the open descriptor ``fd``.
+
+    Args:
+        fd (int): a file descriptor open for writing, at offset 0.
+        tensors (Mapping[str, Tensor]): contiguous CPU tensors, each owning its bytes.
+        metadata (Mapping[str, str] | None, default None): the ``__metadata__`` table.
+        sha256 (bool, default False): also compute the file's SHA-256, in parallel.
+        fsync (bool, default False): fsync ``fd`` once written (the hash
+            finishes meanwhile).
+
+    Returns:
+        A :class:`WriteResult`.
+    """
+    header, ordered = safetensors_layout(tensors, metadata)
+    views = [memoryview(header), *(_byte_view(t) for t in ordered if t.numel())]
+    hasher = _Hasher() if sha256 else None
+    pending: list[memoryview] = []
+    pending_size = 0
+    try:
+        for batch in _batches(views):
+            _write_all(fd, batch)
+            if hasher is not None:  # hash what was just written while the next batch is written
+                pending += batch
+                pending_size += sum(len(v) for v in batch)
+                if pending_size >= _HASH_BATCH:
+                    hasher.feed(pending)
+                    pending, pending_size = [], 0
+        if fsync:
+            os.fsync(fd)
+    finally:
+        digest = None
+        if hasher is not None:
+            hasher.feed(pending)
+            digest = hasher.hexdigest()
+    return WriteResult(len(header) + sum(t.nbytes for t in ordered), digest)

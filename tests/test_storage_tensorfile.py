@@ -1,0 +1,121 @@
+"""The one-pass safetensors writer: standard files, every dtype, parallel SHA-256, split writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchkeep
+from torchkeep.storage import tensorfile
+from torchkeep.storage.tensorfile import write_safetensors
+
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(5, 7, generator=g) * 10
+    state = {f"t_{str(d).removeprefix('torch.')}": source.to(d) for d in DTYPES}
+    state["scalar"] = torch.tensor(2.5)
+    state["empty"] = torch.empty(0, 4)
+    state["big"] = torch.randn(300_000, generator=g)
+    return state
+
+
+def _write(path: Path, state: dict[str, torch.Tensor], **kwargs: bool) -> tensorfile.WriteResult:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        return write_safetensors(fd, state, {"who": "test"}, **kwargs)
+    finally:
+        os.close(fd)
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key].reshape(-1).view(torch.uint8), b[key].reshape(-1).view(torch.uint8)), key
+
+
+def test_files_are_standard_safetensors_for_every_dtype(tmp_path: Path) -> None:
+    state = _state()
+    result = _write(tmp_path / "w.safetensors", state)
+    assert result.size == (tmp_path / "w.safetensors").stat().st_size
+    _assert_bitwise(load_file(str(tmp_path / "w.safetensors")), state)  # the reference reader
+    header = torchkeep.formats.read_safetensors_header(tmp_path / "w.safetensors")  # our strict checks
+    assert header.metadata == {"who": "test"}
+
+
+def test_data_is_aligned_to_each_item_size(tmp_path: Path) -> None:
+    _write(tmp_path / "w.safetensors", _state())
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0
+    import json
+
+    for name, entry in json.loads(raw[8 : 8 + header_len]).items():
+        if name != "__metadata__":
+            itemsize = _state()[name].element_size()
+            assert entry["data_offsets"][0] % itemsize == 0, name
+
+
+def test_sha256_is_computed_while_writing(tmp_path: Path) -> None:
+    result = _write(tmp_path / "w.safetensors", _state(), sha256=True, fsync=True)
+    assert result.sha256 == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+
+
+def test_writes_split_by_size_and_iovec_count_still_write_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tensorfile, "_MAX_WRITE", 4096)
+    monkeypatch.setattr(tensorfile, "_IOV_MAX", 3)
+    state = _state()
+    result = _write(tmp_path / "w.safetensors", state, sha256=True)
+    _assert_bitwise(load_file(str(tmp_path / "w.safetensors")), state)
+    assert result.sha256 == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+
+
+def test_partial_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:  # the kernel may write less than asked
+        first = buffers[0]
+        return real_writev(fd, [first[: max(1, len(first) // 2)]])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    state = {"a": torch.arange(1000.0), "b": torch.ones(3, dtype=torch.int8)}
+    _write(tmp_path / "w.safetensors", state)
+    _assert_bitwise(load_file(str(tmp_path / "w.safetensors")), state)
+
+
+def test_save_weights_uses_it_and_keeps_tied_weights(tmp_path: Path) -> None:
+    from conftest import TiedNet
+
+    model = TiedNet()
+    torchkeep.save_weights(model, tmp_path / "t.safetensors")
+    loaded = torchkeep.load_weights(tmp_path / "t.safetensors")
+    assert loaded["out.weight"] is loaded["embed.weight"]
+    assert torch.equal(loaded["embed.weight"], model.embed.weight)
