@@ -196,7 +196,7 @@ def test_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, out, _ = run_cli(["verify", str(run)], capsys)
     assert code == 1
     assert "invalid  step-00000002" in out
-    assert "SHA-256" in out
+    assert "xxh3_128 checksum" in out
     code, _, _ = run_cli(["verify", str(run / "step-00000003")], capsys)
     assert code == 0
     code, _, _ = run_cli(["ls", str(run), "--verify"], capsys)

@@ -119,7 +119,7 @@ def test_tensors_are_safetensors_and_the_rest_json(tmp_path: Path) -> None:
     for name, record in manifest["files"].items():
         assert record == {
             "size": file_record(folder / name).size,
-            "sha256": file_record(folder / name).sha256,
+            "xxh3_128": file_record(folder / name).digest,
         }
 
 
@@ -205,11 +205,11 @@ def corrupt_garbage_state(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        (corrupt_flip, "SHA-256"),
+        (corrupt_flip, "xxh3_128 checksum"),
         (corrupt_truncate, "bytes"),
         (corrupt_no_manifest, "no manifest"),
         (corrupt_garbage_manifest, "not valid"),
-        (corrupt_garbage_state, "SHA-256"),
+        (corrupt_garbage_state, "xxh3_128 checksum"),
     ],
 )
 def test_corruption_is_reported_and_restore_falls_back(
@@ -244,7 +244,7 @@ def test_every_checkpoint_invalid_raises_instead_of_starting_over(tmp_path: Path
     with pytest.raises(torchkeep.NoValidCheckpointError, match="step-00000001") as info:
         ckpts.restore(model=model)
     assert isinstance(info.value, FileNotFoundError)
-    assert "SHA-256" in info.value.reasons["step-00000001"]
+    assert "xxh3_128 checksum" in info.value.reasons["step-00000001"]
 
 
 def rewrite_state(folder: Path, change: object) -> None:
@@ -254,7 +254,7 @@ def rewrite_state(folder: Path, change: object) -> None:
         change(name, data)  # type: ignore[operator]
         if name == "manifest.json":
             record = file_record(folder / "state.json")
-            data["files"]["state.json"] = {"size": record.size, "sha256": record.sha256}
+            data["files"]["state.json"] = record.entry()
         (folder / name).write_text(json.dumps(data))
 
 
@@ -401,3 +401,21 @@ def test_sigkill_at_random_moments_never_loses_a_committed_checkpoint(
 @pytest.mark.skipif("TORCHKEEP_SLOW" not in __import__("os").environ, reason="set TORCHKEEP_SLOW=1 to run")
 def test_sigkill_many_rounds(tmp_path: Path) -> None:
     _crash_rounds(tmp_path, rounds=300)
+
+
+def test_manifests_with_sha256_digests_still_verify(tmp_path: Path, model: torch.nn.Module) -> None:
+    folder = torchkeep.Checkpointer(tmp_path).save(1, model=model)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in manifest["files"]:
+        record = file_record(folder / name, "sha256")
+        manifest["files"][name] = {"size": record.size, "sha256": record.digest}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert torchkeep.Checkpointer(tmp_path).list(verify=True)[0].valid
+    with (folder / "tensors.safetensors").open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    entry = torchkeep.Checkpointer(tmp_path).list(verify=True)[0]
+    assert not entry.valid
+    assert "sha256 checksum" in entry.reason

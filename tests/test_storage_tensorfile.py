@@ -1,10 +1,11 @@
-"""The one-pass safetensors writer: standard files, every dtype, parallel SHA-256, split writes."""
+"""The one-pass safetensors writer: standard files, every dtype, digests in parallel, split writes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import torchkeep
 from torchkeep.storage import tensorfile
+from torchkeep.storage.manifest import file_record
 from torchkeep.storage.tensorfile import write_safetensors
 
 DTYPES = [
@@ -44,7 +46,7 @@ def _state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _write(path: Path, state: dict[str, torch.Tensor], **kwargs: bool) -> tensorfile.WriteResult:
+def _write(path: Path, state: dict[str, torch.Tensor], **kwargs: Any) -> tensorfile.WriteResult:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         return write_safetensors(fd, state, {"who": "test"}, **kwargs)
@@ -82,9 +84,12 @@ def test_data_is_aligned_to_each_item_size(tmp_path: Path) -> None:
             assert entry["data_offsets"][0] % itemsize == 0, name
 
 
-def test_sha256_is_computed_while_writing(tmp_path: Path) -> None:
-    result = _write(tmp_path / "w.safetensors", _state(), sha256=True, fsync=True)
-    assert result.sha256 == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_the_digest_is_computed_while_writing(tmp_path: Path, algorithm: str) -> None:
+    result = _write(tmp_path / "w.safetensors", _state(), digest=algorithm, fsync=True)
+    assert result.digest == file_record(tmp_path / "w.safetensors", algorithm).digest
+    if algorithm == "sha256":
+        assert result.digest == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
 
 
 def test_writes_split_by_size_and_iovec_count_still_write_everything(
@@ -93,9 +98,9 @@ def test_writes_split_by_size_and_iovec_count_still_write_everything(
     monkeypatch.setattr(tensorfile, "_MAX_WRITE", 4096)
     monkeypatch.setattr(tensorfile, "_IOV_MAX", 3)
     state = _state()
-    result = _write(tmp_path / "w.safetensors", state, sha256=True)
+    result = _write(tmp_path / "w.safetensors", state, digest="sha256")
     _assert_bitwise(load_file(str(tmp_path / "w.safetensors")), state)
-    assert result.sha256 == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    assert result.digest == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
 
 
 def test_partial_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ Layout of a run folder::
       step-00000120/            one committed checkpoint
         tensors.safetensors     every tensor: model, optimizer state, RNG, …
         state.json              everything else, pointing into the tensors
-        manifest.json           written last: size and SHA-256 of each file
+        manifest.json           written last: size and XXH3-128 digest of each file
       .step-00000130.tmp-…/     a save in progress (or killed): never read, cleaned up
 
 A checkpoint folder only gets its ``step-…`` name by an atomic rename after
@@ -46,7 +46,7 @@ from torchkeep.errors import (
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.serialize import flatten, unflatten
 from torchkeep.storage.atomic import fsync_dir
-from torchkeep.storage.manifest import MANIFEST, file_record, verify_folder, write_json
+from torchkeep.storage.manifest import DIGEST, MANIFEST, file_record, verify_folder, write_json
 from torchkeep.storage.staging import StagingBuffers
 from torchkeep.storage.tensorfile import write_safetensors
 from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
@@ -254,7 +254,7 @@ class Checkpointer:
         """Every checkpoint folder, oldest first.
 
         Args:
-            verify (bool, default False): check SHA-256 digests too (reads
+            verify (bool, default False): check the digests too (reads
                 every file); without it, only that each file has its size.
         """
         self.wait()
@@ -398,17 +398,17 @@ class Checkpointer:
         tmp = self.directory / f".{name}.tmp-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            # one pass: the SHA-256 is computed from memory while the file is written and fsynced
+            # one pass: the digest is computed from memory while the file is written and fsynced
             fd = os.open(tmp / TENSORS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                written = write_safetensors(fd, tensors, {"format": "pt"}, sha256=True, fsync=self.durable)
+                written = write_safetensors(fd, tensors, {"format": "pt"}, digest=DIGEST, fsync=self.durable)
             finally:
                 os.close(fd)
             write_json(tmp / STATE, state, durable=self.durable)
             record = file_record(tmp / STATE)
             files = {
-                TENSORS: {"size": written.size, "sha256": written.sha256},
-                STATE: {"size": record.size, "sha256": record.sha256},
+                TENSORS: {"size": written.size, DIGEST: written.digest},
+                STATE: record.entry(),
             }
             manifest = {
                 "format": FORMAT,

@@ -19,7 +19,7 @@ def ls_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by torchkeep.Checkpointer."),
     monitor: str | None = typer.Option(None, "--monitor", help="Metric that marks the best checkpoint."),
     mode: str = typer.Option("min", "--mode", help="min or max: which way the metric is better."),
-    verify: bool = typer.Option(False, "--verify", help="Check SHA-256 digests too (reads every file)."),
+    verify: bool = typer.Option(False, "--verify", help="Check the checksums too (reads every file)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
 ) -> None:
     """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest."""

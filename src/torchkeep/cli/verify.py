@@ -41,7 +41,7 @@ def verify_path(path: Path) -> list[tuple[str, bool, str]]:
 def verify_command(
     path: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a single file."),
 ) -> None:
-    """Check that checkpoints are whole: manifest sizes and SHA-256 digests, or a full read of a file.
+    """Check that checkpoints are whole: manifest sizes and checksums, or a full read of a file.
 
     Exits 0 when everything is valid and 1 when anything is not.
     """

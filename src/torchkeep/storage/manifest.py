@@ -1,8 +1,10 @@
 """Checksummed manifests: how a reader knows a checkpoint folder is whole.
 
 The manifest is written last, after every file it lists is on disk; it
-records each file's size and SHA-256. A folder verifies when the manifest
-parses and every listed file has exactly that size and digest.
+records each file's size and digest: XXH3-128 (about 9 GB/s here, computed
+while the file is written, so integrity costs almost nothing) or, in
+manifests from before, SHA-256. A folder verifies when the manifest parses
+and every listed file has exactly that size and digest.
 """
 
 from __future__ import annotations
@@ -16,18 +18,46 @@ from typing import Any
 
 from torchkeep.storage.atomic import fsync_file
 
-__all__ = ["MANIFEST", "FileRecord", "Verdict", "file_record", "read_manifest", "verify_folder", "write_json"]
+__all__ = [
+    "DIGEST",
+    "MANIFEST",
+    "FileRecord",
+    "Verdict",
+    "file_record",
+    "new_digest",
+    "read_manifest",
+    "verify_folder",
+    "write_json",
+]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
 
 
+DIGEST = "xxh3_128"  # what new manifests record
+_KNOWN_DIGESTS = ("xxh3_128", "sha256")
+
+
+def new_digest(algorithm: str = DIGEST) -> Any:
+    """A fresh hash object for ``algorithm`` (``"xxh3_128"`` or ``"sha256"``)."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.new(algorithm)
+
+
 @dataclass(frozen=True)
 class FileRecord:
-    """Size and SHA-256 of one file."""
+    """Size and digest of one file."""
 
     size: int
-    sha256: str
+    algorithm: str
+    digest: str
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest's entry for this file."""
+        return {"size": self.size, self.algorithm: self.digest}
 
 
 @dataclass(frozen=True)
@@ -39,9 +69,9 @@ class Verdict:
     manifest: dict[str, Any] | None = None
 
 
-def file_record(path: Path) -> FileRecord:
-    """Size and SHA-256 of ``path``, read in large chunks."""
-    digest = hashlib.sha256()
+def file_record(path: Path, algorithm: str = DIGEST) -> FileRecord:
+    """Size and digest of ``path``, read in large chunks."""
+    digest = new_digest(algorithm)
     size = 0
     with path.open("rb", buffering=0) as f:
         buffer = bytearray(_CHUNK)
@@ -49,7 +79,7 @@ def file_record(path: Path) -> FileRecord:
         while n := f.readinto(buffer):
             digest.update(view[:n])
             size += n
-    return FileRecord(size, digest.hexdigest())
+    return FileRecord(size, algorithm, digest.hexdigest())
 
 
 def write_json(path: Path, data: Any, *, durable: bool = True) -> None:
@@ -92,8 +122,12 @@ def verify_folder(folder: Path, *, checksums: bool = True) -> Verdict:
         size = path.stat().st_size
         if size != entry.get("size"):
             return Verdict(False, f"{name} has {size} bytes, the manifest says {entry.get('size')}", manifest)
-        if checksums and file_record(path).sha256 != entry.get("sha256"):
-            return Verdict(
-                False, f"{name} does not match its SHA-256 checksum (its content changed)", manifest
-            )
+        if checksums:
+            algorithm = next((a for a in _KNOWN_DIGESTS if a in entry), None)
+            if algorithm is None:
+                return Verdict(False, f"manifest.json records no known checksum for {name}", manifest)
+            if file_record(path, algorithm).digest != entry[algorithm]:
+                return Verdict(
+                    False, f"{name} does not match its {algorithm} checksum (its content changed)", manifest
+                )
     return Verdict(True, "", manifest)

@@ -3,8 +3,8 @@
 The safetensors library's ``save_file`` first copies every tensor into a
 ``bytes`` object; this writer hands the tensors' own memory to ``os.writev``
 in large batches, so a save costs what the kernel's copy into the page cache
-costs and nothing more. A SHA-256 of the file can be computed on a second
-thread from the same memory while it is written (hashlib releases the GIL),
+costs and nothing more. A digest of the file (XXH3-128 or SHA-256) can be computed on a second
+thread from the same memory while it is written (both hash libraries release the GIL),
 instead of reading the file back afterwards.
 
 The file is a standard safetensors file: an 8-byte little-endian header
@@ -15,7 +15,6 @@ ordered by item size, largest first, so each starts aligned to its item size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -27,10 +26,14 @@ from typing import Any
 
 import torch
 
+from torchkeep.storage.manifest import new_digest
+
 __all__ = ["WriteResult", "safetensors_layout", "write_safetensors"]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under it
+# Bytes per writev call: large enough to cost nothing per call, small enough that the
+# hashing thread works on one batch while the next is written (Linux caps a write at ~2 GiB).
+_MAX_WRITE = 64 << 20
 _HASH_BATCH = 8 << 20
 
 
@@ -50,10 +53,10 @@ _TORCH_TO_CODE = _codes()
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What was written: total bytes and, when asked for, the SHA-256 of the file."""
+    """What was written: total bytes and, when asked for, the file's digest."""
 
     size: int
-    sha256: str | None
+    digest: str | None
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -116,12 +119,12 @@ def _write_all(fd: int, batch: list[memoryview]) -> None:
 
 
 class _Hasher:
-    """SHA-256 of a byte stream, computed on a second thread from the writer's own views."""
+    """A digest of a byte stream, computed on a second thread from the writer's own views."""
 
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
+    def __init__(self, algorithm: str) -> None:
+        self.digest = new_digest(algorithm)
         self._queue: queue.Queue[list[memoryview] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="torchkeep-sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="torchkeep-digest", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -135,7 +138,7 @@ class _Hasher:
     def hexdigest(self) -> str:
         self._queue.put(None)
         self._thread.join()
-        return self.digest.hexdigest()
+        return str(self.digest.hexdigest())
 
 
 def write_safetensors(
@@ -143,7 +146,7 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     *,
-    sha256: bool = False,
+    digest: str | None = None,
     fsync: bool = False,
 ) -> WriteResult:
     """Write ``tensors`` (contiguous CPU tensors) as a safetensors file to the open descriptor ``fd``.
@@ -152,7 +155,8 @@ def write_safetensors(
         fd (int): a file descriptor open for writing, at offset 0.
         tensors (Mapping[str, Tensor]): contiguous CPU tensors, each owning its bytes.
         metadata (Mapping[str, str] | None, default None): the ``__metadata__`` table.
-        sha256 (bool, default False): also compute the file's SHA-256, in parallel.
+        digest (str | None, default None): also compute the file's digest with
+            this algorithm (``"xxh3_128"``, ``"sha256"``), in parallel.
         fsync (bool, default False): fsync ``fd`` once written (the hash
             finishes meanwhile).
 
@@ -161,7 +165,7 @@ def write_safetensors(
     """
     header, ordered = safetensors_layout(tensors, metadata)
     views = [memoryview(header), *(_byte_view(t) for t in ordered if t.numel())]
-    hasher = _Hasher() if sha256 else None
+    hasher = _Hasher(digest) if digest else None
     pending: list[memoryview] = []
     pending_size = 0
     try:
@@ -176,8 +180,8 @@ def write_safetensors(
         if fsync:
             os.fsync(fd)
     finally:
-        digest = None
+        hexdigest = None
         if hasher is not None:
             hasher.feed(pending)
-            digest = hasher.hexdigest()
-    return WriteResult(len(header) + sum(t.nbytes for t in ordered), digest)
+            hexdigest = hasher.hexdigest()
+    return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest)
