@@ -124,3 +124,26 @@ def test_save_weights_uses_it_and_keeps_tied_weights(tmp_path: Path) -> None:
     loaded = torchkeep.load_weights(tmp_path / "t.safetensors")
     assert loaded["out.weight"] is loaded["embed.weight"]
     assert torch.equal(loaded["embed.weight"], model.embed.weight)
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["lazy", "eager"])
+def test_reading_equals_the_reference_reader(tmp_path: Path, mmap: bool) -> None:
+    state = _state()
+    _write(tmp_path / "w.safetensors", state)
+    ours = torchkeep.load_weights(tmp_path / "w.safetensors", mmap=mmap)
+    _assert_bitwise(ours, load_file(str(tmp_path / "w.safetensors")))
+    for key, t in ours.items():  # each tensor owns a storage of exactly its size
+        assert t.untyped_storage().nbytes() == t.nbytes, key
+
+
+def test_a_lazy_load_never_writes_to_the_file(tmp_path: Path) -> None:
+    torchkeep.save_weights({"w": torch.zeros(1000)}, tmp_path / "w.safetensors")
+    loaded = torchkeep.load_weights(tmp_path / "w.safetensors", mmap=True)
+    loaded["w"].fill_(5.0)
+    assert torch.equal(torchkeep.load_weights(tmp_path / "w.safetensors")["w"], torch.zeros(1000))
+
+
+def test_reading_checks_the_byte_limit_first(tmp_path: Path) -> None:
+    torchkeep.save_weights({"w": torch.zeros(1000)}, tmp_path / "w.safetensors")
+    with pytest.raises(torchkeep.LimitExceededError, match="max_bytes"):
+        torchkeep.load_weights(tmp_path / "w.safetensors", limits=torchkeep.Limits(max_bytes=100))

@@ -127,6 +127,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where its bytes start, counted from the start of the data section
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class SafetensorsHeader:
 
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 0  # the file offset of the data section
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -270,7 +272,7 @@ def _parse_tensor_entry(
         raise CorruptFileError(
             path, f"tensor {name!r} claims {offsets[1] - offsets[0]} bytes but its shape needs {nbytes}"
         )
-    return TensorInfo(name, torch_name, tuple(shape), nbytes), (offsets[0], offsets[1])
+    return TensorInfo(name, torch_name, tuple(shape), nbytes, offsets[0]), (offsets[0], offsets[1])
 
 
 def _check_metadata_section(path: Path, metadata: Any, limits: Limits) -> dict[str, str]:
@@ -365,4 +367,4 @@ def check_safetensors_header(p: Path, f: BinaryIO, size: int, *, limits: Limits)
         )
     if at < available:
         raise CorruptFileError(p, f"{available - at} bytes follow the last tensor (trailing data)")
-    return SafetensorsHeader(tuple(infos), metadata)
+    return SafetensorsHeader(tuple(infos), metadata, 8 + header_len)

@@ -23,6 +23,7 @@ from torch import nn
 from torchkeep.errors import (
     CorruptFileError,
     InvalidMetadataError,
+    LimitExceededError,
     MissingClassError,
     NotAStateDictError,
     UnsafeFileError,
@@ -38,7 +39,7 @@ from torchkeep.formats import (
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.storage import atomic_target
-from torchkeep.storage.tensorfile import write_safetensors
+from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
     "MapLocation",
@@ -370,7 +371,7 @@ def load_weights(
     map_location: MapLocation = "cpu",
     key: str | None = None,
     trust: bool = False,
-    mmap: bool = False,
+    mmap: bool | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> StateDict:
     """Load a state dict from any weights file, without running code from it.
@@ -390,10 +391,12 @@ def load_weights(
         trust (bool, default False): allow unpickling any object from a
             ``torch.save`` file (a pickled model gives its state dict). This
             runs code named in the file: only for files you trust.
-        mmap (bool, default False): map a ``torch.save`` file instead of
-            reading it: returns at once and reads pages on first use (the
-            records' CRCs are then not checked). Safetensors files are always
-            mapped.
+        mmap (bool | None, default None): True maps the file: returns at
+            once, pages are read on first use, and a tensor for another device
+            is copied from the mapping straight to it (for ``torch.save``
+            files the records' CRCs are then not checked). False reads all
+            tensor data into one buffer with a few large reads. None: mapped
+            for safetensors, read (and CRC-checked) for ``torch.save`` files.
         limits (Limits, default Limits()): bounds on what the file may ask
             for (bytes, tensors, elements, nesting), checked before allocating.
 
@@ -417,25 +420,20 @@ def load_weights(
     fmt = detect_format(p)
     if fmt is FileFormat.SAFETENSORS:
         header = read_safetensors_header(p, limits=limits)
-        tensors = _load_safetensors(p, map_location)
+        total = sum(t.nbytes for t in header.tensors)
+        if total > limits.max_bytes:
+            raise LimitExceededError(p, "max_bytes", total, limits.max_bytes, what="tensor data")
+        try:
+            tensors = read_safetensors(p, header, device=torch.device(map_location), mmap=mmap is not False)
+        except (OSError, EOFError) as err:
+            raise CorruptFileError(p, f"reading the tensor data failed ({err})") from err
         return extract_state_dict(_restore_aliases(tensors, header.metadata, p), path=p, key=None)
     if fmt is FileFormat.TORCH_EXPORT:
         from torchkeep.models import load_exported
 
         program = load_exported(p)
         return {k: v.to(map_location) for k, v in program.state_dict.items()}
-    obj = read_torch_file(p, map_location=map_location, trust=trust, mmap=mmap, limits=limits)
+    obj = read_torch_file(p, map_location=map_location, trust=trust, mmap=bool(mmap), limits=limits)
     if trust and isinstance(obj, nn.Module):
         return to_state_dict(obj)
     return extract_state_dict(obj, path=p, key=key)
-
-
-def _load_safetensors(path: Path, map_location: MapLocation) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    device = torch.device(map_location)
-    try:
-        return load_file(path, device=str(device))
-    except SafetensorError as err:
-        raise CorruptFileError(path, first_line(err)) from err

@@ -16,19 +16,25 @@ ordered by item size, largest first, so each starts aligned to its item size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchkeep.errors import UnsupportedDtypeError
 from torchkeep.storage.manifest import new_digest
 
-__all__ = ["WriteResult", "safetensors_layout", "write_safetensors"]
+if TYPE_CHECKING:
+    from torchkeep.formats import SafetensorsHeader
+
+__all__ = ["WriteResult", "read_safetensors", "safetensors_layout", "write_safetensors"]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 # Bytes per writev call: large enough to cost nothing per call, small enough that the
@@ -185,3 +191,56 @@ def write_safetensors(
             hasher.feed(pending)
             hexdigest = hasher.hexdigest()
     return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest)
+
+
+_READ_CHUNK = 64 << 20
+
+
+def read_safetensors(
+    path: Path, header: SafetensorsHeader, *, device: torch.device, mmap: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose ``header`` was checked (tiling, sizes, dtypes).
+
+    With ``mmap`` the file is mapped privately and each tensor is a view of
+    its bytes: nothing is read until used, and for another device each tensor
+    is copied from the mapping straight to it. Without, the data section is
+    read into one buffer with a few large reads, and each tensor is a slice of
+    it (a storage of exactly its own size).
+    """
+    if mmap:
+        size = header.data_start + sum(t.nbytes for t in header.tensors)
+        whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        base = header.data_start
+    else:
+        length = sum(t.nbytes for t in header.tensors)
+        buffer = torch.empty(length, dtype=torch.uint8)
+        view = buffer.numpy().data if length else memoryview(b"")
+        with path.open("rb", buffering=0) as f:
+            f.seek(header.data_start)
+            done = 0
+            while done < length:
+                got = f.readinto(view[done : done + _READ_CHUNK])
+                if not got:
+                    raise EOFError(f"{path} ended after {done} of {length} bytes of tensor data")
+                done += got
+        whole = buffer.untyped_storage()
+        base = 0
+    out: dict[str, torch.Tensor] = {}
+    for info in header.tensors:
+        dtype = getattr(torch, info.dtype.removeprefix("torch."))
+        if math.prod(info.shape) * dtype.itemsize != info.nbytes:  # packed sub-byte dtypes
+            raise UnsupportedDtypeError(info.name, info.dtype)
+        start = base + info.offset
+        storage = whole[start : start + info.nbytes]
+        t = torch.empty((0,), dtype=dtype).set_(storage, 0, info.shape, _contiguous_strides(info.shape))
+        out[info.name] = t if device.type == "cpu" else t.to(device)
+    return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
