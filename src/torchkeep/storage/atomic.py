@@ -10,7 +10,9 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torchkeep.errors import PathIsDirectoryError
@@ -45,6 +47,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_OLD_MARKER = ".old-"
+_discard_lock = threading.Lock()
+_discarder: ThreadPoolExecutor | None = None
+
+
 def temp_name(target: Path) -> Path:
     """A unique hidden name next to ``target`` that keeps its suffix (writers check it)."""
     return target.with_name(f".{target.name}{TEMP_MARKER}{secrets.token_hex(4)}{target.suffix}")
@@ -75,6 +82,7 @@ def atomic_target(target: str | os.PathLike[str], *, durable: bool = True) -> It
         yield tmp
         if durable:
             fsync_file(tmp)
+        old = _keep_aside(final)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -82,3 +90,39 @@ def atomic_target(target: str | os.PathLike[str], *, durable: bool = True) -> It
         raise
     if durable:
         fsync_dir(final.parent)
+    if old is not None:
+        _discard(old)
+
+
+def _keep_aside(final: Path) -> Path | None:
+    """A second name for the file about to be replaced, so the replace does not free its pages.
+
+    Freeing a large file's pages happens inside the rename that drops its last
+    name, which made replacing a 100 MB file cost more than writing it; the
+    extra name moves that cost to a background thread. Stale names of a
+    killed process are removed by the next save to the same target.
+    """
+    for stale in final.parent.glob(f".{final.name}{_OLD_MARKER}*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    if not final.is_file():
+        return None
+    aside = final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4)}")
+    try:
+        os.link(final, aside)
+    except OSError:  # no hard links on this filesystem: the replace frees the old file itself
+        return None
+    return aside
+
+
+def _discard(path: Path) -> None:
+    global _discarder
+    with _discard_lock:
+        if _discarder is None:
+            _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-unlink")
+        _discarder.submit(_unlink_quietly, path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -1,0 +1,403 @@
+"""The benchmark suite: saves and loads side by side against raw I/O, torch and safetensors.
+
+Run: python -m benchmarks.run --size 1GiB [--repeat 3] [--dir /tmp] [--no-plot]
+
+Three state dicts: (a) SIZE in 100 float32 tensors, (b) SIZE/10 in 2000
+tensors, (c) torchvision's resnet50 (random weights). Saves run in this
+process; every load runs in a fresh Python process (imports done before the
+clock starts), so nothing of the reader is warm, while the file is in the page
+cache (warm) as for a file just written. Figures are medians of ``--repeat``
+runs. Ratios: "vs raw" compares with writing / reading the same bytes with
+plain system calls (raw + fsync for durable saves), "vs torch" with
+torch.save / torch.load(weights_only=True); above 1.00 is faster.
+
+Results go to benchmarks/results/run-SIZE.json, a table to
+benchmarks/README.md, and a bar chart to benchmarks/results/run-SIZE.png
+(with matplotlib: pip install torchkeep[bench]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import torchkeep
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 256MiB)")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return int(float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit])
+
+
+def random_state(total: int, count: int) -> dict[str, torch.Tensor]:
+    per = max(1, total // 4 // count)
+    g = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(count)}
+
+
+def resnet50_state() -> dict[str, torch.Tensor] | None:
+    try:
+        from torchvision.models import resnet50
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    return dict(resnet50(weights=None).state_dict())
+
+
+class Holder(torch.nn.Module):
+    """A module whose state dict is the given tensors (what Checkpointer.save takes)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for i, tensor in enumerate(state.values()):
+            self.register_buffer(f"t{i}", tensor)
+
+
+# -- saves ----------------------------------------------------------------------------------------------
+
+
+def _views(state: dict[str, torch.Tensor]) -> list[memoryview]:
+    return [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values() if t.numel()]
+
+
+def _raw_write(path: Path, state: dict[str, torch.Tensor], *, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for view in _views(state):
+            os.write(fd, view)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SaveOp = tuple[Callable[[], object], str, Callable[[], object] | None]
+
+
+def save_ops(state: dict[str, torch.Tensor], folder: Path) -> dict[str, SaveOp]:
+    """name -> (operation, which baseline it is compared with, what to do before each run, untimed)."""
+    holder = Holder(state)
+    sync = torchkeep.Checkpointer(folder / "run-sync", keep_last=1)
+    background = torchkeep.Checkpointer(folder / "run-async", keep_last=1, async_save=True)
+    step = {"sync": 0, "async": 0}
+
+    def sync_save() -> None:
+        step["sync"] += 1
+        sync.save(step["sync"], model=holder)
+
+    def async_stall() -> None:
+        step["async"] += 1
+        background.save(step["async"], model=holder)
+
+    return {
+        "memory copy (clone)": (lambda: {k: v.clone() for k, v in state.items()}, "memory", None),
+        "raw write": (lambda: _raw_write(folder / "raw.bin", state, fsync=False), "raw", None),
+        "raw write + fsync": (lambda: _raw_write(folder / "rawf.bin", state, fsync=True), "raw+fsync", None),
+        "torch.save": (lambda: torch.save(state, folder / "torch.pt"), "raw", None),
+        "safetensors save_file": (lambda: save_file(state, str(folder / "st.safetensors")), "raw", None),
+        "torchkeep .safetensors": (
+            lambda: torchkeep.save_weights(state, folder / "tk.safetensors", durable=False),
+            "raw",
+            None,
+        ),
+        "torchkeep .safetensors durable": (
+            lambda: torchkeep.save_weights(state, folder / "tkd.safetensors"),
+            "raw+fsync",
+            None,
+        ),
+        "torchkeep .pt": (
+            lambda: torchkeep.save_weights(state, folder / "tk.pt", durable=False),
+            "raw",
+            None,
+        ),
+        "Checkpointer.save (durable)": (sync_save, "raw+fsync", None),
+        # the training stall: until save() returns; the previous write finishes outside the clock,
+        # as it does behind the training steps between two checkpoints
+        "Checkpointer.save async: stall": (async_stall, "memory", background.wait),
+    }
+
+
+def median_time(op: Callable[[], object], repeat: int, prepare: Callable[[], object] | None) -> float:
+    op()  # once unmeasured: allocations, staging buffers, first file creation
+    times = []
+    for _ in range(repeat):
+        if prepare is not None:
+            prepare()
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- loads (each in a fresh process) ---------------------------------------------------------------
+
+_CHILD = r"""
+import json, resource, sys, time
+import torch
+import torchkeep
+from safetensors.torch import load_file
+kind, path = sys.argv[1], sys.argv[2]
+def resident():  # now
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+def peak():  # the most this process ever held
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def raw():
+    import os
+    size = os.path.getsize(path)
+    buffer = torch.empty(size, dtype=torch.uint8)
+    view = buffer.numpy().data
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < size:
+            done += f.readinto(view[done:done + (64 << 20)])
+    return {"all": buffer}
+loads = {
+    "raw readinto": raw,
+    "torch.load weights_only": lambda: torch.load(path, weights_only=True),
+    "torch.load weights_only mmap": lambda: torch.load(path, weights_only=True, mmap=True),
+    "safetensors load_file": lambda: load_file(path),
+    "torchkeep lazy": lambda: torchkeep.load_weights(path, mmap=True),
+    "torchkeep eager": lambda: torchkeep.load_weights(path, mmap=False),
+}
+base = resident()
+start = time.perf_counter()
+state = loads[kind]()
+loaded = time.perf_counter() - start
+for t in state.values():
+    if t.numel():
+        t.reshape(-1).view(torch.uint8).max()  # every byte read once
+touched = time.perf_counter() - start
+print(json.dumps({"load": loaded, "touch": touched, "rss": max(peak(), resident()) - base}))
+"""
+
+
+def load_ops(files: dict[str, Path]) -> dict[str, tuple[str, Path]]:
+    return {
+        "raw readinto": ("raw readinto", files["pt"]),
+        "torch.load weights_only": ("torch.load weights_only", files["pt"]),
+        "torch.load weights_only mmap": ("torch.load weights_only mmap", files["pt"]),
+        "safetensors load_file": ("safetensors load_file", files["st"]),
+        "torchkeep .safetensors lazy": ("torchkeep lazy", files["st"]),
+        "torchkeep .safetensors eager": ("torchkeep eager", files["st"]),
+        "torchkeep .pt lazy": ("torchkeep lazy", files["pt"]),
+        "torchkeep .pt eager": ("torchkeep eager", files["pt"]),
+    }
+
+
+def fresh_load(kind: str, path: Path, repeat: int) -> dict[str, float]:
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, kind, str(path)], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(r[key] for r in runs) for key in ("load", "touch", "rss")}
+
+
+# -- one data set -------------------------------------------------------------------------------------
+
+
+def run_case(name: str, state: dict[str, torch.Tensor], folder: Path, repeat: int) -> dict[str, Any]:
+    nbytes = sum(t.nbytes for t in state.values())
+    print(f"\n== {name}: {len(state)} tensors, {nbytes / 2**20:.0f} MiB; median of {repeat}")
+    ops = save_ops(state, folder)
+    saves = {op_name: median_time(op, repeat, prepare) for op_name, (op, _, prepare) in ops.items()}
+    ops["Checkpointer.save async: stall"][2]()  # type: ignore[misc]  # let the last write finish
+    baselines = {
+        "raw": saves["raw write"],
+        "raw+fsync": saves["raw write + fsync"],
+        "memory": saves["memory copy (clone)"],
+    }
+    save_rows = []
+    print(f"  {'save':<34}{'s':>8}{'GB/s':>8}{'vs raw':>9}{'vs torch':>10}")
+    for op_name, (_, baseline, _) in ops.items():
+        seconds = saves[op_name]
+        row = {
+            "op": op_name,
+            "seconds": seconds,
+            "gb_per_s": nbytes / seconds / 1e9,
+            "baseline": baseline,
+            "vs_baseline": baselines[baseline] / seconds,
+            "vs_torch": saves["torch.save"] / seconds,
+        }
+        save_rows.append(row)
+        print(
+            f"  {op_name:<34}{seconds:>8.3f}{row['gb_per_s']:>8.2f}{row['vs_baseline']:>8.2f}x"
+            f"{row['vs_torch']:>9.2f}x   (vs {baseline})"
+        )
+    files = {"pt": folder / "torch.pt", "st": folder / "tk.safetensors"}
+    load_rows = []
+    results = {op: fresh_load(kind, path, repeat) for op, (kind, path) in load_ops(files).items()}
+    raw, torch_load = results["raw readinto"], results["torch.load weights_only"]
+    header = f"{'load (fresh process)':<34}{'s':>8}{'GB/s':>8}{'vs raw':>9}{'vs torch':>10}{'+touch s':>10}"
+    print(f"  {header}{'RSS x':>7}")
+    for op_name, r in results.items():
+        row = {
+            "op": op_name,
+            "seconds": r["load"],
+            "touch_seconds": r["touch"],
+            "gb_per_s": nbytes / r["load"] / 1e9,
+            "vs_raw": raw["load"] / r["load"],
+            "vs_torch": torch_load["load"] / r["load"],
+            "peak_rss_bytes": r["rss"],
+            "peak_rss_ratio": r["rss"] / nbytes,
+            "us_per_tensor": r["load"] / len(state) * 1e6,
+        }
+        load_rows.append(row)
+        print(
+            f"  {op_name:<34}{r['load']:>8.3f}{row['gb_per_s']:>8.2f}{row['vs_raw']:>8.2f}x"
+            f"{row['vs_torch']:>9.2f}x{r['touch']:>10.3f}{row['peak_rss_ratio']:>7.2f}"
+        )
+    for path in folder.iterdir():  # free the disk before the next data set
+        if path.is_file():
+            path.unlink()
+    return {"name": name, "tensors": len(state), "bytes": nbytes, "save": save_rows, "load": load_rows}
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {report['date']} on {report['machine']} (torch {report['torch']}), "
+        f"`python -m benchmarks.run --size {report['size']}`; medians of {report['repeat']}; "
+        "page cache warm. Peak RSS: extra resident memory of the loading process after every byte "
+        "was touched (mapped file pages count once touched).",
+        "",
+    ]
+    for case in report["cases"]:
+        lines += [
+            f"**{case['name']}** ({case['tensors']} tensors, {case['bytes'] / 2**20:.0f} MiB)",
+            "",
+            "| save | s | GB/s | vs raw | vs torch.save |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in case["save"]:
+            lines.append(
+                f"| {r['op']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} | {r['vs_baseline']:.2f}x "
+                f"({r['baseline']}) | {r['vs_torch']:.2f}x |"
+            )
+        lines += [
+            "",
+            "| load, fresh process | s | GB/s | vs raw | vs torch.load | +touch all s | peak RSS / data |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in case["load"]:
+            lines.append(
+                f"| {r['op']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} | {r['vs_raw']:.2f}x | "
+                f"{r['vs_torch']:.2f}x | {r['touch_seconds']:.3f} | {r['peak_rss_ratio']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_readme_section(text: str) -> None:
+    readme = HERE / "README.md"
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    body = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in body:
+        body += f"\n{start}\n{end}\n"
+    head, rest = body.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def plot(report: dict[str, Any], target: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install torchkeep[bench]): no chart drawn")
+        return False
+    cases = report["cases"]
+    fig, axes = plt.subplots(len(cases), 2, figsize=(15, 4.2 * len(cases)), squeeze=False)
+    for row, case in enumerate(cases):
+        for col, kind in enumerate(("save", "load")):
+            ax = axes[row][col]
+            ops = [r for r in case[kind] if r["op"] != "memory copy (clone)"]
+            names = [r["op"] for r in ops]
+            speeds = [r["gb_per_s"] for r in ops]
+            colors = ["#2b7bba" if "torchkeep" in n or "Checkpointer" in n else "#999999" for n in names]
+            ax.barh(names, speeds, color=colors)
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+            ax.set_xlabel("GB/s (log scale; higher is better)")
+            ax.set_title(f"{kind}: {case['name']}", fontsize=10)
+            for i, value in enumerate(speeds):
+                ax.text(value, i, f" {value:.2f}", va="center", fontsize=8)
+    fig.suptitle(f"torchkeep vs raw I/O, torch and safetensors ({report['machine']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(target, dpi=90)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="size of state dict (a)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write the files (default: a temp dir)"
+    )
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
+    args = parser.parse_args()
+    label = f"{args.size / 2**30:g}GiB" if args.size >= 2**30 else f"{args.size / 2**20:g}MiB"
+    cases = {
+        f"(a) {label} in 100 tensors": random_state(args.size, 100),
+        f"(b) {args.size // 10 / 2**20:.0f}MiB in 2000 tensors": random_state(args.size // 10, 2000),
+    }
+    resnet = resnet50_state()
+    if resnet is not None:
+        cases["(c) resnet50 state dict"] = resnet
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+        f"{platform.python_version()}",
+        "torch": str(torch.__version__),
+        "size": label,
+        "repeat": args.repeat,
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for name, state in cases.items():
+            report["cases"].append(run_case(name, state, Path(tmp), args.repeat))
+    if args.no_save:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"run-{label}.json").write_text(json.dumps(report, indent=1))
+    write_readme_section(markdown(report))
+    if not args.no_plot and plot(report, RESULTS / f"run-{label}.png"):
+        print(f"chart: {RESULTS / f'run-{label}.png'}")
+    print(f"results: {RESULTS / f'run-{label}.json'}, table: {HERE / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
