@@ -45,7 +45,7 @@ from torchkeep.errors import (
 )
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.serialize import flatten, unflatten
-from torchkeep.storage.atomic import fsync_dir
+from torchkeep.storage.atomic import discard, fsync_dir
 from torchkeep.storage.manifest import DIGEST, MANIFEST, file_record, verify_folder, write_json
 from torchkeep.storage.staging import StagingBuffers
 from torchkeep.storage.tensorfile import write_safetensors
@@ -454,8 +454,8 @@ class Checkpointer:
         for entry in entries:
             if entry.path not in keep:
                 trash = self.directory / f".trash-{entry.path.name}-{secrets.token_hex(4)}"
-                os.rename(entry.path, trash)  # vanishes at once; deleting the files may take longer
-                _remove_tree(trash)
+                os.rename(entry.path, trash)  # vanishes at once; the space is freed in the background
+                discard(trash)
                 if entry.valid:
                     logger.info("pruned %s", entry.path.name)
                 else:

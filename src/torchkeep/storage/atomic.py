@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from torchkeep.errors import PathIsDirectoryError
 
-__all__ = ["atomic_target", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_target", "discard", "fsync_dir", "fsync_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def atomic_target(target: str | os.PathLike[str], *, durable: bool = True) -> It
     if durable:
         fsync_dir(final.parent)
     if old is not None:
-        _discard(old)
+        discard(old)
 
 
 def _keep_aside(final: Path) -> Path | None:
@@ -115,14 +116,23 @@ def _keep_aside(final: Path) -> Path | None:
     return aside
 
 
-def _discard(path: Path) -> None:
+def discard(path: Path) -> None:
+    """Delete a file or folder that nothing refers to any more, on a background thread.
+
+    Freeing a large file's pages takes as long as writing it on some systems;
+    callers first rename the path to a hidden name (so it is gone for readers
+    at once) and leave the freeing to this thread.
+    """
     global _discarder
     with _discard_lock:
         if _discarder is None:
-            _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-unlink")
-        _discarder.submit(_unlink_quietly, path)
+            _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-discard")
+        _discarder.submit(_delete_quietly, path)
 
 
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
+def _delete_quietly(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
