@@ -34,7 +34,7 @@ from torchkeep.storage.manifest import new_digest
 if TYPE_CHECKING:
     from torchkeep.formats import SafetensorsHeader
 
-__all__ = ["WriteResult", "read_safetensors", "safetensors_layout", "write_safetensors"]
+__all__ = ["WriteResult", "parallel_read", "read_safetensors", "safetensors_layout", "write_safetensors"]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 # Bytes per writev call: large enough to cost nothing per call, small enough that the
@@ -214,15 +214,8 @@ def read_safetensors(
     else:
         length = sum(t.nbytes for t in header.tensors)
         buffer = torch.empty(length, dtype=torch.uint8)
-        view = buffer.numpy().data if length else memoryview(b"")
-        with path.open("rb", buffering=0) as f:
-            f.seek(header.data_start)
-            done = 0
-            while done < length:
-                got = f.readinto(view[done : done + _READ_CHUNK])
-                if not got:
-                    raise EOFError(f"{path} ended after {done} of {length} bytes of tensor data")
-                done += got
+        if length:
+            parallel_read(path, header.data_start, buffer.numpy().data)
         whole = buffer.untyped_storage()
         base = 0
     out: dict[str, torch.Tensor] = {}
@@ -244,3 +237,49 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(d, 1)
     return tuple(reversed(strides))
+
+
+_PARALLEL_FROM = 32 << 20
+_MAX_READERS = 4
+
+
+def parallel_read(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``, with a few threads for large reads.
+
+    The page faults of a fresh buffer are most of the cost of reading from the
+    page cache, and they run on every core when each thread fills its own part
+    (two threads halved a 1 GiB read on a 2-core machine).
+
+    Raises:
+        EOFError: the file is shorter than ``offset + len(view)``.
+    """
+    length = len(view)
+    count = 1 if length < _PARALLEL_FROM else max(1, min(_MAX_READERS, os.cpu_count() or 1))
+    step = -(-length // count)
+    errors: list[BaseException] = []
+
+    def part(lo: int, hi: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done = lo
+                while done < hi:
+                    got = os.preadv(fd, [view[done : min(hi, done + _READ_CHUNK)]], offset + done)
+                    if not got:
+                        raise EOFError(f"{path} ended after {done} of {length} bytes of tensor data")
+                    done += got
+            finally:
+                os.close(fd)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=part, args=(i * step, min(length, (i + 1) * step)), name="torchkeep-read")
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
