@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 import torchkeep
+from torchkeep.storage.atomic import wait_for_discards
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -81,6 +82,12 @@ class Holder(torch.nn.Module):
 
 def _views(state: dict[str, torch.Tensor]) -> list[memoryview]:
     return [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values() if t.numel()]
+
+
+def _settle() -> None:
+    """Before a timed save: the previous one's old file is freed, as it is between two real saves."""
+    wait_for_discards()
+    time.sleep(0.2)
 
 
 def _remove(path: Path) -> Callable[[], None]:
@@ -139,22 +146,22 @@ def save_ops(state: dict[str, torch.Tensor], folder: Path) -> dict[str, SaveOp]:
         "torchkeep .safetensors": (
             lambda: torchkeep.save_weights(state, folder / "tk.safetensors", durable=False),
             "raw",
-            None,
+            _settle,
         ),
         "torchkeep .safetensors durable": (
             lambda: torchkeep.save_weights(state, folder / "tkd.safetensors"),
             "raw+fsync",
-            None,
+            _settle,
         ),
         "torchkeep .pt": (
             lambda: torchkeep.save_weights(state, folder / "tk.pt", durable=False),
             "raw",
-            None,
+            _settle,
         ),
-        "Checkpointer.save (durable)": (sync_save, "raw+fsync", None),
+        "Checkpointer.save (durable)": (sync_save, "raw+fsync", _settle),
         # the training stall: until save() returns; the previous write finishes outside the clock,
         # as it does behind the training steps between two checkpoints
-        "Checkpointer.save async: stall": (async_stall, "memory", background.wait),
+        "Checkpointer.save async: stall": (async_stall, "memory", lambda: (background.wait(), _settle())),
     }
 
 

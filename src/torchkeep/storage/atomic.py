@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torchkeep.errors import PathIsDirectoryError
 
-__all__ = ["atomic_target", "discard", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_target", "discard", "fsync_dir", "fsync_file", "wait_for_discards"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ def discard(path: Path) -> None:
         if _discarder is None:
             _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-discard")
         _discarder.submit(_delete_quietly, path)
+
+
+def wait_for_discards() -> None:
+    """Block until every path handed to :func:`discard` so far is deleted."""
+    with _discard_lock:
+        pending = _discarder
+    if pending is not None:
+        pending.submit(lambda: None).result()
 
 
 def _delete_quietly(path: Path) -> None:
