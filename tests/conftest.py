@@ -38,6 +38,27 @@ def images() -> torch.Tensor:
     return torch.randn(4, 3, 26, 26, generator=torch.Generator().manual_seed(1))
 
 
+# every dtype both torch.save and safetensors store (complex128 aside: safetensors has no code for it)
+STORABLE_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+
 def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(sorted(a)) == list(sorted(b))
     for key in a:

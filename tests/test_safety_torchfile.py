@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import torchkeep
-from conftest import TiedNet, rewrite_as_saved_on_gpu
+from conftest import STORABLE_DTYPES, TiedNet, rewrite_as_saved_on_gpu
 from torchkeep.safety import Limits, load_torch_file
 from torchkeep.tutorial import TheModelClass
 
@@ -209,27 +209,9 @@ def _hf_bin() -> dict[str, torch.Tensor]:
 
 def _dtypes() -> dict[str, torch.Tensor]:
     source = torch.linspace(-3, 3, 12)
-    out = {
-        str(dtype): source.to(dtype)
-        for dtype in (
-            torch.float64,
-            torch.float32,
-            torch.float16,
-            torch.bfloat16,
-            torch.int64,
-            torch.int32,
-            torch.int16,
-            torch.int8,
-            torch.uint8,
-            torch.uint16,
-            torch.uint32,
-            torch.uint64,
-            torch.float8_e4m3fn,
-            torch.float8_e5m2,
-        )
-    }
+    out = {str(dtype): source.to(dtype) for dtype in STORABLE_DTYPES if dtype != torch.bool}
     out["bool"] = source > 0
-    out["complex64"] = torch.complex(source, -source)
+    out["complex64"] = torch.complex(source, -source)  # a value with an imaginary part
     out["complex128"] = torch.complex(source.double(), source.double())
     return out
 

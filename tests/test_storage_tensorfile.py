@@ -12,34 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 import torchkeep
+from conftest import STORABLE_DTYPES
 from torchkeep.storage import tensorfile
 from torchkeep.storage.manifest import file_record
 from torchkeep.storage.tensorfile import write_safetensors
-
-DTYPES = [
-    torch.float64,
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.bool,
-    torch.complex64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
 
 
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     source = torch.randn(5, 7, generator=g) * 10
-    state = {f"t_{str(d).removeprefix('torch.')}": source.to(d) for d in DTYPES}
+    state = {f"t_{str(d).removeprefix('torch.')}": source.to(d) for d in STORABLE_DTYPES}
     state["scalar"] = torch.tensor(2.5)
     state["empty"] = torch.empty(0, 4)
     state["big"] = torch.randn(300_000, generator=g)
