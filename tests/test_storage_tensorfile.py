@@ -129,3 +129,19 @@ def test_reading_checks_the_byte_limit_first(tmp_path: Path) -> None:
     torchkeep.save_weights({"w": torch.zeros(1000)}, tmp_path / "w.safetensors")
     with pytest.raises(torchkeep.LimitExceededError, match="max_bytes"):
         torchkeep.load_weights(tmp_path / "w.safetensors", limits=torchkeep.Limits(max_bytes=100))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("mmap", [True, False], ids=["lazy", "eager"])
+def test_loading_straight_to_another_dtype(tmp_path: Path, suffix: str, mmap: bool) -> None:
+    from conftest import TiedNet
+
+    model = TiedNet()
+    state = {**model.state_dict(), "steps": torch.arange(3), "mask": torch.ones(2, dtype=torch.bool)}
+    torchkeep.save_weights(state, tmp_path / f"w{suffix}")
+    loaded = torchkeep.load_weights(tmp_path / f"w{suffix}", dtype=torch.bfloat16, mmap=mmap)
+    assert loaded["embed.weight"].dtype == torch.bfloat16
+    assert torch.equal(loaded["embed.weight"], model.embed.weight.detach().to(torch.bfloat16))
+    assert loaded["out.weight"] is loaded["embed.weight"]  # still tied
+    assert loaded["steps"].dtype == torch.int64
+    assert loaded["mask"].dtype == torch.bool

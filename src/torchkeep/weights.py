@@ -43,6 +43,7 @@ from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
     "MapLocation",
+    "cast_floating",
     "compact_tensors",
     "extract_state_dict",
     "load_weights",
@@ -372,6 +373,7 @@ def load_weights(
     key: str | None = None,
     trust: bool = False,
     mmap: bool | None = None,
+    dtype: torch.dtype | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> StateDict:
     """Load a state dict from any weights file, without running code from it.
@@ -397,6 +399,10 @@ def load_weights(
             files the records' CRCs are then not checked). False reads all
             tensor data into one buffer with a few large reads. None: mapped
             for safetensors, read (and CRC-checked) for ``torch.save`` files.
+        dtype (torch.dtype | None, default None): cast floating-point tensors
+            to this dtype (integer and bool tensors are kept). With a mapped
+            file each tensor is converted on its way from the mapping, so no
+            second full copy is held in host memory; tied weights stay tied.
         limits (Limits, default Limits()): bounds on what the file may ask
             for (bytes, tensors, elements, nesting), checked before allocating.
 
@@ -416,7 +422,27 @@ def load_weights(
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
     """
-    p = Path(path)
+    state = _read_weights(Path(path), map_location, key, trust, mmap, limits)
+    return state if dtype is None else cast_floating(state, dtype)
+
+
+def cast_floating(state: StateDict, dtype: torch.dtype) -> StateDict:
+    """``state`` with floating-point tensors cast to ``dtype``; tensors shared by keys stay shared."""
+    done: dict[int, torch.Tensor] = {}
+    out: StateDict = {}
+    for key, value in state.items():
+        if not value.is_floating_point() or value.dtype == dtype:
+            out[key] = value
+            continue
+        if id(value) not in done:
+            done[id(value)] = value.to(dtype)
+        out[key] = done[id(value)]
+    return out
+
+
+def _read_weights(
+    p: Path, map_location: MapLocation, key: str | None, trust: bool, mmap: bool | None, limits: Limits
+) -> StateDict:
     fmt = detect_format(p)
     if fmt is FileFormat.SAFETENSORS:
         header = read_safetensors_header(p, limits=limits)
