@@ -12,7 +12,6 @@ import enum
 import functools
 import json
 import os
-import pickle
 import struct
 import unicodedata
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torchkeep.errors import (
     first_line,
 )
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
+from torchkeep.safety.torchfile import LEGACY_PREFIX
 
 __all__ = [
     "FileFormat",
@@ -41,9 +41,6 @@ __all__ = [
     "suffix_format",
 ]
 
-_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-# torch.save's legacy format starts with this pickled integer (protocol 2).
-_LEGACY_PREFIX = pickle.dumps(_LEGACY_MAGIC_NUMBER, protocol=2)[:-1]
 
 # safetensors dtype codes, their torch names and item sizes in bits
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -210,7 +207,7 @@ def detect_format(path: str | os.PathLike[str]) -> FileFormat:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
         return _check_zip(p)
-    if head.startswith(_LEGACY_PREFIX) or _looks_like_pickle(head):
+    if head.startswith(LEGACY_PREFIX) or _looks_like_pickle(head):
         # A plain pickle goes to the same allowlist reader: it refuses a hostile one as
         # UnsafeFileError and a harmless one as "not a torch.save file".
         return FileFormat.TORCH_LEGACY

@@ -64,13 +64,6 @@ class Placeholder:
     name: str
 
 
-class _Mark:
-    pass
-
-
-_MARK = _Mark()
-
-
 class Unpickler:
     """Run one pickle stream with the allowlist.
 
