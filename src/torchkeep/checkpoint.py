@@ -61,7 +61,7 @@ class CheckpointInfo:
     """What a checkpoint held, and what was restored from it.
 
     Attributes:
-        path: the checkpoint file.
+        path: the checkpoint file or folder (a URL for a remote run).
         epoch, step, loss: as saved (``None`` where absent).
         metrics: saved metrics.
         extra: saved user values.
@@ -70,7 +70,7 @@ class CheckpointInfo:
         model_report: what the model load did, when a model was given.
     """
 
-    path: Path
+    path: Path | str
     epoch: int | None = None
     step: int | None = None
     loss: float | None = None

@@ -25,6 +25,7 @@ went wrong and what to do next::
     ├── NewerFormatError            (ValueError)
     ├── NoValidCheckpointError      (FileNotFoundError)
     ├── AsyncSaveError              (RuntimeError)
+    ├── DistributedSaveError        (RuntimeError)
     ├── MissingMetricError          (KeyError)
     ├── NoMatchError                (ValueError)
     ├── ExportError                 (RuntimeError)
@@ -46,6 +47,7 @@ __all__ = [
     "AsyncSaveError",
     "CheckpointMismatchError",
     "CorruptFileError",
+    "DistributedSaveError",
     "ExportError",
     "InvalidMetadataError",
     "KeyMismatchError",
@@ -109,8 +111,11 @@ class ModelFileNotFoundError(TorchkeepError, FileNotFoundError):
         path: the path that was asked for.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
+        if isinstance(path, str):  # a URL
+            super().__init__(f"{path}: no such object. Check the URL and the storage_options (credentials).")
+            return
         hint = ""
         siblings = sorted(p.name for p in path.parent.glob(f"{path.stem}*")) if path.parent.is_dir() else []
         if siblings:
@@ -506,6 +511,36 @@ class AsyncSaveError(TorchkeepError, RuntimeError):
         )
 
 
+class DistributedSaveError(TorchkeepError, RuntimeError):
+    """A rank of a ``torch.distributed`` job failed during a checkpoint save.
+
+    Raised on every rank, so all of them leave ``save()`` together; the
+    checkpoint was not committed and the earlier ones are intact.
+
+    Attributes:
+        step: the step whose save failed.
+        stage: what the ranks were doing (``"write"``, ``"commit"``).
+        failed: ``{rank: "ErrorType: message"}`` for each failed rank.
+
+    Example:
+        >>> try:
+        ...     ckpts.save(step, model=model, optimizer=opt)
+        ... except torchkeep.DistributedSaveError as err:
+        ...     print(err.failed)  # {1: "OSError: [Errno 28] No space left on device"}
+    """
+
+    def __init__(self, step: int, stage: str, failed: dict[int, str]) -> None:
+        self.step = step
+        self.stage = stage
+        self.failed = dict(failed)
+        listed = "; ".join(f"rank {rank}: {text}" for rank, text in sorted(self.failed.items()))
+        super().__init__(
+            f"the checkpoint of step {step} failed during {stage} on {len(self.failed)} rank(s) ({listed}). "
+            "Nothing was committed and the earlier checkpoints are intact; fix the cause on those ranks "
+            "and save again."
+        )
+
+
 class NoValidCheckpointError(TorchkeepError, FileNotFoundError):
     """A run folder holds checkpoints, but none of them verifies.
 
@@ -514,7 +549,7 @@ class NoValidCheckpointError(TorchkeepError, FileNotFoundError):
         reasons: ``{checkpoint folder name: why it is invalid}``.
     """
 
-    def __init__(self, directory: Path, reasons: dict[str, str]) -> None:
+    def __init__(self, directory: Path | str, reasons: dict[str, str]) -> None:
         self.directory = directory
         self.reasons = dict(reasons)
         listed = "; ".join(f"{name}: {why}" for name, why in list(self.reasons.items())[:5])

@@ -24,6 +24,7 @@ from torch import nn
 from torchkeep._table import format_table
 from torchkeep.errors import KeyMismatchError, ShapeMismatch
 from torchkeep.safety import DEFAULT_LIMITS, Limits
+from torchkeep.storage.remote import StorageOptions
 from torchkeep.weights import load_weights, to_state_dict
 
 __all__ = ["LoadReport", "Rename", "load_into", "match_keys"]
@@ -256,6 +257,7 @@ def load_into(
     skip_mismatched: bool = False,
     trust: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: StorageOptions | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` and report what matched.
 
@@ -274,6 +276,8 @@ def load_into(
         trust (bool, default False): passed to :func:`load_weights` for files
             that are pickles of arbitrary objects. Only for files you trust.
         limits (Limits, default Limits()): passed to :func:`load_weights`.
+        storage_options (Mapping | None, default None): passed to
+            :func:`load_weights` for a URL.
 
     Returns:
         A :class:`LoadReport`; ``print(report)`` shows a table.
@@ -293,7 +297,7 @@ def load_into(
         state = to_state_dict(path_or_state_dict)
     else:
         source_name = os.fspath(path_or_state_dict)
-        state = load_weights(path_or_state_dict, trust=trust, limits=limits)
+        state = load_weights(path_or_state_dict, trust=trust, limits=limits, storage_options=storage_options)
     renamed_by_user = _apply_rename(state, rename)
     by_new_name = {renamed_by_user[k]: v for k, v in state.items()}
     original_name = {renamed_by_user[k]: k for k in state}

@@ -12,19 +12,22 @@ Layout of a run folder::
 A checkpoint folder only gets its ``step-…`` name by an atomic rename after
 all its files are written and fsynced, so a crash leaves either the complete
 new checkpoint or none. Readers verify the manifest and fall back to the
-newest checkpoint that verifies.
+newest checkpoint that verifies. On a remote run folder (an fsspec URL) the
+manifest, uploaded last, is the commit (see :mod:`torchkeep.storage.runstore`).
+
+In a ``torch.distributed`` job every rank calls the same methods: rank 0
+writes replicated state, DTensor-sharded state goes through DCP into a
+``shards/`` folder written by every rank, every rank's random state is kept,
+and a checkpoint is committed only after every rank reported success (see
+:mod:`torchkeep.distributed`).
 """
 
 from __future__ import annotations
 
 import builtins
-import json
+import dataclasses
 import logging
-import math
 import os
-import re
-import secrets
-import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,47 +35,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
+from torchkeep.checkpoint import CheckpointInfo, Stateful
+from torchkeep.distributed import SHARDS, Coordinator, save_shards, shard_files
 from torchkeep.errors import (
     AsyncSaveError,
-    CheckpointMismatchError,
     MissingMetricError,
     NewerFormatError,
     NoValidCheckpointError,
 )
-from torchkeep.rng import capture_rng_state, restore_rng_state
-from torchkeep.serialize import flatten, unflatten
-from torchkeep.storage.atomic import discard, fsync_dir
+from torchkeep.runstate import (
+    FORMAT_VERSION,
+    STATE,
+    TENSORS,
+    Snapshot,
+    apply_checkpoint,
+    capture,
+    metric_value,
+)
 from torchkeep.storage.manifest import DIGEST, MANIFEST, file_record, verify_folder, write_json
+from torchkeep.storage.remote import Remote, StorageOptions, resolve
+from torchkeep.storage.runstore import LocalRun, Location, RemoteRun, step_name
 from torchkeep.storage.staging import StagingBuffers
 from torchkeep.storage.tensorfile import write_safetensors
-from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
+from torchkeep.weights import MapLocation
 
 __all__ = ["FORMAT_VERSION", "CheckpointEntry", "Checkpointer", "metric_value"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "torchkeep.checkpoint"
-FORMAT_VERSION = 1
-TENSORS = "tensors.safetensors"
-STATE = "state.json"
-_NAME = re.compile(r"^step-(\d{8,})$")
-_STATE_KEYS = {"step", "epoch", "metrics", "extra", "model", "aliases", "parts", "rng", "versions"}
 _RESERVED = {"model", "optimizer", "scheduler", "scaler"}
-
-
-def metric_value(value: Any) -> float | None:
-    """A metric as a float (tensors and NumPy scalars too); ``None`` for NaN or non-numbers."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().item() if value.numel() == 1 else None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -80,17 +74,17 @@ class CheckpointEntry:
     """One checkpoint folder of a run, as :meth:`Checkpointer.list` sees it.
 
     Attributes:
-        path: the folder.
+        path: the folder (a URL string for a remote run).
         step: its step.
         epoch: its epoch, if saved.
         created: when it was committed (ISO 8601, UTC).
-        size: bytes on disk.
+        size: bytes stored.
         metrics: the metrics saved with it.
         valid: whether it verified.
         reason: why not, when it did not.
     """
 
-    path: Path
+    path: Path | str
     step: int
     epoch: int | None = None
     created: str | None = None
@@ -99,27 +93,31 @@ class CheckpointEntry:
     valid: bool = True
     reason: str = ""
 
+    @property
+    def name(self) -> str:
+        """The folder's name, e.g. ``step-00000120``."""
+        return step_name(self.step)
 
-def _log_failure(future: Future[Path]) -> None:
+
+def _log_failure(future: Future[Path | str]) -> None:
     # Logged where it happens too, in case the program ends before the next call raises it.
     error = future.exception()
     if error is not None:
         logger.error("background checkpoint save failed: %s", error)
 
 
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _public(where: Location) -> Path | str:
+    return where.url if isinstance(where, Remote) else where
 
 
 class Checkpointer:
     """Save, prune and restore the checkpoints of one training run.
 
     Args:
-        directory (str | PathLike): the run folder (created if missing).
+        directory (str | PathLike): the run folder (created if missing), or
+            an fsspec URL (``s3://bucket/run``, ``gs://…``, ``memory://…``;
+            ``file://`` URLs are local folders). On an object store the
+            manifest is uploaded last and is the commit.
         keep_last (int | None, default None): keep the newest N checkpoints.
         keep_best (int | None, default None): keep the best K by ``monitor``.
         monitor (str | None, default None): the metric that ranks checkpoints;
@@ -137,10 +135,19 @@ class Checkpointer:
             block flushes; a background failure is raised by the next call as
             :class:`AsyncSaveError`. Staging costs host memory equal to the
             state's size.
+        storage_options (Mapping | None, default None): options of the fsspec
+            filesystem of a URL (credentials, ``endpoint_url``, …).
 
     With no ``keep_*`` option every checkpoint is kept. The options compose:
     a checkpoint stays if any of them keeps it, and the one just written and
     the current best are never deleted.
+
+    In a ``torch.distributed`` job, construct it and call ``save``/``restore``
+    on every rank (they are collective). Rank 0 writes replicated (DDP) state
+    and commits; DTensor-sharded state (FSDP2, tensor parallel) is written by
+    every rank through ``torch.distributed.checkpoint`` and restores on any
+    number of ranks; each rank's random state is kept. A failure on any rank
+    raises :class:`DistributedSaveError` on all of them and commits nothing.
 
     Example:
         >>> ckpts = torchkeep.Checkpointer("runs/exp1", keep_last=3, keep_best=1, monitor="val_loss")
@@ -162,6 +169,7 @@ class Checkpointer:
         keep_every: int | None = None,
         durable: bool = True,
         async_save: bool = False,
+        storage_options: StorageOptions | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -170,7 +178,9 @@ class Checkpointer:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if keep_best is not None and monitor is None:
             raise ValueError("keep_best needs monitor='<metric name>' to rank checkpoints")
-        self.directory = Path(directory)
+        location = resolve(directory, storage_options)
+        self._store = RemoteRun(location) if isinstance(location, Remote) else LocalRun(location)
+        self.directory: Path | str = _public(location)
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.monitor = monitor
@@ -179,14 +189,15 @@ class Checkpointer:
         self.durable = durable
         self.async_save = async_save
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, Future[Path]] | None = None
+        self._pending: tuple[int, Future[Path | str]] | None = None
         self._staging = StagingBuffers()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._clean_leftovers()
+        self._coordinator = Coordinator()
+        if self._coordinator.is_main:
+            self._store.clean_leftovers()
 
     # -- background saves --------------------------------------------------------------------------
 
-    def wait(self) -> Path | None:
+    def wait(self) -> Path | str | None:
         """Block until the save in flight (``async_save=True``) is committed; return its folder.
 
         Returns:
@@ -227,24 +238,16 @@ class Checkpointer:
 
     # -- listing -----------------------------------------------------------------------------------
 
-    def _folders(self) -> builtins.list[tuple[int, Path]]:
-        found = []
-        for path in self.directory.iterdir():
-            match = _NAME.match(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1)), path))
-        return sorted(found)
-
-    def _entry(self, step: int, path: Path, *, checksums: bool) -> CheckpointEntry:
-        verdict = verify_folder(path, checksums=checksums)
+    def _entry(self, step: int, where: Location, *, checksums: bool) -> CheckpointEntry:
+        verdict, size = self._store.inspect(where, checksums=checksums)
         manifest = verdict.manifest or {}
         metrics = manifest.get("metrics")
         return CheckpointEntry(
-            path=path,
+            path=_public(where),
             step=step,
             epoch=manifest.get("epoch"),
             created=manifest.get("created"),
-            size=_folder_size(path),
+            size=size,
             metrics=dict(metrics) if isinstance(metrics, dict) else {},
             valid=verdict.ok,
             reason=verdict.reason,
@@ -261,10 +264,10 @@ class Checkpointer:
         return self._entries(verify=verify)
 
     def _entries(self, *, verify: bool = False) -> builtins.list[CheckpointEntry]:
-        return [self._entry(step, path, checksums=verify) for step, path in self._folders()]
+        return [self._entry(step, where, checksums=verify) for step, where in self._store.steps()]
 
     @property
-    def latest(self) -> Path | None:
+    def latest(self) -> Path | str | None:
         """The newest checkpoint folder whose files are all there (sizes checked)."""
         for entry in reversed(self.list()):
             if entry.valid:
@@ -272,7 +275,7 @@ class Checkpointer:
         return None
 
     @property
-    def best(self) -> Path | None:
+    def best(self) -> Path | str | None:
         """The best checkpoint folder by ``monitor`` (``None`` without a monitor or a scored one)."""
         ranked = self._ranked([e for e in self.list() if e.valid])
         return ranked[0].path if ranked else None
@@ -300,13 +303,13 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         **stateful: Stateful,
-    ) -> Path:
+    ) -> Path | str:
         """Write a checkpoint for ``step``, atomically, then prune by the ``keep_*`` rules.
 
         Args:
             step (int): the training step (or epoch) this checkpoint is for;
                 saving the same step again replaces that checkpoint.
-            model (nn.Module): the model.
+            model (nn.Module): the model (a DDP wrapper is saved as the module inside).
             optimizer, scheduler, scaler (Stateful | None, default None): saved when given.
             epoch (int | None, default None): the epoch, for your records.
             metrics (Mapping[str, Any] | None, default None): numbers; the
@@ -317,12 +320,14 @@ class Checkpointer:
                 restored by the same keyword.
 
         Returns:
-            The committed checkpoint folder (with ``async_save``, the folder it
-            will be once the background write commits it; ``wait()`` for that).
+            The committed checkpoint folder (a URL for a remote run; with
+            ``async_save``, the folder it will be once the background write
+            commits it; ``wait()`` for that).
 
         Raises:
             UnserializableValueError: a value that cannot be stored without pickle.
             AsyncSaveError: the previous background save failed.
+            DistributedSaveError: a rank of a distributed job failed (on every rank).
         """
         self.wait()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -333,116 +338,121 @@ class Checkpointer:
         clean_metrics = {str(k): metric_value(v) for k, v in (metrics or {}).items()}
         if self.monitor is not None and metrics is not None and self.monitor not in clean_metrics:
             raise MissingMetricError(self.monitor, list(clean_metrics), where="this Checkpointer")
-        tensors: dict[str, torch.Tensor] = {}
-        model_state = to_state_dict(model)
-        for key, value in model_state.items():
-            tensors[f"model/{key}"] = value
-        parts = {
-            name: flatten(obj.state_dict(), name, tensors)
-            for name, obj in {
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "scaler": scaler,
-                **stateful,
-            }.items()
-            if obj is not None
-        }
-        state = {
-            "step": step,
-            "epoch": epoch,
-            "metrics": clean_metrics,
-            "extra": flatten(dict(extra or {}), "extra", tensors),
-            "model": list(model_state),
-            "parts": parts,
-            "rng": flatten(capture_rng_state(), "rng", tensors),
-            "versions": {"torch": str(torch.__version__), "format": FORMAT_VERSION},
-        }
+        objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
+        snapshot = capture(
+            step,
+            model=model,
+            objects=objects,
+            epoch=epoch,
+            metrics=clean_metrics,
+            extra=extra,
+            coordinator=self._coordinator,
+            stage=self._staging.copy if self.async_save else None,
+        )
         if not self.async_save:
-            kept, aliases = compact_tensors(tensors, None)
-            state["aliases"] = aliases
-            return self._write(step, kept, state, epoch, clean_metrics)
-        kept, aliases = compact_tensors(tensors, None, stage=self._staging.copy)
-        self._staging.settle(set(kept))
-        state["aliases"] = aliases
+            return self._write(snapshot)
+        self._staging.settle(set(snapshot.tensors) | set(snapshot.shards or ()))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-        future = self._executor.submit(self._write, step, kept, state, epoch, clean_metrics)
+        future = self._executor.submit(self._write, snapshot)
         future.add_done_callback(_log_failure)
         self._pending = (step, future)
-        return self.directory / f"step-{step:08d}"
+        return self._location(step_name(step))
 
-    def _write(
-        self,
-        step: int,
-        tensors: dict[str, torch.Tensor],
-        state: dict[str, Any],
-        epoch: int | None,
-        metrics: dict[str, float | None],
-    ) -> Path:
-        folder = self._commit(step, tensors, state, epoch=epoch, metrics=metrics)
+    def _location(self, name: str) -> Path | str:
+        store = self._store
+        return store.root.join(name).url if isinstance(store, RemoteRun) else store.directory / name
+
+    def _write(self, snapshot: Snapshot) -> Path | str:
+        folder = self._commit(snapshot.step, snapshot)
         logger.info("saved checkpoint %s", folder)
-        self._prune(just_written=folder)
+        if self._coordinator.is_main:
+            self._prune(just_written=folder)
         return folder
 
-    def _commit(
-        self,
-        step: int,
-        tensors: dict[str, torch.Tensor],
-        state: dict[str, Any],
-        *,
-        epoch: int | None,
-        metrics: dict[str, float | None],
-    ) -> Path:
-        name = f"step-{step:08d}"
-        final = self.directory / name
-        tmp = self.directory / f".{name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
+    def _commit(self, step: int, snapshot: Snapshot) -> Path | str:
+        """Write every rank's files, then (rank 0) the manifest, and publish; collective."""
+        coordinator, store, name = self._coordinator, self._store, step_name(step)
+        tmp: Path | None = None
+        error: BaseException | None = None
         try:
+            if coordinator.is_main:
+                tmp = store.begin(name)
+            elif not store.shared:
+                tmp = store.scratch()
+        except Exception as err:
+            error = err
+        coordinator.agree(error, step=step, stage="prepare")
+        if store.shared:
+            tmp = coordinator.share(tmp)
+        assert tmp is not None
+        try:
+            records = self._write_files(tmp, name, snapshot)
+        except BaseException as err:
+            records, error = {}, err
+        try:
+            coordinator.agree(error, step=step, stage="write")
+            everything = coordinator.gather(records)
+            final: Path | str | None = None
+            if coordinator.is_main:
+                files = {k: v for part in everything for k, v in part.items()}
+                final = _public(self._finish(tmp, name, snapshot, files))
+            coordinator.agree(None, step=step, stage="commit")
+        except BaseException:
+            if coordinator.is_main:
+                store.abandon(tmp, name)
+            elif not store.shared:
+                LocalRun.abandon(store, tmp, name)  # type: ignore[arg-type]
+            raise
+        if not coordinator.is_main and not store.shared:
+            LocalRun.abandon(store, tmp, name)  # type: ignore[arg-type]
+        return final if final is not None else self._location(name)
+
+    def _write_files(self, tmp: Path, name: str, snapshot: Snapshot) -> dict[str, dict[str, Any]]:
+        """This rank's files in ``tmp``: DCP shards (every rank), tensors and state (rank 0)."""
+        coordinator = self._coordinator
+        records: dict[str, dict[str, Any]] = {}
+        if snapshot.shards is not None:
+            shards = tmp / SHARDS
+            save_shards(snapshot.shards, shards, coordinator)
+            mine = shard_files(shards, coordinator.rank)
+            records = {p.relative_to(tmp).as_posix(): file_record(p).entry() for p in mine}
+            if not coordinator.is_main:
+                self._store.upload_part(tmp, name, mine)
+        if coordinator.is_main:
             # one pass: the digest is computed from memory while the file is written and fsynced
             fd = os.open(tmp / TENSORS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                written = write_safetensors(fd, tensors, {"format": "pt"}, digest=DIGEST, fsync=self.durable)
+                written = write_safetensors(
+                    fd, snapshot.tensors, {"format": "pt"}, digest=DIGEST, fsync=self.durable
+                )
             finally:
                 os.close(fd)
-            write_json(tmp / STATE, state, durable=self.durable)
-            record = file_record(tmp / STATE)
-            files = {
-                TENSORS: {"size": written.size, DIGEST: written.digest},
-                STATE: record.entry(),
-            }
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "epoch": epoch,
-                "metrics": metrics,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": files,
-            }
-            write_json(tmp / MANIFEST, manifest, durable=self.durable)
-            if self.durable:
-                fsync_dir(tmp)
-            if final.exists():
-                # replace: move the old one aside first; a crash in between is undone by _clean_leftovers
-                old = self.directory / f".{name}.old-{secrets.token_hex(4)}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                _remove_tree(old)
-            else:
-                os.rename(tmp, final)
-        except BaseException:
-            _remove_tree(tmp)
-            raise
-        if self.durable:
-            fsync_dir(self.directory)
-        return final
+            write_json(tmp / STATE, snapshot.state, durable=self.durable)
+            records[TENSORS] = {"size": written.size, DIGEST: written.digest}
+            records[STATE] = file_record(tmp / STATE).entry()
+        return records
+
+    def _finish(self, tmp: Path, name: str, snapshot: Snapshot, files: dict[str, Any]) -> Location:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": snapshot.step,
+            "epoch": snapshot.epoch,
+            "metrics": snapshot.metrics,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "world_size": self._coordinator.size,
+            "files": dict(sorted(files.items())),
+        }
+        write_json(tmp / MANIFEST, manifest, durable=self.durable)
+        return self._store.publish(tmp, name, durable=self.durable)
 
     # -- retention ---------------------------------------------------------------------------------
 
-    def _prune(self, *, just_written: Path) -> None:
+    def _prune(self, *, just_written: Path | str) -> None:
         if self.keep_last is None and self.keep_best is None and self.keep_every is None:
             return
-        entries = self._entries()  # from disk, so pruning after a resume sees every checkpoint
+        entries = self._entries()  # from storage, so pruning after a resume sees every checkpoint
         keep = {just_written}
         valid = [e for e in entries if e.valid]
         if self.keep_last is not None:
@@ -451,28 +461,14 @@ class Checkpointer:
             keep.update(e.path for e in entries if e.step % self.keep_every == 0)
         ranked = self._ranked(valid)
         keep.update(e.path for e in ranked[: self.keep_best or 1])
+        locations = dict(self._store.steps())
         for entry in entries:
             if entry.path not in keep:
-                trash = self.directory / f".trash-{entry.path.name}-{secrets.token_hex(4)}"
-                os.rename(entry.path, trash)  # vanishes at once; the space is freed in the background
-                discard(trash)
+                self._store.remove(locations[entry.step])
                 if entry.valid:
-                    logger.info("pruned %s", entry.path.name)
+                    logger.info("pruned %s", entry.name)
                 else:
-                    logger.warning("deleted invalid checkpoint %s (%s)", entry.path.name, entry.reason)
-
-    def _clean_leftovers(self) -> None:
-        for path in self.directory.iterdir():
-            name = path.name
-            if name.startswith(".step-") and ".old-" in name:
-                original = self.directory / name[1:].split(".old-")[0]
-                if not original.exists():  # killed between the two renames of a replace: put it back
-                    os.rename(path, original)
-                    logger.warning("recovered %s from an interrupted replace", original.name)
-                    continue
-            if name.startswith((".step-", ".trash-")) and path.is_dir():
-                _remove_tree(path)
-                logger.info("removed %s left by an interrupted save", name)
+                    logger.warning("deleted invalid checkpoint %s (%s)", entry.name, entry.reason)
 
     # -- restoring ---------------------------------------------------------------------------------
 
@@ -493,7 +489,11 @@ class Checkpointer:
 
         Newer checkpoints that fail verification are skipped with a logged
         warning that says why. Every check runs before the first object is
-        changed, and nothing on disk is modified.
+        changed, and nothing in storage is modified. In a distributed job
+        rank 0 chooses and verifies the checkpoint and every rank restores it
+        (a sharded one reshards to the current number of ranks; each rank
+        gets its own random state back, and a warning names the ranks whose
+        state could not be mapped).
 
         Args:
             model (nn.Module | None, default None): receives the weights.
@@ -516,77 +516,55 @@ class Checkpointer:
             AsyncSaveError: a background save failed.
         """
         self.wait()
-        candidates = [Path(path)] if path is not None else [p for _, p in reversed(self._folders())]
-        if not candidates:
+        store, coordinator = self._store, self._coordinator
+        given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
+        if path is not None:
+            candidates = [store.locate(path)]
+        else:
+            candidates = [where for _, where in reversed(store.steps())]
+        choice: tuple[str, Any] = ("none", None)
+        if coordinator.is_main:
+            choice = self._choose(candidates)
+        kind, detail = coordinator.share(choice)
+        if kind == "none":
             return None
+        if kind == "invalid":
+            raise NoValidCheckpointError(self.directory, detail)
+        if kind == "newer":
+            raise NewerFormatError(Path(detail[0]), detail[1], FORMAT_VERSION)
+        where = next(c for c in candidates if _public(c) == detail)
+        with store.open(where) as folder:
+            info = apply_checkpoint(
+                folder,
+                given,
+                restore_rng=restore_rng,
+                strict=strict,
+                map_location=map_location,
+                coordinator=coordinator,
+            )
+        return dataclasses.replace(info, path=_public(where))
+
+    def _choose(self, candidates: builtins.list[Location]) -> tuple[str, Any]:
+        """Rank 0's pick: ``("ok", path)``, ``("none", None)``, ``("invalid", reasons)`` or
+        ``("newer", (path, version))``."""
+        if not candidates:
+            return ("none", None)
         skipped: dict[str, str] = {}
-        for folder in candidates:
-            verdict = verify_folder(folder)
+        for where in candidates:
+            with self._store.open(where) as folder:
+                verdict = verify_folder(folder)
+            name = folder.name
             if not verdict.ok:
-                skipped[folder.name] = verdict.reason
-                logger.warning("skipping checkpoint %s: %s", folder, verdict.reason)
+                skipped[name] = verdict.reason
+                logger.warning("skipping checkpoint %s: %s", where, verdict.reason)
                 continue
             manifest = verdict.manifest or {}
             version = manifest.get("format_version")
             if manifest.get("format") != FORMAT or not isinstance(version, int):
-                skipped[folder.name] = "manifest.json is not a torchkeep checkpoint manifest"
-                logger.warning("skipping checkpoint %s: %s", folder, skipped[folder.name])
+                skipped[name] = "manifest.json is not a torchkeep checkpoint manifest"
+                logger.warning("skipping checkpoint %s: %s", where, skipped[name])
                 continue
             if version > FORMAT_VERSION:
-                raise NewerFormatError(folder, version, FORMAT_VERSION)
-            given = {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "scaler": scaler,
-                **stateful,
-            }
-            return self._apply(
-                folder, given, restore_rng=restore_rng, strict=strict, map_location=map_location
-            )
-        raise NoValidCheckpointError(self.directory, skipped)
-
-    def _apply(
-        self,
-        folder: Path,
-        given: dict[str, Any],
-        *,
-        restore_rng: bool,
-        strict: bool,
-        map_location: MapLocation,
-    ) -> CheckpointInfo:
-        from safetensors.torch import load_file
-
-        with (folder / STATE).open(encoding="utf-8") as f:
-            state = json.load(f)
-        unknown = set(state) - _STATE_KEYS
-        if unknown:
-            raise CheckpointMismatchError(
-                folder,
-                "checkpoint",
-                f"state.json holds entries this torchkeep does not know: {sorted(unknown)}",
-                "upgrade torchkeep (pip install -U torchkeep), which wrote this checkpoint",
-            )
-        tensors = load_file(str(folder / TENSORS), device=str(torch.device(map_location)))
-        for alias, canonical in state["aliases"].items():
-            tensors[alias] = tensors[canonical]
-        parts: dict[str, Any] = {"model": {key: tensors[f"model/{key}"] for key in state["model"]}}
-        parts.update({name: unflatten(data, tensors) for name, data in state["parts"].items()})
-        requested = {name: obj for name, obj in given.items() if obj is not None}
-        restored, report = apply_states(folder, parts, requested, strict=strict, available=sorted(parts))
-        if restore_rng:
-            restore_rng_state(unflatten(state["rng"], tensors))
-            restored.append("rng")
-        info = CheckpointInfo(
-            path=folder,
-            epoch=state.get("epoch"),
-            step=state.get("step"),
-            loss=state["metrics"].get("loss"),
-            metrics=dict(state["metrics"]),
-            extra=unflatten(state["extra"], tensors),
-            restored=tuple(restored),
-            layout="torchkeep",
-            model_report=report,
-        )
-        logger.info("restored %s from %s", ", ".join(restored), folder)
-        return info
+                return ("newer", (str(_public(where)), version))
+            return ("ok", _public(where))
+        return ("invalid", skipped)

@@ -25,6 +25,7 @@ from torchkeep.errors import (
     InvalidMetadataError,
     LimitExceededError,
     MissingClassError,
+    ModelFileNotFoundError,
     NotAStateDictError,
     UnsafeFileError,
     UnsupportedDtypeError,
@@ -39,6 +40,7 @@ from torchkeep.formats import (
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.storage import atomic_target
+from torchkeep.storage.remote import Remote, StorageOptions, resolve, scratch_dir
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
@@ -175,7 +177,8 @@ def save_weights(
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
-) -> Path:
+    storage_options: StorageOptions | None = None,
+) -> Path | str:
     """Save a model's weights (parameters and buffers) to one file, atomically.
 
     The format follows the suffix: ``.safetensors`` (recommended: no pickle,
@@ -188,15 +191,19 @@ def save_weights(
     Args:
         model_or_state_dict (nn.Module | Mapping[str, Tensor]): what to save.
         path (str | PathLike): the file to write; missing folders are created.
+            A URL (``s3://bucket/w.safetensors``, any fsspec protocol) is
+            written to a local scratch file and uploaded in one piece.
         dtype (torch.dtype | None, default None): cast floating-point tensors to
             this dtype (e.g. ``torch.bfloat16`` halves the file); integer and
             bool tensors are never cast.
         metadata (Mapping[str, str] | None, default None): text to store with
             the weights (``torchkeep inspect`` shows it).
         durable (bool, default True): fsync before the file replaces ``path``.
+        storage_options (Mapping | None, default None): options of the fsspec
+            filesystem for a URL (credentials, ``endpoint_url``, …).
 
     Returns:
-        The path written.
+        The path written (the URL, for a URL).
 
     Raises:
         UnsupportedSuffixError: the suffix names no known format.
@@ -207,18 +214,38 @@ def save_weights(
     Example:
         >>> torchkeep.save_weights(model, "model.safetensors")
     """
-    target = Path(path)
-    fmt = suffix_format(target)
+    location = resolve(path, storage_options)
+    fmt = suffix_format(Path(location.name) if isinstance(location, Remote) else location)
     meta = _check_metadata(metadata)
     state = to_state_dict(model_or_state_dict)
     kept, aliases = compact_tensors(state, dtype)
+    if isinstance(location, Remote):
+        with scratch_dir() as scratch:
+            local = scratch / location.name
+            _write(local, fmt, state, kept, aliases, meta, durable=False)
+            location.upload(local)
+        logger.info("saved %d tensors to %s", len(state), location)
+        return location.url
+    _write(location, fmt, state, kept, aliases, meta, durable=durable)
+    logger.info("saved %d tensors to %s", len(state), location)
+    return location
+
+
+def _write(
+    target: Path,
+    fmt: FileFormat,
+    state: StateDict,
+    kept: StateDict,
+    aliases: dict[str, str],
+    meta: dict[str, str],
+    *,
+    durable: bool,
+) -> None:
     if fmt is FileFormat.SAFETENSORS:
         _write_safetensors(target, kept, aliases, meta, durable=durable)
     else:
         ordered = {key: kept[aliases.get(key, key)] for key in state}
         _write_torch_zip(target, ordered, meta, durable=durable)
-    logger.info("saved %d tensors to %s", len(state), target)
-    return target
 
 
 def _write_safetensors(
@@ -375,6 +402,7 @@ def load_weights(
     mmap: bool | None = None,
     dtype: torch.dtype | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: StorageOptions | None = None,
 ) -> StateDict:
     """Load a state dict from any weights file, without running code from it.
 
@@ -384,7 +412,8 @@ def load_weights(
     ``pytorch_model.bin`` files, and the weights of a ``.pt2`` program.
 
     Args:
-        path (str | PathLike): the file.
+        path (str | PathLike): the file, or a URL (``s3://…``, any fsspec
+            protocol: downloaded to a local scratch file, then read).
         map_location (str | torch.device, default "cpu"): where the tensors
             go. The default loads files saved on a GPU on any machine.
         key (str | None, default None): the entry of a checkpoint dict that
@@ -398,13 +427,16 @@ def load_weights(
             is copied from the mapping straight to it (for ``torch.save``
             files the records' CRCs are then not checked). False reads all
             tensor data into one buffer with a few large reads. None: mapped
-            for safetensors, read (and CRC-checked) for ``torch.save`` files.
+            for safetensors, read (and CRC-checked) for ``torch.save`` files;
+            read for a URL (the scratch copy is deleted at once).
         dtype (torch.dtype | None, default None): cast floating-point tensors
             to this dtype (integer and bool tensors are kept). With a mapped
             file each tensor is converted on its way from the mapping, so no
             second full copy is held in host memory; tied weights stay tied.
         limits (Limits, default Limits()): bounds on what the file may ask
             for (bytes, tensors, elements, nesting), checked before allocating.
+        storage_options (Mapping | None, default None): options of the fsspec
+            filesystem for a URL (credentials, ``endpoint_url``, …).
 
     Returns:
         ``dict[str, Tensor]``; tied weights come back as the same tensor.
@@ -422,7 +454,16 @@ def load_weights(
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
     """
-    state = _read_weights(Path(path), map_location, key, trust, mmap, limits)
+    location = resolve(path, storage_options)
+    if isinstance(location, Remote):
+        if not location.exists():
+            raise ModelFileNotFoundError(location.url)
+        with scratch_dir() as scratch:
+            local = scratch / location.name
+            location.download(local)
+            state = _read_weights(local, map_location, key, trust, mmap or False, limits)
+    else:
+        state = _read_weights(location, map_location, key, trust, mmap, limits)
     return state if dtype is None else cast_floating(state, dtype)
 
 

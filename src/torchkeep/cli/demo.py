@@ -218,8 +218,8 @@ def _resume_walkthrough(
     best = ckpts.best
     console.print(
         "  kept: "
-        + ", ".join(f"{e.path.name} (val_loss {e.metrics['val_loss']:.4f})" for e in ckpts.list())
-        + f"; best: {best.name if best else '-'}"
+        + ", ".join(f"{e.name} (val_loss {e.metrics['val_loss']:.4f})" for e in ckpts.list())
+        + f"; best: {Path(best).name if best else '-'}"
     )
     best_model = TheModelClass()
     best_info = ckpts.restore(model=best_model, path=best, restore_rng=False) if best else None

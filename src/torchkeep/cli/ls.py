@@ -72,7 +72,7 @@ def ls_command(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.metrics.items()
         )
         table.add_row(
-            e.path.name,
+            e.name,
             str(e.step),
             "" if e.epoch is None else str(e.epoch),
             e.created or "",

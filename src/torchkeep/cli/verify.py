@@ -25,7 +25,7 @@ def verify_path(path: Path) -> list[tuple[str, bool, str]]:
         entries = Checkpointer(path).list(verify=True)
         if not entries:
             return [(path.name, False, "no checkpoints in this folder")]
-        return [(e.path.name, e.valid, e.reason) for e in entries]
+        return [(e.name, e.valid, e.reason) for e in entries]
     try:
         require_file(path)
         fmt = detect_format(path)

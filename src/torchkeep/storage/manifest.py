@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,12 @@ __all__ = [
     "MANIFEST",
     "FileRecord",
     "Verdict",
+    "check_files",
     "file_record",
     "new_digest",
+    "parse_manifest",
     "read_manifest",
+    "safe_member",
     "verify_folder",
     "write_json",
 ]
@@ -98,8 +101,50 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         FileNotFoundError: no manifest.
         ValueError: it is not a JSON object with a ``files`` table.
     """
-    with (folder / MANIFEST).open(encoding="utf-8") as f:
-        data = json.load(f)
+    return parse_manifest((folder / MANIFEST).read_bytes())
+
+
+def safe_member(name: object) -> bool:
+    """Whether a manifest entry names a file inside the folder (``a.json``, ``shards/__0_0.distcp``)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        return False
+    parts = name.split("/")
+    return parts[0][:1] != "." and all(part not in ("", ".", "..") for part in parts)
+
+
+def check_files(
+    manifest: dict[str, Any],
+    size_of: Callable[[str], int | None],
+    digest_of: Callable[[str, str], str] | None = None,
+) -> Verdict:
+    """Check a manifest's files through ``size_of(name)`` (``None``: missing) and,
+    when given, ``digest_of(name, algorithm)``."""
+    for name, entry in manifest["files"].items():
+        if not safe_member(name) or not isinstance(entry, dict):
+            return Verdict(False, f"manifest.json lists an invalid entry {name!r}")
+        size = size_of(name)
+        if size is None:
+            return Verdict(False, f"{name} is missing", manifest)
+        if size != entry.get("size"):
+            return Verdict(False, f"{name} has {size} bytes, the manifest says {entry.get('size')}", manifest)
+        if digest_of is not None:
+            algorithm = next((a for a in _KNOWN_DIGESTS if a in entry), None)
+            if algorithm is None:
+                return Verdict(False, f"manifest.json records no known checksum for {name}", manifest)
+            if digest_of(name, algorithm) != entry[algorithm]:
+                return Verdict(
+                    False, f"{name} does not match its {algorithm} checksum (its content changed)", manifest
+                )
+    return Verdict(True, "", manifest)
+
+
+def parse_manifest(text: str | bytes) -> dict[str, Any]:
+    """A manifest from its JSON text.
+
+    Raises:
+        ValueError: it is not a JSON object with a ``files`` table.
+    """
+    data = json.loads(text)
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise ValueError("the manifest has no 'files' table")
     return data
@@ -113,21 +158,12 @@ def verify_folder(folder: Path, *, checksums: bool = True) -> Verdict:
         return Verdict(False, "no manifest.json (an unfinished or damaged checkpoint)")
     except (ValueError, UnicodeDecodeError) as err:
         return Verdict(False, f"manifest.json is not valid ({err})")
-    for name, entry in manifest["files"].items():
+
+    def size_of(name: str) -> int | None:
         path = folder / name
-        if os.sep in name or name.startswith(".") or not isinstance(entry, dict):
-            return Verdict(False, f"manifest.json lists an invalid entry {name!r}")
-        if not path.is_file():
-            return Verdict(False, f"{name} is missing", manifest)
-        size = path.stat().st_size
-        if size != entry.get("size"):
-            return Verdict(False, f"{name} has {size} bytes, the manifest says {entry.get('size')}", manifest)
-        if checksums:
-            algorithm = next((a for a in _KNOWN_DIGESTS if a in entry), None)
-            if algorithm is None:
-                return Verdict(False, f"manifest.json records no known checksum for {name}", manifest)
-            if file_record(path, algorithm).digest != entry[algorithm]:
-                return Verdict(
-                    False, f"{name} does not match its {algorithm} checksum (its content changed)", manifest
-                )
-    return Verdict(True, "", manifest)
+        return path.stat().st_size if path.is_file() else None
+
+    def digest_of(name: str, algorithm: str) -> str:
+        return file_record(folder / name, algorithm).digest
+
+    return check_files(manifest, size_of, digest_of if checksums else None)

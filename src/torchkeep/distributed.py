@@ -1,0 +1,252 @@
+"""Checkpoints of a ``torch.distributed`` job: coordination of ranks and sharded state through DCP.
+
+torchkeep rides on ``torch.distributed`` rather than doing its own collectives
+engine. Under DDP the model and optimizer are replicated: rank 0 writes them
+once. When the model's state holds DTensors (FSDP2's ``fully_shard``, tensor
+parallel), every rank writes its own shards with
+``torch.distributed.checkpoint`` (DCP), which also reshards on load, so a
+checkpoint saved on 2 ranks restores on 1 or on 4. Each rank's random state is
+kept. A checkpoint becomes visible only after every rank reported success.
+
+DCP reads its ``.metadata`` file with plain ``pickle``; before DCP sees it,
+torchkeep's allowlist scanner checks that it names nothing but DCP's own
+metadata classes, and refuses files that hold pickled objects (DCP would read
+those with ``torch.load(weights_only=False)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchkeep.errors import CheckpointMismatchError, DistributedSaveError, UnsafeFileError, first_line
+
+__all__ = [
+    "SHARDS",
+    "Coordinator",
+    "check_shard_metadata",
+    "is_sharded",
+    "load_shards",
+    "save_shards",
+    "shard_files",
+    "sharded_state",
+    "unwrap",
+]
+
+logger = logging.getLogger(__name__)
+
+SHARDS = "shards"  # the DCP folder inside a checkpoint folder
+_METADATA = ".metadata"
+_DTYPE = re.compile(r"^torch\.[a-z0-9_]+$")
+_DCP_GLOBALS = frozenset(
+    [
+        *(
+            f"torch.distributed.checkpoint.metadata.{name}"
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "TensorProperties",
+                "ChunkStorageMetadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "torch.Size",
+        "torch.serialization._get_layout",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PurePosixPath",
+        "pathlib.PureWindowsPath",
+    ]
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else ``model``)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _dtensor_type() -> type | None:
+    # no DTensor can exist unless its module was imported; importing it here would cost ~1 s
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_sharded(tensors: Mapping[str, Any]) -> bool:
+    """Whether any value is a DTensor (FSDP2, tensor parallel): such state is written through DCP."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(v, dtensor) for v in tensors.values())
+
+
+class Coordinator:
+    """The ranks of a ``torch.distributed`` job as a checkpoint sees them; a no-op in one process.
+
+    Collectives run on a gloo group of their own, so they work under any
+    backend (NCCL included) and from the background thread of an
+    asynchronous save without interfering with the training's collectives.
+    Every rank must construct it (it creates that group).
+    """
+
+    def __init__(self) -> None:
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.size = dist.get_world_size() if self.active else 1
+        self.group: Any = dist.new_group(backend="gloo") if self.active else None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, which writes replicated state and commits."""
+        return self.rank == 0
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, by rank, on every rank."""
+        if not self.active:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def agree(self, error: BaseException | None, *, step: int, stage: str) -> None:
+        """Raise on every rank if any rank failed ``stage`` (a barrier when none did).
+
+        Raises:
+            DistributedSaveError: naming each failed rank and its error (in one
+                process, the error itself is raised).
+        """
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        report = None if error is None else f"{type(error).__name__}: {first_line(error)}"
+        failed = {rank: text for rank, text in enumerate(self.gather(report)) if text is not None}
+        if failed:
+            raise DistributedSaveError(step, stage, failed) from error
+
+
+def sharded_state(model: nn.Module, optimizer: Any | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's and optimizer's state as DCP sees them: DTensor shards, keys by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return dict(get_model_state_dict(model)), None
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return dict(model_state), dict(optim_state)
+
+
+def apply_sharded(
+    model: nn.Module | None,
+    optimizer: Any | None,
+    model_state: dict[str, Any] | None,
+    optim_state: dict[str, Any] | None,
+    *,
+    strict: bool,
+) -> None:
+    """Load DCP-shaped state into a (sharded or plain) model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(strict=strict)
+    if model is None:
+        return
+    if optimizer is None:
+        set_model_state_dict(model, model_state or {}, options=options)
+        return
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state or {},
+        optim_state_dict=optim_state or {},
+        options=options,
+    )
+
+
+def save_shards(tensors: dict[str, torch.Tensor], folder: Path, coordinator: Coordinator) -> None:
+    """Every rank writes its shards of ``tensors`` to ``folder`` (collective)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    writer = FileSystemWriter(str(folder), overwrite=True)
+    save(tensors, storage_writer=writer, process_group=coordinator.group, no_dist=not coordinator.active)
+
+
+def shard_files(folder: Path, rank: int) -> list[Path]:
+    """The files of ``folder`` this rank wrote (DCP names them ``__<rank>_<n>.distcp``; rank 0 also
+    writes ``.metadata``)."""
+    mine = [p for p in folder.iterdir() if p.name.startswith(f"__{rank}_")]
+    if rank == 0 and (folder / _METADATA).is_file():
+        mine.append(folder / _METADATA)
+    return sorted(mine)
+
+
+def check_shard_metadata(folder: Path) -> Any:
+    """DCP's metadata of ``folder``, read only after the allowlist check.
+
+    Raises:
+        UnsafeFileError: the metadata would import anything but DCP's metadata
+            classes, or the checkpoint holds pickled objects.
+        CheckpointMismatchError: there is no metadata.
+    """
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from torchkeep.safety import scan
+
+    path = folder / _METADATA
+    if not path.is_file():
+        raise CheckpointMismatchError(
+            folder, "shards", f"{folder} holds no DCP {_METADATA} file", "point to a complete checkpoint"
+        )
+    result = scan(path)
+    outside = [name for name in result.imports if name not in _DCP_GLOBALS and not _DTYPE.match(name)]
+    if result.verdict in ("CORRUPT", "ERROR") or outside:
+        raise UnsafeFileError(
+            path, outside, reason=None if outside else f"is not a DCP metadata file ({result.reason})"
+        )
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+    if pickled:
+        raise UnsafeFileError(
+            path,
+            reason=f"holds pickled objects ({', '.join(pickled[:5])}), which DCP would load with "
+            "torch.load(weights_only=False); torchkeep writes tensors only",
+        )
+    return metadata
+
+
+def load_shards(tensors: dict[str, torch.Tensor], folder: Path, coordinator: Coordinator | None) -> None:
+    """Fill ``tensors`` (DTensors or plain, any sharding) from the shards in ``folder`` (collective)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    check_shard_metadata(folder)
+    active = coordinator is not None and coordinator.active
+    load(
+        tensors,
+        storage_reader=FileSystemReader(str(folder)),
+        process_group=coordinator.group if active and coordinator else None,
+        no_dist=not active,
+    )

@@ -1,0 +1,358 @@
+"""What a Checkpointer writes and reads back: a training state as tensors plus JSON.
+
+:func:`capture` takes a consistent snapshot of model, optimizer, scheduler,
+scaler, user stateful objects, extras and random states (per rank in a
+distributed job); :func:`apply_checkpoint` puts a checkpoint folder's state
+back into live objects after checking that everything fits. DTensor-sharded
+model and optimizer state travels through DCP (:mod:`torchkeep.distributed`),
+everything else through one safetensors file and ``state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
+from torchkeep.distributed import (
+    SHARDS,
+    Coordinator,
+    apply_sharded,
+    is_sharded,
+    load_shards,
+    sharded_state,
+    unwrap,
+)
+from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
+from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.serialize import flatten, unflatten
+from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
+
+__all__ = ["FORMAT_VERSION", "STATE", "TENSORS", "Snapshot", "apply_checkpoint", "capture", "metric_value"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+_STATE_KEYS = {
+    "step",
+    "epoch",
+    "metrics",
+    "extra",
+    "model",
+    "aliases",
+    "parts",
+    "rng",
+    "versions",
+    "world",
+    "sharded",
+}
+Stage = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def metric_value(value: Any) -> float | None:
+    """A metric as a float (tensors and NumPy scalars too); ``None`` for NaN or non-numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item() if value.numel() == 1 else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class Snapshot:
+    """One rank's part of a checkpoint, ready to write.
+
+    Attributes:
+        step: the step.
+        epoch: the epoch, if given.
+        metrics: the metrics, as floats (``None`` for non-numbers).
+        state: the JSON of ``state.json`` (rank 0; empty elsewhere).
+        tensors: the replicated tensors for ``tensors.safetensors`` (rank 0; empty elsewhere).
+        shards: the DTensor-sharded tensors for DCP (every rank), or ``None``.
+    """
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float | None]
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    shards: dict[str, torch.Tensor] | None
+
+
+def _stage_shards(shards: dict[str, Any], stage: Stage) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Any] = {}
+    for key, value in shards.items():
+        if isinstance(value, DTensor):
+            local = stage(key, value.to_local())
+            out[key] = DTensor.from_local(
+                local,
+                value.device_mesh,
+                value.placements,
+                run_check=False,
+                shape=value.shape,
+                stride=value.stride(),
+            )
+        else:
+            out[key] = stage(key, value.detach())
+    return out
+
+
+def capture(
+    step: int,
+    *,
+    model: nn.Module,
+    objects: Mapping[str, Stateful | None],
+    epoch: int | None,
+    metrics: dict[str, float | None],
+    extra: Mapping[str, Any] | None,
+    coordinator: Coordinator,
+    stage: Stage | None,
+) -> Snapshot:
+    """Snapshot a training state (``stage`` copies every tensor into a buffer of its own).
+
+    ``objects`` holds ``optimizer``, ``scheduler``, ``scaler`` and user
+    stateful objects by name. Collective in a distributed job.
+
+    Raises:
+        UnserializableValueError: a value that cannot be stored without pickle.
+        DistributedSaveError: any rank failed.
+    """
+    module = unwrap(model)
+    main = coordinator.is_main
+    error: BaseException | None = None
+    snap = Snapshot(step, None, metrics, {}, {}, None)
+    rng: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        rng = capture_rng_state()
+        model_state = to_state_dict(module)
+        sharded = is_sharded(model_state)
+        parts: dict[str, Any] = {}
+        rest = {name: obj for name, obj in objects.items() if obj is not None}
+        if sharded:
+            shard_tensors: dict[str, torch.Tensor] = {}
+            model_sd, optim_sd = sharded_state(module, rest.pop("optimizer", None))
+            for key, value in model_sd.items():
+                shard_tensors[f"model/{key}"] = value
+            model_keys = list(model_sd)
+            if optim_sd is not None:
+                parts["optimizer"] = flatten(optim_sd, "optimizer", shard_tensors)
+            snap.shards = shard_tensors if stage is None else _stage_shards(shard_tensors, stage)
+        else:
+            model_keys = list(model_state)
+            if main:
+                tensors.update({f"model/{key}": value for key, value in model_state.items()})
+        if main:  # replicated state: written once, by rank 0
+            parts.update({name: flatten(obj.state_dict(), name, tensors) for name, obj in rest.items()})
+            snap.state = {
+                "step": step,
+                "epoch": epoch,
+                "metrics": metrics,
+                "extra": flatten(dict(extra or {}), "extra", tensors),
+                "model": model_keys,
+                "parts": parts,
+                "versions": {"torch": str(torch.__version__), "format": FORMAT_VERSION},
+            }
+            if sharded:
+                snap.state["sharded"] = True
+    except Exception as err:  # every rank must hear of it before any rank writes
+        error = err
+    coordinator.agree(error, step=step, stage="snapshot")
+    ranks = coordinator.gather(rng)
+    if main:
+        kept, aliases = compact_tensors(tensors, None, stage=stage)
+        snap.state["rng"] = flatten(ranks[0], "rng", kept)
+        if coordinator.size > 1:
+            snap.state["world"] = {
+                "size": coordinator.size,
+                "rng": {str(r): flatten(ranks[r], f"rng@{r}", kept) for r in range(1, coordinator.size)},
+            }
+        snap.state["aliases"] = aliases
+        snap.tensors = kept
+    snap.epoch = epoch
+    return snap
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint folder, checked for entries this version does not know.
+
+    Raises:
+        CheckpointMismatchError: it holds unknown entries (a newer torchkeep wrote it).
+    """
+    with (folder / STATE).open(encoding="utf-8") as f:
+        state: dict[str, Any] = json.load(f)
+    unknown = set(state) - _STATE_KEYS
+    if unknown:
+        raise CheckpointMismatchError(
+            folder,
+            "checkpoint",
+            f"state.json holds entries this torchkeep does not know: {sorted(unknown)}",
+            "upgrade torchkeep (pip install -U torchkeep), which wrote this checkpoint",
+        )
+    return state
+
+
+def _tensor_refs(data: Any, found: set[str]) -> set[str]:
+    if isinstance(data, list):
+        for value in data:
+            _tensor_refs(value, found)
+    elif isinstance(data, dict):
+        if data.get("__tk__") == "tensor":
+            found.add(data["v"])
+        else:
+            for value in data.values():
+                _tensor_refs(value, found)
+    return found
+
+
+def _load_sharded(
+    folder: Path,
+    state: dict[str, Any],
+    model: nn.Module | None,
+    optimizer: Stateful | None,
+    *,
+    strict: bool,
+    coordinator: Coordinator,
+) -> list[str]:
+    if model is None:
+        if optimizer is not None:
+            raise CheckpointMismatchError(
+                folder,
+                "optimizer",
+                "this checkpoint's optimizer state is keyed by the model's parameter names",
+                "pass model= too",
+            )
+        return []
+    saved_optim = state["parts"].get("optimizer")
+    if optimizer is not None and saved_optim is None:
+        raise CheckpointMismatchError(
+            folder, "optimizer", "the checkpoint holds no optimizer state", "restore without optimizer="
+        )
+    module = unwrap(model)
+    model_sd, optim_sd = sharded_state(module, optimizer)
+    template: dict[str, torch.Tensor] = {f"model/{key}": value for key, value in model_sd.items()}
+    saved = {f"model/{key}" for key in state["model"]}
+    if optimizer is not None and optim_sd is not None:
+        flatten(optim_sd, "optimizer", template)
+        saved |= _tensor_refs(saved_optim, set())
+    missing = sorted(set(template) - saved)
+    unexpected = sorted(k for k in saved - set(template) if k.startswith("model/") or optimizer is not None)
+    if missing or (strict and unexpected):
+        raise CheckpointMismatchError(
+            folder,
+            "model",
+            f"missing from the checkpoint: {missing[:5]}; not in the model: {unexpected[:5]}",
+            "build the same model (and optimizer) as the run that saved it",
+        )
+    wanted = {key: template[key] for key in template if key in saved}
+    load_shards(wanted, folder / SHARDS, coordinator)
+    loaded_model = {key: template[f"model/{key}"] for key in model_sd}
+    loaded_optim = unflatten(saved_optim, template) if optimizer is not None else None
+    apply_sharded(module, optimizer, loaded_model, loaded_optim, strict=strict)
+    return ["model"] + (["optimizer"] if optimizer is not None else [])
+
+
+def _restore_rngs(
+    state: dict[str, Any], tensors: Mapping[str, torch.Tensor], coordinator: Coordinator
+) -> None:
+    world = state.get("world") or {"size": 1, "rng": {}}
+    saved_size = int(world["size"])
+    rank = coordinator.rank
+    if rank == 0:
+        restore_rng_state(unflatten(state["rng"], tensors))
+    elif str(rank) in world["rng"]:
+        restore_rng_state(unflatten(world["rng"][str(rank)], tensors))
+    else:
+        warnings.warn(
+            f"rank {rank}: the checkpoint was saved by {saved_size} rank(s) and holds no random state for "
+            "this rank, which keeps its current one; random numbers drawn here will differ from a run "
+            "that never stopped",
+            RngRestoreWarning,
+            stacklevel=4,
+        )
+    if coordinator.is_main and coordinator.size < saved_size:
+        warnings.warn(
+            f"the checkpoint was saved by {saved_size} ranks and is restored on {coordinator.size}: the "
+            f"random states of ranks {list(range(coordinator.size, saved_size))} were not restored",
+            RngRestoreWarning,
+            stacklevel=4,
+        )
+
+
+def apply_checkpoint(
+    folder: Path,
+    given: dict[str, Any],
+    *,
+    restore_rng: bool,
+    strict: bool,
+    map_location: MapLocation,
+    coordinator: Coordinator,
+) -> CheckpointInfo:
+    """Put the state of a verified checkpoint folder into the ``given`` objects (by name).
+
+    Raises:
+        CheckpointMismatchError, KeyMismatchError: it does not fit the objects given.
+    """
+    from safetensors.torch import load_file
+
+    state = read_state(folder)
+    tensors = load_file(str(folder / TENSORS), device=str(torch.device(map_location)))
+    for alias, canonical in state["aliases"].items():
+        tensors[alias] = tensors[canonical]
+    sharded = bool(state.get("sharded"))
+    parts: dict[str, Any] = {}
+    if not sharded:
+        parts["model"] = {key: tensors[f"model/{key}"] for key in state["model"]}
+    for name, data in state["parts"].items():
+        if not (sharded and name == "optimizer"):  # a sharded optimizer's tensors are in the shards
+            parts[name] = unflatten(data, tensors)
+    requested = {name: obj for name, obj in given.items() if obj is not None}
+    if "model" in requested and not sharded:
+        requested["model"] = unwrap(requested["model"])
+    report = None
+    if sharded:
+        model, optimizer = requested.pop("model", None), requested.pop("optimizer", None)
+        names = ["model", "optimizer", *parts]
+        for name in requested:  # every check before the first object changes
+            if parts.get(name) is None:
+                raise CheckpointMismatchError(
+                    folder,
+                    name,
+                    f"the checkpoint holds no {name} state (it has: {', '.join(names)})",
+                    f"restore without {name}=",
+                )
+        restored = _load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
+        more, _ = apply_states(folder, parts, requested, strict=strict, available=sorted(names))
+        restored += more
+    else:
+        restored, report = apply_states(folder, parts, requested, strict=strict, available=sorted(parts))
+    if restore_rng:
+        _restore_rngs(state, tensors, coordinator)
+        restored.append("rng")
+    logger.info("restored %s from %s", ", ".join(restored), folder)
+    return CheckpointInfo(
+        path=folder,
+        epoch=state.get("epoch"),
+        step=state.get("step"),
+        loss=state["metrics"].get("loss"),
+        metrics=dict(state["metrics"]),
+        extra=unflatten(state["extra"], tensors),
+        restored=tuple(restored),
+        layout="torchkeep",
+        model_report=report,
+    )
