@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,44 @@ def rewrite_as_saved_on_gpu(src: Path, dst: Path) -> None:
     with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as out:
         for name in names:
             out.writestr(name, records[name])
+
+
+class S3Server:
+    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket per test."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        # the same settings for child processes, through fsspec's environment configuration
+        self.env = {
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "FSSPEC_S3_KEY": "testing",
+            "FSSPEC_S3_SECRET": "testing",
+        }
+        self._count = 0
+
+    def new_bucket(self) -> str:
+        import s3fs
+
+        self._count += 1
+        name = f"torchkeep-test-{self._count}"
+        fs = s3fs.S3FileSystem(**self.options)
+        fs.mkdir(name)
+        fs.invalidate_cache()
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()

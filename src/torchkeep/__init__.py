@@ -11,12 +11,14 @@ Example:
 """
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save_checkpoint
+from torchkeep.consolidate import consolidate
 from torchkeep.data import ResumableSampler
 from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.errors import (
     AsyncSaveError,
     CheckpointMismatchError,
     CorruptFileError,
+    DistributedSaveError,
     ExportError,
     InvalidMetadataError,
     KeyMismatchError,
@@ -65,6 +67,7 @@ __all__ = [
     "CheckpointMismatchError",
     "Checkpointer",
     "CorruptFileError",
+    "DistributedSaveError",
     "EarlyStopping",
     "ExportError",
     "FileFormat",
@@ -104,6 +107,7 @@ __all__ = [
     "WeightsDiff",
     "WeightsUnavailableError",
     "__version__",
+    "consolidate",
     "detect_format",
     "diff",
     "evaluating",

@@ -16,10 +16,12 @@ those with ``torch.load(weights_only=False)``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,10 @@ class Coordinator:
                 raise error
             return
         report = None if error is None else f"{type(error).__name__}: {first_line(error)}"
+        failures = getattr(error, "failures", None)  # DCP's CheckpointException: each rank's own error
+        if isinstance(failures, dict):
+            own = failures.get(self.rank)
+            report = None if own is None else f"{type(own[0]).__name__}: {first_line(own[0])}"
         failed = {rank: text for rank, text in enumerate(self.gather(report)) if text is not None}
         if failed:
             raise DistributedSaveError(step, stage, failed) from error
@@ -184,13 +190,22 @@ def apply_sharded(
     )
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns that it "assumes the intent" of one process; here one process is the intent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_shards(tensors: dict[str, torch.Tensor], folder: Path, coordinator: Coordinator) -> None:
     """Every rank writes its shards of ``tensors`` to ``folder`` (collective)."""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
     writer = FileSystemWriter(str(folder), overwrite=True)
-    save(tensors, storage_writer=writer, process_group=coordinator.group, no_dist=not coordinator.active)
+    with _quiet_single_process():
+        save(tensors, storage_writer=writer, process_group=coordinator.group, no_dist=not coordinator.active)
 
 
 def shard_files(folder: Path, rank: int) -> list[Path]:
@@ -202,12 +217,17 @@ def shard_files(folder: Path, rank: int) -> list[Path]:
     return sorted(mine)
 
 
-def check_shard_metadata(folder: Path) -> Any:
+def check_shard_metadata(folder: Path, *, allow_pickled: bool = False) -> Any:
     """DCP's metadata of ``folder``, read only after the allowlist check.
+
+    Args:
+        folder (Path): the DCP folder.
+        allow_pickled (bool, default False): accept checkpoints that also hold
+            pickled (non-tensor) items, for callers that read tensors only.
 
     Raises:
         UnsafeFileError: the metadata would import anything but DCP's metadata
-            classes, or the checkpoint holds pickled objects.
+            classes, or the checkpoint holds pickled objects (unless allowed).
         CheckpointMismatchError: there is no metadata.
     """
     from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -228,7 +248,7 @@ def check_shard_metadata(folder: Path) -> Any:
         )
     metadata = FileSystemReader(str(folder)).read_metadata()
     pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-    if pickled:
+    if pickled and not allow_pickled:
         raise UnsafeFileError(
             path,
             reason=f"holds pickled objects ({', '.join(pickled[:5])}), which DCP would load with "
@@ -237,16 +257,26 @@ def check_shard_metadata(folder: Path) -> Any:
     return metadata
 
 
-def load_shards(tensors: dict[str, torch.Tensor], folder: Path, coordinator: Coordinator | None) -> None:
-    """Fill ``tensors`` (DTensors or plain, any sharding) from the shards in ``folder`` (collective)."""
+def load_shards(
+    tensors: dict[str, torch.Tensor],
+    folder: Path,
+    coordinator: Coordinator | None,
+    *,
+    allow_pickled: bool = False,
+) -> None:
+    """Fill ``tensors`` (DTensors or plain, any sharding) from the shards in ``folder`` (collective).
+
+    Only the tensors asked for are read; the metadata passes the allowlist check first.
+    """
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    check_shard_metadata(folder)
+    check_shard_metadata(folder, allow_pickled=allow_pickled)
     active = coordinator is not None and coordinator.active
-    load(
-        tensors,
-        storage_reader=FileSystemReader(str(folder)),
-        process_group=coordinator.group if active and coordinator else None,
-        no_dist=not active,
-    )
+    with _quiet_single_process():
+        load(
+            tensors,
+            storage_reader=FileSystemReader(str(folder)),
+            process_group=coordinator.group if active and coordinator else None,
+            no_dist=not active,
+        )

@@ -86,6 +86,24 @@ class Remote:
         """Copy this file to ``local``."""
         self.fs.get_file(self.path, str(local))
 
+    def files(self) -> dict[str, int]:
+        """Every file under this folder: relative path -> size (listings re-read, not cached)."""
+        self.fs.invalidate_cache(self.path)
+        found = self.fs.find(self.path, detail=True, withdirs=False)
+        prefix = self.path.rstrip("/") + "/"
+        return {
+            str(name)[len(prefix) :]: int(info["size"])
+            for name, info in found.items()
+            if str(name).startswith(prefix)
+        }
+
+    def download_tree(self, local: Path) -> None:
+        """Copy every file under this folder into the local folder ``local``."""
+        for relative in self.files():
+            target = local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.join(relative).download(target)
+
     def exists(self) -> bool:
         """Whether something is stored here (listings are re-read, not cached)."""
         self.fs.invalidate_cache(self.path)

@@ -159,20 +159,9 @@ class RemoteRun:
                 found.append((int(match.group(1)), self.root.join(name)))
         return sorted(found, key=lambda item: item[0])
 
-    def _sizes(self, where: Remote) -> dict[str, int]:
-        fs = where.fs
-        fs.invalidate_cache(where.path)
-        found = fs.find(where.path, detail=True, withdirs=False)
-        prefix = where.path.rstrip("/") + "/"
-        return {
-            str(name)[len(prefix) :]: int(info["size"])
-            for name, info in found.items()
-            if str(name).startswith(prefix)
-        }
-
     def inspect(self, where: Location, *, checksums: bool) -> tuple[Verdict, int]:
         assert isinstance(where, Remote)
-        sizes = self._sizes(where)
+        sizes = where.files()
         total = sum(sizes.values())
         if MANIFEST not in sizes:
             return Verdict(False, "no manifest.json (an unfinished or damaged checkpoint)"), total
@@ -235,10 +224,7 @@ class RemoteRun:
         local = Path(tempfile.mkdtemp(prefix="torchkeep-restore-")) / where.name
         try:
             local.mkdir()
-            for relative in self._sizes(where):
-                target = local / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                where.join(relative).download(target)
+            where.download_tree(local)
             yield local
         finally:
             _remove_tree(local.parent)
