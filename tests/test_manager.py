@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -367,28 +365,7 @@ def _crash_rounds(tmp_path: Path, rounds: int, *, async_save: bool = False) -> N
     sys.path.insert(0, str(HERE))
     import _crash_worker as worker
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchkeep", "_crash_worker"])
-    committed = context.Value("q", -1)
-    rng = random.Random(1234)
-    run_dir = tmp_path / "run"
-    for _ in range(rounds):
-        process = context.Process(target=worker.save_forever, args=(str(run_dir), committed, async_save))
-        process.start()
-        process.join(timeout=rng.uniform(0.05, 0.6))
-        process.kill()  # SIGKILL: no cleanup, no atexit
-        process.join()
-        newest = committed.value
-        if newest < 0:
-            continue
-        model = worker.make_model()
-        info = torchkeep.Checkpointer(run_dir, keep_last=3).restore(model=model, restore_rng=False)
-        assert info is not None
-        assert info.step is not None
-        assert info.step >= newest, "a committed checkpoint was lost"
-        for tensor in model.state_dict().values():
-            assert torch.all(tensor == info.step), "restored a checkpoint that is not the one committed"
-    assert committed.value > 0
+    assert worker.crash_rounds(str(tmp_path / "run"), rounds, async_save=async_save) > 0
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

@@ -19,6 +19,7 @@ went wrong and what to do next::
     ├── UnserializableValueError    (TypeError)
     ├── MissingClassError           (ImportError)
     ├── MissingExtraError           (ImportError)
+    ├── UnknownProtocolError        (ValueError)
     ├── WeightsUnavailableError     (FileNotFoundError)
     ├── KeyMismatchError            (RuntimeError)
     ├── CheckpointMismatchError     (ValueError)
@@ -67,6 +68,7 @@ __all__ = [
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",
+    "UnknownProtocolError",
     "UnsafeFileError",
     "UnserializableValueError",
     "UnsupportedDtypeError",
@@ -353,6 +355,24 @@ class MissingExtraError(TorchkeepError, ImportError):
         self.package = package
         self.extra = extra
         super().__init__(f"this needs {package}, which is not installed; pip install 'torchkeep[{extra}]'")
+
+
+class UnknownProtocolError(TorchkeepError, ValueError):
+    """A URL whose protocol fsspec does not know (a typo, or a driver it has never heard of).
+
+    Attributes:
+        url: the URL.
+        protocol: its protocol, e.g. ``"s4"``.
+    """
+
+    def __init__(self, url: str, protocol: str) -> None:
+        self.url = url
+        self.protocol = protocol
+        super().__init__(
+            f"{url}: fsspec knows no protocol {protocol!r}. Check the spelling (s3://, gs://, az://, "
+            "memory://, file://); `python -c 'import fsspec; print(fsspec.available_protocols())'` lists "
+            "the known ones."
+        )
 
 
 class WeightsUnavailableError(TorchkeepError, FileNotFoundError):

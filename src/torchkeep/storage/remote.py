@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from torchkeep.errors import MissingExtraError
+from torchkeep.errors import MissingExtraError, UnknownProtocolError
 
 __all__ = ["Remote", "StorageOptions", "is_url", "resolve", "scratch_dir"]
 
@@ -121,6 +121,7 @@ def resolve(path: str | os.PathLike[str], storage_options: StorageOptions | None
 
     Raises:
         MissingExtraError: fsspec, or the driver of the URL's protocol, is not installed.
+        UnknownProtocolError: fsspec knows no such protocol.
         ValueError: ``storage_options`` with a local path.
     """
     if not is_url(path):
@@ -141,6 +142,10 @@ def resolve(path: str | os.PathLike[str], storage_options: StorageOptions | None
     except ImportError as err:
         extra = _EXTRAS.get(scheme, "remote")
         raise MissingExtraError(_PACKAGES.get(extra, f"the fsspec driver for {scheme}://"), extra) from err
+    except ValueError as err:
+        if "protocol" not in str(err).lower():
+            raise
+        raise UnknownProtocolError(url, scheme) from err
     return Remote(fs, inner.rstrip("/") or inner, url.rstrip("/"))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import posixpath
 import re
 import secrets
 import shutil
@@ -143,20 +142,33 @@ class RemoteRun:
         self.url = root.url
         root.fs.makedirs(root.path, exist_ok=True)
 
-    def _listing(self, path: str) -> list[dict[str, object]]:
-        self.root.fs.invalidate_cache(path)
+    def _scan(self) -> tuple[set[str], set[str]]:
+        """The step folders under the root, and those of them that hold a manifest (committed)."""
+        root = self.root
+        root.fs.invalidate_cache(root.path)
         try:
-            return list(self.root.fs.ls(path, detail=True))
+            paths = root.fs.find(root.path, maxdepth=2, withdirs=True)
         except FileNotFoundError:
-            return []
+            return set(), set()
+        prefix = root.path.rstrip("/") + "/"
+        folders: set[str] = set()
+        committed: set[str] = set()
+        for path in paths:
+            parts = str(path)[len(prefix) :].split("/") if str(path).startswith(prefix) else []
+            if parts and STEP_NAME.match(parts[0]):
+                folders.add(parts[0])
+                if parts[1:] == [MANIFEST]:
+                    committed.add(parts[0])
+        return folders, committed
 
     def steps(self) -> list[tuple[int, Location]]:
+        """The committed checkpoint folders: a folder without a manifest is absent."""
+        _, committed = self._scan()
         found: list[tuple[int, Location]] = []
-        for info in self._listing(self.root.path):
-            name = posixpath.basename(str(info["name"]).rstrip("/"))
+        for name in committed:
             match = STEP_NAME.match(name)
-            if match and info.get("type") == "directory":
-                found.append((int(match.group(1)), self.root.join(name)))
+            assert match is not None
+            found.append((int(match.group(1)), self.root.join(name)))
         return sorted(found, key=lambda item: item[0])
 
     def inspect(self, where: Location, *, checksums: bool) -> tuple[Verdict, int]:
@@ -239,11 +251,10 @@ class RemoteRun:
         return self.root.join(Path(text).name)
 
     def clean_leftovers(self) -> None:
-        for _, where in self.steps():
-            assert isinstance(where, Remote)
-            if not where.join(MANIFEST).exists():
-                where.fs.rm(where.path, recursive=True)
-                logger.info("removed %s left by an interrupted save", where)
-
+        folders, committed = self._scan()
+        for name in sorted(folders - committed):
+            where = self.root.join(name)
+            where.fs.rm(where.path, recursive=True)
+            logger.info("removed %s left by an interrupted save", where)
 
 RunStore = LocalRun | RemoteRun
