@@ -83,7 +83,9 @@ def train(scenario: str, run_dir: str, out: Path, opts: dict[str, str]) -> None:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     torch.manual_seed(100 + rank)  # after make_model's seed: each rank draws its own noise
-    ckpts = torchkeep.Checkpointer(run_dir, keep_last=int(opts.get("keep_last", "3")))
+    ckpts = torchkeep.Checkpointer(
+        run_dir, keep_last=int(opts.get("keep_last", "3")), async_save=opts.get("async") == "1"
+    )
     restore_path = opts.get("restore")
     info = ckpts.restore(model=model, optimizer=optimizer, path=restore_path)
     start = 0 if info is None else int(info.step or 0) + 1
@@ -118,6 +120,7 @@ def train(scenario: str, run_dir: str, out: Path, opts: dict[str, str]) -> None:
         if rank == 0:
             (out / "progress").write_text(str(step))
         time.sleep(sleep)
+    ckpts.close()
     final = full_state(model)
     if rank == 0:
         torch.save(final, out / f"final-{world}.pt")

@@ -206,6 +206,17 @@ def test_fsdp_restores_on_two_four_and_one_rank(fsdp_reference: tuple[Path, Path
     _assert_equal(restored[1], restored[2])
 
 
+def test_async_sharded_saves_equal_sync_ones(fsdp_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    run, reference = fsdp_reference
+    run_job(2, "fsdp", tmp_path / "run", tmp_path / "out", steps=5, **{"async": 1})
+    _assert_equal(_final(tmp_path / "out", 2), _final(reference, 2))
+    for step in (2, 3, 4):  # written in the background, each rank's DCP on the checkpoint group
+        name = f"step-{step:08d}"
+        a = torchkeep.consolidate(tmp_path / "run" / name, tmp_path / f"async-{step}.safetensors")
+        b = torchkeep.consolidate(run / name, tmp_path / f"sync-{step}.safetensors")
+        _assert_equal(load_file(str(a)), load_file(str(b)))
+
+
 def test_consolidate_a_sharded_checkpoint(fsdp_reference: tuple[Path, Path], tmp_path: Path) -> None:
     run, reference = fsdp_reference
     out = torchkeep.consolidate(run / "step-00000004", tmp_path / "model.safetensors")
