@@ -11,19 +11,22 @@ from rich.table import Table
 
 from torchkeep._table import format_bytes
 from torchkeep.manager import Checkpointer
+from torchkeep.storage.remote import is_url
 
 __all__ = ["ls_command"]
 
 
 def ls_command(
-    run_dir: Path = typer.Argument(..., help="A run folder written by torchkeep.Checkpointer."),
+    run_dir: str = typer.Argument(
+        ..., help="A run folder written by torchkeep.Checkpointer, or its URL (s3://bucket/run)."
+    ),
     monitor: str | None = typer.Option(None, "--monitor", help="Metric that marks the best checkpoint."),
     mode: str = typer.Option("min", "--mode", help="min or max: which way the metric is better."),
     verify: bool = typer.Option(False, "--verify", help="Check the checksums too (reads every file)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
 ) -> None:
     """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest."""
-    if not run_dir.is_dir():
+    if not is_url(run_dir) and not Path(run_dir).is_dir():
         raise FileNotFoundError(
             f"{run_dir}: no such run folder; pass the folder given to torchkeep.Checkpointer"
         )

@@ -11,6 +11,7 @@ from torchkeep.errors import TorchkeepError
 from torchkeep.formats import FileFormat, detect_format, require_file
 from torchkeep.manager import Checkpointer
 from torchkeep.storage.manifest import MANIFEST, verify_folder
+from torchkeep.storage.remote import is_url
 from torchkeep.weights import load_weights, read_torch_file
 
 __all__ = ["verify_command", "verify_path"]
@@ -39,16 +40,23 @@ def verify_path(path: Path) -> list[tuple[str, bool, str]]:
 
 
 def verify_command(
-    path: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a single file."),
+    path: str = typer.Argument(
+        ..., help="A checkpoint folder, a run folder (or its URL, s3://bucket/run), or a single file."
+    ),
 ) -> None:
     """Check that checkpoints are whole: manifest sizes and checksums, or a full read of a file.
 
     Exits 0 when everything is valid and 1 when anything is not.
     """
-    if not path.exists():
+    if is_url(path):
+        results = [(e.name, e.valid, e.reason) for e in Checkpointer(path).list(verify=True)]
+        if not results:
+            results = [(path, False, "no checkpoints at this URL")]
+    elif not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    else:
+        results = verify_path(Path(path))
     console = Console(highlight=False)
-    results = verify_path(path)
     for name, ok, reason in results:
         console.print(f"[green]valid[/]    {name}" if ok else f"[red]invalid[/]  {name}: {reason}")
     if not all(ok for _, ok, _ in results):
