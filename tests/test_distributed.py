@@ -36,6 +36,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# gloo picks its interface from the host name, which may not resolve in a container: use loopback
+LOOPBACK = (
+    {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" and "GLOO_SOCKET_IFNAME" not in os.environ else {}
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +61,7 @@ def _start(world: int, args: list[str], env: dict[str, str] | None = None) -> li
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(world),
             "OMP_NUM_THREADS": "1",
+            **{k: v for k, v in LOOPBACK.items() if k not in os.environ},
         }
         procs.append(
             subprocess.Popen(

@@ -28,6 +28,8 @@ def test_ddp_example_under_torchrun_then_one_process(tmp_path: Path) -> None:
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform == "linux":  # gloo picks its interface from the host name, which may not resolve
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     first = subprocess.run(
         [*torchrun, str(script), str(run), "--fsdp", "--steps", "20"],
         capture_output=True,
