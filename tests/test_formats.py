@@ -137,3 +137,29 @@ def test_safetensors_limits(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.LimitExceededError, match="max_header_bytes"):
         read_safetensors_header(path, limits=torchkeep.Limits(max_header_bytes=10))
     assert len(read_safetensors_header(path).tensors) == 5
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "link-and-replace"])
+def test_replacing_a_file_is_atomic_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    from torchkeep.storage import atomic
+
+    if not exchange:
+        monkeypatch.setattr(atomic, "_renameat2", None)
+    elif atomic._renameat2 is None:
+        pytest.skip("this C library has no renameat2")
+    target = tmp_path / "w.bin"
+    target.write_bytes(b"old" * 1000)
+    reader = target.open("rb")  # a reader that opened the old file keeps reading it
+    old_inode = target.stat().st_ino
+    with atomic_target(target) as tmp:
+        tmp.write_bytes(b"new" * 2000)
+    if exchange and atomic._renameat2 is None:
+        pytest.skip("this filesystem refused RENAME_EXCHANGE (the fallback is the other case)")
+    assert target.read_bytes() == b"new" * 2000
+    assert target.stat().st_ino != old_inode
+    assert reader.read() == b"old" * 1000
+    reader.close()
+    atomic.wait_for_discards()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]  # the old file is gone too

@@ -257,4 +257,5 @@ class RemoteRun:
             where.fs.rm(where.path, recursive=True)
             logger.info("removed %s left by an interrupted save", where)
 
+
 RunStore = LocalRun | RemoteRun
