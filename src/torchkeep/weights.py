@@ -132,7 +132,7 @@ def compact_tensors(
     seen_views: dict[tuple[Any, ...], str] = {}
     used_storages: set[int] = set()
     for key, value in state.items():
-        t = value.detach()
+        t = value.detach() if value.requires_grad else value  # state_dict() values are detached already
         if t.layout != torch.strided:
             raise NotAStateDictError(
                 None, f"tensor {key!r} with layout {t.layout}", hint="convert it with .to_dense() first"
