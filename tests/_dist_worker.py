@@ -83,6 +83,17 @@ def train(scenario: str, run_dir: str, out: Path, opts: dict[str, str]) -> None:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     torch.manual_seed(100 + rank)  # after make_model's seed: each rank draws its own noise
+    if opts.get("rank0_only") == "1":  # the habit from DDP tutorials: only rank 0 touches checkpoints
+        if rank == 0:
+            alone = torchkeep.Checkpointer(run_dir, distributed=False)
+        for step in range(int(opts.get("steps", "3"))):
+            x, y = batch(step, rank, world)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            if rank == 0:
+                alone.save(step, model=model, optimizer=optimizer)
+        dist.destroy_process_group()
+        return
     ckpts = torchkeep.Checkpointer(
         run_dir, keep_last=int(opts.get("keep_last", "3")), async_save=opts.get("async") == "1"
     )

@@ -252,6 +252,18 @@ def test_a_failure_on_one_rank_commits_nothing(mode: str, how: str, tmp_path: Pa
     assert info.step == 1
 
 
+def test_saving_from_rank_0_only_with_distributed_false(tmp_path: Path) -> None:
+    run_job(2, "ddp", tmp_path / "run", tmp_path / "out", steps=3, rank0_only=1)
+    entries = torchkeep.Checkpointer(tmp_path / "run").list(verify=True)
+    assert [e.step for e in entries] == [0, 1, 2]
+    manifest = json.loads((tmp_path / "run" / "step-00000002" / MANIFEST).read_text())
+    assert manifest["world_size"] == 1  # rank 0 alone: its own random state only
+    model = worker.make_model()
+    info = torchkeep.Checkpointer(tmp_path / "run").restore(model=model)
+    assert info is not None
+    assert info.step == 2
+
+
 def test_sharded_metadata_that_would_run_code_is_refused(
     fsdp_reference: tuple[Path, Path], tmp_path: Path
 ) -> None:

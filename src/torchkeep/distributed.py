@@ -99,11 +99,12 @@ class Coordinator:
     Collectives run on a gloo group of their own, so they work under any
     backend (NCCL included) and from the background thread of an
     asynchronous save without interfering with the training's collectives.
-    Every rank must construct it (it creates that group).
+    Every rank must construct it (it creates that group); ``enabled=False``
+    makes it a one-process coordinator even inside a distributed job.
     """
 
-    def __init__(self) -> None:
-        self.active = dist.is_available() and dist.is_initialized()
+    def __init__(self, *, enabled: bool | None = None) -> None:
+        self.active = dist.is_available() and dist.is_initialized() and enabled is not False
         self.rank = dist.get_rank() if self.active else 0
         self.size = dist.get_world_size() if self.active else 1
         self.group: Any = dist.new_group(backend="gloo") if self.active else None

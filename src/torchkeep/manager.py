@@ -137,6 +137,12 @@ class Checkpointer:
             state's size.
         storage_options (Mapping | None, default None): options of the fsspec
             filesystem of a URL (credentials, ``endpoint_url``, …).
+        distributed (bool | None, default None): None: coordinate with the
+            other ranks when ``torch.distributed`` is initialized (every rank
+            must then construct the Checkpointer and call ``save``/``restore``).
+            False: act as if this process were alone, for code that saves from
+            rank 0 only (``if rank == 0: ckpts.save(...)``); only this rank's
+            random state is kept and sharded (DTensor) state cannot be saved.
 
     With no ``keep_*`` option every checkpoint is kept. The options compose:
     a checkpoint stays if any of them keeps it, and the one just written and
@@ -170,6 +176,7 @@ class Checkpointer:
         durable: bool = True,
         async_save: bool = False,
         storage_options: StorageOptions | None = None,
+        distributed: bool | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -191,7 +198,7 @@ class Checkpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Path | str]] | None = None
         self._staging = StagingBuffers()
-        self._coordinator = Coordinator()
+        self._coordinator = Coordinator(enabled=distributed)
         if self._coordinator.is_main:
             self._store.clean_leftovers()
 

@@ -142,6 +142,11 @@ def capture(
         rng = capture_rng_state()
         model_state = to_state_dict(module)
         sharded = is_sharded(model_state)
+        if sharded and not coordinator.active:
+            raise ValueError(
+                "the model's state is sharded (DTensor, e.g. FSDP2) and this Checkpointer does not "
+                "coordinate the ranks; call save() on every rank with Checkpointer(distributed=None)"
+            )
         parts: dict[str, Any] = {}
         rest = {name: obj for name, obj in objects.items() if obj is not None}
         if sharded:
