@@ -56,7 +56,7 @@ from torchkeep.runstate import (
 )
 from torchkeep.storage.manifest import DIGEST, MANIFEST, file_record, verify_folder, write_json
 from torchkeep.storage.remote import Remote, StorageOptions, resolve
-from torchkeep.storage.runstore import LocalRun, Location, RemoteRun, step_name
+from torchkeep.storage.runstore import LocalRun, Location, RemoteRun, remove_tree, step_name
 from torchkeep.storage.staging import StagingBuffers
 from torchkeep.storage.tensorfile import write_safetensors
 from torchkeep.weights import MapLocation
@@ -409,10 +409,10 @@ class Checkpointer:
             if coordinator.is_main:
                 store.abandon(tmp, name)
             elif not store.shared:
-                LocalRun.abandon(store, tmp, name)  # type: ignore[arg-type]
+                remove_tree(tmp)  # this rank's scratch copy
             raise
         if not coordinator.is_main and not store.shared:
-            LocalRun.abandon(store, tmp, name)  # type: ignore[arg-type]
+            remove_tree(tmp)
         return final if final is not None else self._location(name)
 
     def _write_files(self, tmp: Path, name: str, snapshot: Snapshot) -> dict[str, dict[str, Any]]:

@@ -29,7 +29,7 @@ from torchkeep.storage.atomic import discard, fsync_dir
 from torchkeep.storage.manifest import MANIFEST, Verdict, check_files, parse_manifest, verify_folder
 from torchkeep.storage.remote import Remote
 
-__all__ = ["STEP_NAME", "LocalRun", "Location", "RemoteRun", "RunStore", "step_name"]
+__all__ = ["STEP_NAME", "LocalRun", "Location", "RemoteRun", "RunStore", "remove_tree", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
+    """Delete a local folder and everything in it (missing is fine)."""
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -94,7 +95,7 @@ class LocalRun:
             old = self.directory / f".{name}.old-{secrets.token_hex(4)}"
             os.rename(final, old)
             os.rename(tmp, final)
-            _remove_tree(old)
+            remove_tree(old)
         else:
             os.rename(tmp, final)
         if durable:
@@ -102,7 +103,7 @@ class LocalRun:
         return final
 
     def abandon(self, tmp: Path, name: str) -> None:
-        _remove_tree(tmp)
+        remove_tree(tmp)
 
     def remove(self, where: Location) -> None:
         assert isinstance(where, Path)
@@ -128,7 +129,7 @@ class LocalRun:
                     logger.warning("recovered %s from an interrupted replace", original.name)
                     continue
             if name.startswith((".step-", ".trash-")) and path.is_dir():
-                _remove_tree(path)
+                remove_tree(path)
                 logger.info("removed %s left by an interrupted save", name)
 
 
@@ -214,11 +215,11 @@ class RemoteRun:
                     folder.join(relative).upload(path)
             folder.join(MANIFEST).upload(tmp / MANIFEST)  # the commit
         finally:
-            _remove_tree(tmp)
+            remove_tree(tmp)
         return folder
 
     def abandon(self, tmp: Path, name: str) -> None:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         folder = self.root.join(name)
         if not folder.join(MANIFEST).exists() and folder.exists():
             folder.fs.rm(folder.path, recursive=True)
@@ -239,7 +240,7 @@ class RemoteRun:
             where.download_tree(local)
             yield local
         finally:
-            _remove_tree(local.parent)
+            remove_tree(local.parent)
 
     def locate(self, path: str | os.PathLike[str]) -> Location:
         text = os.fspath(path)
