@@ -135,7 +135,7 @@ def capture(
     module = unwrap(model)
     main = coordinator.is_main
     error: BaseException | None = None
-    snap = Snapshot(step, None, metrics, {}, {}, None)
+    snap = Snapshot(step, epoch, metrics, {}, {}, None)
     rng: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -189,7 +189,6 @@ def capture(
             }
         snap.state["aliases"] = aliases
         snap.tensors = kept
-    snap.epoch = epoch
     return snap
 
 
