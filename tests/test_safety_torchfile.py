@@ -12,12 +12,15 @@ from __future__ import annotations
 import collections
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import torchkeep
@@ -402,3 +405,11 @@ def test_reading_straight_to_cuda_matches_torch_load(tmp_path: Path) -> None:
     assert_same(kept, torch.load(tmp_path / "gpu.pt", weights_only=True))
     on_cpu = torchkeep.load_weights(tmp_path / "gpu.pt")  # the default map_location is "cpu"
     assert {t.device.type for t in on_cpu.values()} == {"cpu"}
+
+
+@given(st.binary(max_size=4096), st.binary(max_size=4096), st.integers(0, 2**32 - 1))
+def test_the_fast_crc_is_zlibs_crc(a: bytes, b: bytes, start: int) -> None:
+    from torchkeep.safety.crc import crc32
+
+    assert crc32(a, start) == zlib.crc32(a, start)
+    assert crc32(b, crc32(a)) == zlib.crc32(a + b)  # chained over chunks, as the readers do

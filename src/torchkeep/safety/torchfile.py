@@ -19,7 +19,6 @@ import os
 import re
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -28,6 +27,7 @@ import torch
 
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnknownFormatError, UnsupportedFormatError
 from torchkeep.safety.allowlist import StorageRef, StorageType, TensorLimits
+from torchkeep.safety.crc import crc32
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
 from torchkeep.safety.ziparchive import ZipArchive, ZipMember
@@ -144,7 +144,7 @@ def _read_into(f: Any, offset: int, nbytes: int) -> tuple[torch.UntypedStorage, 
         got = f.readinto(chunk)
         if not got:
             break
-        crc = zlib.crc32(chunk[:got], crc)
+        crc = crc32(chunk[:got], crc)
         done += got
     if done != nbytes:
         raise EOFError(f"read {done} of {nbytes} bytes")
@@ -207,7 +207,7 @@ class _Arena:
                     got = os.preadv(fd, [chunk], member.data_offset + done)
                     if not got:
                         raise CorruptFileError(self._path, "the file ended while its tensor data was read")
-                    crc = zlib.crc32(chunk[:got], crc)
+                    crc = crc32(chunk[:got], crc)
                     done += got
                 self._archive.check_crc(member, crc)
         finally:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnsafeFileError
+from torchkeep.safety.crc import crc32
 from torchkeep.safety.limits import Limits
 
 __all__ = ["ZipArchive", "ZipMember"]
@@ -409,7 +410,7 @@ class ZipArchive:
                 )
         else:
             data = raw
-        self.check_crc(member, zlib.crc32(data))
+        self.check_crc(member, crc32(data))
         return data
 
     def check_crc(self, member: ZipMember, crc: int) -> None:
