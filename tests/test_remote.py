@@ -257,3 +257,24 @@ def test_sigkill_during_saves_to_s3_never_exposes_a_partial_checkpoint(s3_server
     # a child imports the S3 client on its first save (about a second), hence the later window
     newest = worker.crash_rounds(url, rounds=8, storage_options=dict(s3_server.options), window=(0.8, 2.5))
     assert newest > 0
+
+
+def test_a_remote_restore_downloads_the_checkpoint_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store.kind == "file":
+        pytest.skip("a local run folder is read in place")
+    model, _, _ = _setup()
+    ckpts = _checkpointer(store)
+    ckpts.save(1, model=model)
+    fetched: list[str] = []
+    real_download = Remote.download
+
+    def download(self: Remote, local: Path) -> None:
+        fetched.append(self.name)
+        real_download(self, local)
+
+    monkeypatch.setattr(Remote, "download", download)
+    info = ckpts.restore(model=_setup()[0], restore_rng=False)
+    assert info is not None
+    assert sorted(fetched) == ["manifest.json", "state.json", "tensors.safetensors"]  # verified and read once

@@ -525,53 +525,55 @@ class Checkpointer:
         self.wait()
         store, coordinator = self._store, self._coordinator
         given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
+        options = {"restore_rng": restore_rng, "strict": strict, "map_location": map_location}
         if path is not None:
             candidates = [store.locate(path)]
         else:
             candidates = [where for _, where in reversed(store.steps())]
-        choice: tuple[str, Any] = ("none", None)
         if coordinator.is_main:
-            choice = self._choose(candidates)
-        kind, detail = coordinator.share(choice)
-        if kind == "none":
-            return None
+            # verified and applied from the same local copy: a remote checkpoint is downloaded once
+            skipped: dict[str, str] = {}
+            for where in candidates:
+                with store.open(where) as folder:
+                    verdict = self._check(folder, where, skipped)
+                    if verdict == "ok":
+                        coordinator.share(("ok", _public(where)))
+                        return self._apply(folder, where, given, options)
+                    if isinstance(verdict, int):
+                        coordinator.share(("newer", verdict))
+                        raise NewerFormatError(Path(str(_public(where))), verdict, FORMAT_VERSION)
+            choice: tuple[str, Any] = ("invalid", skipped) if candidates else ("none", None)
+            coordinator.share(choice)
+        else:
+            choice = coordinator.share(None)
+            kind, detail = choice
+            if kind == "ok":
+                where = next(c for c in candidates if _public(c) == detail)
+                with store.open(where) as folder:
+                    return self._apply(folder, where, given, options)
+            if kind == "newer":
+                raise NewerFormatError(Path(str(self.directory)), detail, FORMAT_VERSION)
+        kind, detail = choice
         if kind == "invalid":
             raise NoValidCheckpointError(self.directory, detail)
-        if kind == "newer":
-            raise NewerFormatError(Path(detail[0]), detail[1], FORMAT_VERSION)
-        where = next(c for c in candidates if _public(c) == detail)
-        with store.open(where) as folder:
-            info = apply_checkpoint(
-                folder,
-                given,
-                restore_rng=restore_rng,
-                strict=strict,
-                map_location=map_location,
-                coordinator=coordinator,
-            )
+        return None
+
+    def _apply(
+        self, folder: Path, where: Location, given: dict[str, Any], options: dict[str, Any]
+    ) -> CheckpointInfo:
+        info = apply_checkpoint(folder, given, coordinator=self._coordinator, **options)
         return dataclasses.replace(info, path=_public(where))
 
-    def _choose(self, candidates: builtins.list[Location]) -> tuple[str, Any]:
-        """Rank 0's pick: ``("ok", path)``, ``("none", None)``, ``("invalid", reasons)`` or
-        ``("newer", (path, version))``."""
-        if not candidates:
-            return ("none", None)
-        skipped: dict[str, str] = {}
-        for where in candidates:
-            with self._store.open(where) as folder:
-                verdict = verify_folder(folder)
-            name = folder.name
-            if not verdict.ok:
-                skipped[name] = verdict.reason
-                logger.warning("skipping checkpoint %s: %s", where, verdict.reason)
-                continue
+    def _check(self, folder: Path, where: Location, skipped: dict[str, str]) -> str | int:
+        """``"ok"``, ``"skip"`` (the reason goes to ``skipped``) or the newer format version found."""
+        verdict = verify_folder(folder)
+        reason = verdict.reason
+        if verdict.ok:
             manifest = verdict.manifest or {}
             version = manifest.get("format_version")
-            if manifest.get("format") != FORMAT or not isinstance(version, int):
-                skipped[name] = "manifest.json is not a torchkeep checkpoint manifest"
-                logger.warning("skipping checkpoint %s: %s", where, skipped[name])
-                continue
-            if version > FORMAT_VERSION:
-                return ("newer", (str(_public(where)), version))
-            return ("ok", _public(where))
-        return ("invalid", skipped)
+            if manifest.get("format") == FORMAT and isinstance(version, int):
+                return "ok" if version <= FORMAT_VERSION else version
+            reason = "manifest.json is not a torchkeep checkpoint manifest"
+        skipped[folder.name] = reason
+        logger.warning("skipping checkpoint %s: %s", where, reason)
+        return "skip"
