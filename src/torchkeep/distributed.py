@@ -20,10 +20,11 @@ import contextlib
 import logging
 import re
 import sys
+import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint folder
 _METADATA = ".metadata"
@@ -130,16 +133,33 @@ class Coordinator:
         dist.all_gather_object(out, value, group=self.group)
         return out
 
+    def attempt(self, work: Callable[[], T], *, step: int, stage: str) -> T:
+        """Run this rank's part of ``stage``, then agree with the other ranks that all of them succeeded.
+
+        The error is handed on from inside the ``except`` block on purpose: a frame that kept
+        it in a variable would also keep its own traceback (a reference cycle), and with it
+        this coordinator's process group, alive until the garbage collector ran, which could
+        be interpreter shutdown, where gloo aborts the process.
+
+        Raises:
+            DistributedSaveError: any rank failed (in one process: the error itself).
+        """
+        try:
+            result = work()
+        except BaseException as err:
+            self.agree(err, step=step, stage=stage)  # in a job: raises DistributedSaveError
+            raise  # in one process: the error itself
+        self.agree(None, step=step, stage=stage)
+        return result
+
     def agree(self, error: BaseException | None, *, step: int, stage: str) -> None:
         """Raise on every rank if any rank failed ``stage`` (a barrier when none did).
 
         Raises:
             DistributedSaveError: naming each failed rank and its error (in one
-                process, the error itself is raised).
+                process there is no one to agree with: nothing is raised).
         """
         if not self.active:
-            if error is not None:
-                raise error
             return
         report = None if error is None else f"{type(error).__name__}: {first_line(error)}"
         failures = getattr(error, "failures", None)  # DCP's CheckpointException: each rank's own error
@@ -148,7 +168,31 @@ class Coordinator:
             report = None if own is None else f"{type(own[0]).__name__}: {first_line(own[0])}"
         failed = {rank: text for rank, text in enumerate(self.gather(report)) if text is not None}
         if failed:
+            if error is not None:
+                _release_frames(error)
             raise DistributedSaveError(step, stage, failed) from error
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames in ``error``'s tracebacks (and its causes').
+
+    Those frames (DCP's writer among them) hold tensors and this job's process groups, and
+    often a reference cycle through the exception itself; left to the garbage collector they
+    may be freed only at interpreter shutdown, where gloo aborts the process. The tracebacks
+    still print (file, line, function); only their local variables go.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)  # DCP's CheckpointException: {rank: (error, stack)}
+        if isinstance(failures, dict):
+            pending += [pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair]
 
 
 def sharded_state(model: nn.Module, optimizer: Any | None) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -380,31 +380,30 @@ class Checkpointer:
     def _commit(self, step: int, snapshot: Snapshot) -> Path | str:
         """Write every rank's files, then (rank 0) the manifest, and publish; collective."""
         coordinator, store, name = self._coordinator, self._store, step_name(step)
-        tmp: Path | None = None
-        error: BaseException | None = None
-        try:
+
+        def prepare() -> Path | None:
             if coordinator.is_main:
-                tmp = store.begin(name)
-            elif not store.shared:
-                tmp = store.scratch()
-        except Exception as err:
-            error = err
-        coordinator.agree(error, step=step, stage="prepare")
+                return store.begin(name)
+            return None if store.shared else store.scratch()
+
+        tmp = coordinator.attempt(prepare, step=step, stage="prepare")
         if store.shared:
             tmp = coordinator.share(tmp)
         assert tmp is not None
+        folder = tmp
+
+        def commit(everything: builtins.list[dict[str, Any]]) -> Path | str | None:
+            if not coordinator.is_main:
+                return None
+            files = {k: v for part in everything for k, v in part.items()}
+            return _public(self._finish(folder, name, snapshot, files))
+
         try:
-            records = self._write_files(tmp, name, snapshot)
-        except BaseException as err:
-            records, error = {}, err
-        try:
-            coordinator.agree(error, step=step, stage="write")
+            records = coordinator.attempt(
+                lambda: self._write_files(folder, name, snapshot), step=step, stage="write"
+            )
             everything = coordinator.gather(records)
-            final: Path | str | None = None
-            if coordinator.is_main:
-                files = {k: v for part in everything for k, v in part.items()}
-                final = _public(self._finish(tmp, name, snapshot, files))
-            coordinator.agree(None, step=step, stage="commit")
+            final = coordinator.attempt(lambda: commit(everything), step=step, stage="commit")
         except BaseException:
             if coordinator.is_main:
                 store.abandon(tmp, name)

@@ -134,11 +134,11 @@ def capture(
     """
     module = unwrap(model)
     main = coordinator.is_main
-    error: BaseException | None = None
     snap = Snapshot(step, epoch, metrics, {}, {}, None)
-    rng: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
-    try:
+
+    def local() -> dict[str, Any]:
+        """This rank's part; returns its random state."""
         rng = capture_rng_state()
         model_state = to_state_dict(module)
         sharded = is_sharded(model_state)
@@ -175,9 +175,10 @@ def capture(
             }
             if sharded:
                 snap.state["sharded"] = True
-    except Exception as err:  # every rank must hear of it before any rank writes
-        error = err
-    coordinator.agree(error, step=step, stage="snapshot")
+        return rng
+
+    # every rank must hear of a failure before any rank writes
+    rng = coordinator.attempt(local, step=step, stage="snapshot")
     ranks = coordinator.gather(rng)
     if main:
         kept, aliases = compact_tensors(tensors, None, stage=stage)
