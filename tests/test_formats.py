@@ -41,7 +41,7 @@ def test_plain_pickle_is_named(tmp_path: Path) -> None:
 
     (tmp_path / "p.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
     # detection hands pickles to the allowlist reader, which names what it found
-    assert detect_format(tmp_path / "p.pt") is FileFormat.TORCH_LEGACY
+    assert detect_format(tmp_path / "p.pt") is FileFormat.PICKLE
     with pytest.raises(torchkeep.UnknownFormatError, match="plain pickle"):
         torchkeep.load_weights(tmp_path / "p.pt")
 

@@ -59,17 +59,17 @@ def files(tmp_path: Path, model: TheModelClass) -> dict[str, Path]:
     ("name", "verdict", "fmt"),
     [
         ("pt", "SAFE", "torch.save (zip)"),
-        ("legacy", "SAFE", "torch.save (legacy)"),
+        ("legacy", "SAFE", "torch.save (legacy, pre-1.6)"),
         ("safetensors", "SAFE", "safetensors"),
-        ("pkl", "SAFE", "pickle"),
+        ("pkl", "SAFE", "pickle (not written by torch.save)"),
         ("npy", "SAFE", "numpy .npy"),
         ("npz", "SAFE", "numpy .npz"),
         ("pt2", "SAFE", "torch.export (.pt2)"),
         ("evil_pt", "UNSAFE", "torch.save (zip)"),
-        ("evil_pkl", "UNSAFE", "pickle"),
+        ("evil_pkl", "UNSAFE", "pickle (not written by torch.save)"),
         ("evil_npy", "UNSAFE", "numpy .npy"),
         ("pickled_model", "UNSAFE", "torch.save (zip)"),
-        ("truncated", "CORRUPT", "zip archive"),
+        ("truncated", "CORRUPT", "unknown"),  # the reason says: a truncated zip archive
         ("text", "ERROR", "unknown"),
     ],
 )

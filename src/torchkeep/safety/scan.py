@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,14 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     first_line,
 )
+from torchkeep.formats import detect as detection
+
+# modules, not names: torchkeep.formats imports the readers of this package while it loads
+from torchkeep.formats import numpy as npy_format
+from torchkeep.formats import safetensors as st_format
+from torchkeep.formats.base import FileFormat
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
-from torchkeep.safety.torchfile import LEGACY_PREFIX, scan_torch_stream
+from torchkeep.safety.torchfile import scan_torch_stream
 from torchkeep.safety.unpickler import Finding, Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
 
@@ -35,15 +39,8 @@ __all__ = ["ScanResult", "Verdict", "scan"]
 
 Verdict = str  # "SAFE", "UNSAFE", "CORRUPT" or "ERROR"
 
-_NPY_MAGIC = b"\x93NUMPY"
-_MAX_NPY_HEADER = 1 << 16
-# numpy writes this exact dict literal (keys sorted); parsed by pattern, never evaluated
-_NPY_HEADER = re.compile(
-    r"\{'descr': (?P<descr>'[^']{1,64}'|\[.{0,60000}\]), 'fortran_order': (?:True|False), "
-    r"'shape': \((?P<shape>[0-9, ]{0,1000})\), \}[ ]*\n?"
-)
-_DESCR_SIZE = re.compile(r"[<>|=]?([biufcmMSUV])(\d+)")
 _NESTED_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".npy")
+_TORCH_FAMILY = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.PICKLE}
 
 
 @dataclass(frozen=True)
@@ -119,8 +116,7 @@ def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Sc
                 p, "unknown", "ERROR", "no such file" if not p.exists() else "not a regular file"
             )
         with p.open("rb") as f:
-            head = f.read(16)
-            _scan_stream(p, f, head, collected, limits)
+            _scan_stream(p, f, p.stat().st_size, collected, limits)
     except UnsafeFileError as err:
         return ScanResult(
             p, collected.format, "UNSAFE", _reason(err), _with(collected, err), tuple(collected.imports)
@@ -161,45 +157,28 @@ def _with(collected: _Collected, err: UnsafeFileError) -> tuple[Finding, ...]:
     return (*collected.findings, Finding("structure", detail, err.member, err.offset or 0))
 
 
-def _scan_stream(path: Path, f: Any, head: bytes, collected: _Collected, limits: Limits) -> None:
-    size = f.seek(0, io.SEEK_END)
-    f.seek(0)
-    if head.startswith(b"PK\x03\x04"):
-        collected.format = "zip archive"
-        _scan_zip(path, f, size, collected, limits)
-    elif head.startswith(_NPY_MAGIC):
-        collected.format = "numpy .npy"
-        f.seek(0)
-        _scan_npy(path, f.read(), None, collected, limits)
-    elif head.startswith(b"\x80"):
-        collected.format = "torch.save (legacy)" if head.startswith(LEGACY_PREFIX) else "pickle"
+def _scan_stream(path: Path, f: Any, size: int, collected: _Collected, limits: Limits) -> None:
+    fmt = detection.sniff(path, f, size, limits=limits)
+    collected.format = fmt.value
+    if fmt in _TORCH_FAMILY:
         scan_torch_stream(path, f, size, limits=limits, collect=collected.add)
-    elif len(head) > 8 and head[8:9] == b"{":
-        from torchkeep.formats import check_safetensors_header
-
-        collected.format = "safetensors"
-        check_safetensors_header(path, f, size, limits=limits)
+    elif fmt is FileFormat.SAFETENSORS:
+        st_format.check_safetensors_header(path, f, size, limits=limits)
+    elif fmt is FileFormat.NUMPY:
+        _scan_npy(path, f, size, None, collected, limits)
     else:
-        raise UnsupportedFormatError(path, "no model format torchkeep knows", "Nothing to scan.")
+        _scan_zip(path, f, size, collected, limits)
 
 
 def _scan_zip(path: Path, f: Any, size: int, collected: _Collected, limits: Limits) -> None:
+    """A torch.export program or an .npz: every member that could hold a pickle is scanned."""
     archive = ZipArchive(path, f, size, limits=limits)
-    names = list(archive.members)
-    if any(n.endswith("/data.pkl") and n.count("/") == 1 for n in names):
-        collected.format = "torch.save (zip)"
-        scan_torch_stream(path, f, size, limits=limits, collect=collected.add)
-        return
-    if any(n.endswith("/archive_format") for n in names):
-        collected.format = "torch.export (.pt2)"
-    elif names and all(n.endswith(".npy") for n in names):
-        collected.format = "numpy .npz"
-    for name in names:
+    for name in archive.members:
         if not name.endswith(_NESTED_SUFFIXES):
             continue
         data = archive.read(name, max_size=limits.max_pickle_bytes)
         if name.endswith(".npy"):
-            _scan_npy(path, data, name, collected, limits)
+            _scan_npy(path, io.BytesIO(data), len(data), name, collected, limits)
         else:
             _scan_nested(path, name, data, collected, limits)
 
@@ -208,7 +187,7 @@ def _scan_nested(path: Path, name: str, data: bytes, collected: _Collected, limi
     """A pickle or torch.save file stored inside an archive (a .pt2's sample inputs)."""
     inner = _Collected()
     try:
-        _scan_stream(path, io.BytesIO(data), data[:16], inner, limits)
+        _scan_stream(path, io.BytesIO(data), len(data), inner, limits)
     except UnsafeFileError as err:
         raise UnsafeFileError(path, err.globals, reason=f"in {name!r}: {err.reason}", member=name) from err
     except CorruptFileError as err:
@@ -223,55 +202,36 @@ def _scan_nested(path: Path, name: str, data: bytes, collected: _Collected, limi
         collected.imports += inner.imports
 
 
-def _scan_npy(path: Path, data: bytes, member: str | None, collected: _Collected, limits: Limits) -> None:
-    where = f"member {member!r}" if member else "the array"
-    if len(data) < 10 or not data.startswith(_NPY_MAGIC):
-        raise CorruptFileError(path, f"{where} is not a .npy array", member=member)
-    major = data[6]
-    if major == 1:
-        (header_len,) = struct.unpack_from("<H", data, 8)
-        start = 10
-    elif major in {2, 3}:
-        (header_len,) = struct.unpack_from("<I", data, 8)
-        start = 12
-    else:
-        raise CorruptFileError(path, f"{where} has an unknown .npy version {major}", member=member)
-    if header_len > _MAX_NPY_HEADER or start + header_len > len(data):
-        raise CorruptFileError(path, f"{where} has a broken .npy header", member=member)
-    text = data[start : start + header_len].decode("latin1")
-    header = _NPY_HEADER.fullmatch(text)
-    if header is None:
-        raise CorruptFileError(path, f"{where} has a malformed .npy header", member=member)
-    descr = header.group("descr")
-    shape_text = header.group("shape").replace(" ", "").rstrip(",")
-    shape = tuple(int(d) for d in shape_text.split(",")) if shape_text else ()
-    body = start + header_len
-    if "'O" in descr or "|O" in descr:
-        collected.findings.append(
-            Finding(
-                "value",
-                "an object-dtype array: its data is a pickle that numpy.load(allow_pickle=True) would run",
-                member,
-                body,
-            )
-        )
-        unpickler = Unpickler(
-            memoryview(data), path=path, member=member, start=body, storages=None, limits=limits, collect=True
-        )
-        try:
-            unpickler.run(allow_trailing=True)
-        finally:
-            collected.add(unpickler)
+def _scan_npy(
+    path: Path, f: Any, size: int, member: str | None, collected: _Collected, limits: Limits
+) -> None:
+    header = npy_format.read_npy_header(path, f, size, limits=limits, member=member)
+    if not header.is_object:
         return
-    match = _DESCR_SIZE.fullmatch(descr.strip("'"))
-    if match:
-        itemsize = int(match.group(2)) * (4 if match.group(1) == "U" else 1)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel > limits.max_numel:
-            raise LimitExceededError(path, "max_numel", numel, limits.max_numel, what=where)
-        if numel * itemsize != len(data) - body:
-            raise CorruptFileError(
-                path, f"{where} should hold {numel * itemsize} bytes of data, it holds {len(data) - body}"
-            )
+    collected.findings.append(
+        Finding(
+            "value",
+            "an object-dtype array: its data is a pickle that numpy.load(allow_pickle=True) would run",
+            member,
+            header.data_start,
+        )
+    )
+    if size - header.data_start > limits.max_pickle_bytes:
+        raise LimitExceededError(
+            path, "max_pickle_bytes", size - header.data_start, limits.max_pickle_bytes, what="the array"
+        )
+    f.seek(0)
+    data = f.read()
+    unpickler = Unpickler(
+        memoryview(data),
+        path=path,
+        member=member,
+        start=header.data_start,
+        storages=None,
+        limits=limits,
+        collect=True,
+    )
+    try:
+        unpickler.run(allow_trailing=True)
+    finally:
+        collected.add(unpickler)

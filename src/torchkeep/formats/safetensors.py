@@ -1,14 +1,13 @@
-"""Telling file formats apart by their bytes, and checking files before reading them.
+"""safetensors: the structural sniff, and the strict header checks every reader relies on.
 
-The suffix of a file in the wild says little (``.bin`` may be anything), so
-readers look at the content: a safetensors header, a zip archive (a
-``torch.save`` file or a ``torch.export`` program), or the legacy pickle
-format. Anything else gets a description of what it seems to be.
+A safetensors file is an 8-byte little-endian header length N, N bytes of
+JSON starting with ``{`` (padded with spaces), then the tensor data. The
+sniff (:func:`claims`) looks at all of that, never at one byte: a header
+whose length happens to start with ``0x80 0x02`` is still safetensors.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import os
@@ -18,29 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from torchkeep.errors import (
-    CorruptFileError,
-    LimitExceededError,
-    ModelFileNotFoundError,
-    PathIsDirectoryError,
-    UnknownFormatError,
-    UnsupportedSuffixError,
-    first_line,
-)
+from torchkeep.errors import CorruptFileError, LimitExceededError, first_line
+from torchkeep.formats.base import TensorInfo, require_file
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
-from torchkeep.safety.torchfile import LEGACY_PREFIX
 
 __all__ = [
-    "FileFormat",
+    "SAFETENSORS_DTYPES",
     "SafetensorsHeader",
-    "TensorInfo",
     "check_safetensors_header",
-    "detect_format",
+    "claims",
     "read_safetensors_header",
-    "require_file",
-    "suffix_format",
 ]
-
 
 # safetensors dtype codes, their torch names and item sizes in bits
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -67,67 +54,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
 }
 
 
-class FileFormat(str, enum.Enum):
-    """The formats torchkeep reads."""
-
-    SAFETENSORS = "safetensors"
-    TORCH_ZIP = "torch.save (zip)"
-    TORCH_LEGACY = "torch.save (legacy, pre-1.6)"
-    TORCH_EXPORT = "torch.export (.pt2)"
-
-
-WEIGHT_SUFFIXES: dict[str, FileFormat] = {
-    ".safetensors": FileFormat.SAFETENSORS,
-    ".pt": FileFormat.TORCH_ZIP,
-    ".pth": FileFormat.TORCH_ZIP,
-    ".bin": FileFormat.TORCH_ZIP,
-}
-
-
-def suffix_format(
-    path: Path, suffixes: dict[str, FileFormat] | None = None, *, what: str = "weights"
-) -> FileFormat:
-    """The format to write ``path`` in, from its suffix.
-
-    Raises:
-        UnsupportedSuffixError: the suffix is not one of ``suffixes``.
-    """
-    table = WEIGHT_SUFFIXES if suffixes is None else suffixes
-    fmt = table.get(path.suffix.lower())
-    if fmt is None:
-        raise UnsupportedSuffixError(path, list(table), what=what)
-    return fmt
-
-
-def require_file(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` is an existing, non-empty regular file.
-
-    Raises:
-        ModelFileNotFoundError: it does not exist.
-        PathIsDirectoryError: it is a directory.
-        CorruptFileError: it is empty.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise PathIsDirectoryError(p)
-    if not p.exists():
-        raise ModelFileNotFoundError(p)
-    if p.stat().st_size == 0:
-        raise CorruptFileError(p, "the file is empty (0 bytes)")
-    return p
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as a file header describes it (no data read)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    offset: int = 0  # where its bytes start, counted from the start of the data section
-
-
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """The parsed, checked header of a safetensors file."""
@@ -137,86 +63,28 @@ class SafetensorsHeader:
     data_start: int = 0  # the file offset of the data section
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+def claims(f: BinaryIO, head: bytes, size: int) -> bool:
+    """Whether the bytes are laid out as a safetensors file: a length that fits and a JSON object.
 
-
-def _describe_unknown(head: bytes) -> str:
-    signatures = {
-        b"\x89PNG": "a PNG image",
-        b"\xff\xd8\xff": "a JPEG image",
-        b"GIF8": "a GIF image",
-        b"%PDF": "a PDF document",
-        b"\x1f\x8b": "a gzip archive (decompress it first)",
-        b"BZh": "a bzip2 archive (decompress it first)",
-        b"\xfd7zXZ": "an xz archive (decompress it first)",
-        b"\x93NUMPY": "a NumPy .npy array",
-        b"\x89HDF": "an HDF5 file (Keras/TensorFlow weights?)",
-        b"ONNX": "an ONNX model",
-        b"version https://git-lfs": "a Git LFS pointer, not the file itself (run git lfs pull)",
-        b"<!DOCTYPE html": "an HTML page (a failed download?)",
-        b"<html": "an HTML page (a failed download?)",
-    }
-    for magic, what in signatures.items():
-        if head.startswith(magic):
-            return what
-    if head.startswith(b"\x80") and len(head) > 1 and head[1] <= 5:
-        return "a plain pickle file, not written by torch.save"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "binary data of no known format"
-    if text.lstrip().startswith(("{", "[")):
-        return "a JSON text file"
-    return "a text file"
-
-
-def _check_zip(path: Path) -> FileFormat:
-    from torchkeep.safety.ziparchive import ZipArchive
-
-    with path.open("rb") as f:
-        names = list(ZipArchive(path, f, path.stat().st_size, limits=DEFAULT_LIMITS).members)
-    if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-        return FileFormat.TORCH_ZIP
-    if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
-        return FileFormat.TORCH_EXPORT
-    raise UnknownFormatError(path, "a zip archive that torch did not write")
-
-
-def detect_format(path: str | os.PathLike[str]) -> FileFormat:
-    """The format of the file at ``path``, from its content (the suffix is ignored).
-
-    Args:
-        path (str | PathLike): the file.
-
-    Returns:
-        A :class:`FileFormat`.
-
-    Raises:
-        ModelFileNotFoundError, PathIsDirectoryError: the path is not a file.
-        CorruptFileError: a known format, but damaged or truncated.
-        UnsafeFileError: a zip archive built to fool readers.
-        UnknownFormatError: not a model file.
-
-    Example:
-        >>> torchkeep.detect_format("pytorch_model.bin")
-        <FileFormat.TORCH_ZIP: 'torch.save (zip)'>
+    ``head`` is the file's first bytes (at least 9 when the file has them).
+    The header must start with ``{`` and, once its padding spaces are
+    dropped, end with ``}``; its content is checked by
+    :func:`check_safetensors_header`.
     """
-    p = require_file(path)
-    with p.open("rb") as f:
-        head = f.read(64)
-    if head.startswith(b"PK\x03\x04"):
-        return _check_zip(p)
-    if head.startswith(LEGACY_PREFIX) or _looks_like_pickle(head):
-        # A plain pickle goes to the same allowlist reader: it refuses a hostile one as
-        # UnsafeFileError and a harmless one as "not a torch.save file".
-        return FileFormat.TORCH_LEGACY
-    if len(head) >= 9 and head[8:9] == b"{":
-        read_safetensors_header(p)
-        return FileFormat.SAFETENSORS
-    if head.startswith(b"PK\x05\x06"):
-        raise CorruptFileError(p, "it is an empty zip archive")
-    raise UnknownFormatError(p, _describe_unknown(head))
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    (length,) = struct.unpack_from("<Q", head)
+    if length < 2 or length > size - 8:
+        return False
+    end = 8 + length
+    while end > 9:  # the padding may be long: walk back over it a block at a time
+        start = max(9, end - 4096)
+        f.seek(start)
+        block = f.read(end - start).rstrip(b" ")
+        if block:
+            return block.endswith(b"}")
+        end = start
+    return False
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -229,6 +97,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 class _DuplicateKey(ValueError):
     pass
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _header_int(text: str) -> int:
+    # offsets and dims are u64 (at most 20 digits); longer ones would only cost time to convert
+    if len(text.lstrip("-")) > 20:
+        raise _BadNumber(f"an integer of {len(text)} digits (offsets and dimensions fit in 64 bits)")
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise _BadNumber(f"{text}, which JSON does not allow")
 
 
 # Unicode categories a tensor name never needs and attackers use to disguise one
@@ -345,10 +228,17 @@ def check_safetensors_header(p: Path, f: BinaryIO, size: int, *, limits: Limits)
     if not raw.startswith(b"{"):
         raise CorruptFileError(p, "the safetensors header does not start with '{'")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_int=_header_int,
+            parse_constant=_no_constant,
+        )
     except _DuplicateKey as err:
         raise CorruptFileError(p, f"the safetensors header lists {err.args[0]!r} twice") from err
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except _BadNumber as err:
+        raise CorruptFileError(p, f"the safetensors header holds {err.args[0]}") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise CorruptFileError(p, f"the safetensors header is not valid JSON ({first_line(err)})") from err
     if not isinstance(header, dict):
         raise CorruptFileError(p, "the safetensors header is not a JSON object")
