@@ -1,31 +1,60 @@
-"""Hostile files: every loader refuses each one with the right typed error, and no code runs.
+"""Hostile files: every entry point refuses each one with the right typed error, and no code runs.
 
-The corpus (tests/_hostile.py) is written fresh by the test; the loaders run in
-a subprocess under ``sys.addaudithook`` (tests/_hostile_worker.py) that records
-process spawns, exec/compile, imports of modules not loaded before, and files
-opened for writing. A control run shows the payloads are real: plain
-unpickling of the same files does create the marker.
+The corpora (``tests/_hostile*.py``, one module per family of attacks) are
+written fresh by the test; every entry point (the loaders, ``summarize``,
+``scan``, the CLI's ``inspect`` and ``convert``) runs in a subprocess under
+``sys.addaudithook`` (tests/_hostile_worker.py) that records process spawns,
+exec/compile, imports of modules not loaded before, and files opened for
+writing, with its address space limited to the warmed-up process plus 3 GiB.
+A control run shows the payloads are real: plain unpickling of the same
+files does create the marker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+import _hostile
+import _hostile_formats
+import torchkeep
 from _hostile import MARKER, Case, build
+from torchkeep.cli import exit_code
 
 WORKER = Path(__file__).with_name("_hostile_worker.py")
+# one module per family of attacks; each writes its files with build(folder)
+CORPORA: dict[str, Callable[[Path], list[Case]]] = {
+    "round1": _hostile.build,
+    "formats": _hostile_formats.build,
+}
+# CPU seconds all entry points together may spend refusing one file (the attacks this bounds took
+# minutes); CPU time, not wall time, so a loaded machine does not change it
+CPU_BUDGET = 20.0
+LIBRARY = ("load_weights", "load_checkpoint", "load_into", "load_model", "summarize")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Case]]:
     folder = tmp_path_factory.mktemp("hostile")
-    return folder, build(folder)
+    cases = []
+    for family, build_family in CORPORA.items():
+        for case in build_family(folder / family):
+            cases.append(
+                dataclasses.replace(case, name=f"{family}/{case.name}", file=f"{family}/{case.file}")
+            )
+    return folder, cases
+
+
+def _cli_outcome(error: str) -> str:
+    cls = getattr(torchkeep, error)
+    return f"exit {exit_code(cls.__new__(cls))}"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +76,7 @@ def outcome(corpus: tuple[Path, list[Case]], tmp_path_factory: pytest.TempPathFa
 
 def test_the_corpus_covers_the_known_bypass_families(corpus: tuple[Path, list[Case]]) -> None:
     _, cases = corpus
-    names = {c.name for c in cases}
+    names = {c.name.split("/", 1)[1] for c in cases}
     assert len(cases) >= 25
     for family in (
         "importlib_chain",
@@ -75,7 +104,7 @@ def test_the_corpus_covers_the_known_bypass_families(corpus: tuple[Path, list[Ca
     assert {f"polyglot_pickle_then_zip_{s}" for s in ("pt", "pth", "bin", "ckpt", "pkl")} <= names
 
 
-def test_every_loader_refuses_every_hostile_file_with_its_typed_error(
+def test_every_entry_point_refuses_every_hostile_file_with_its_typed_error(
     corpus: tuple[Path, list[Case]], outcome: dict[str, object]
 ) -> None:
     _, cases = corpus
@@ -83,21 +112,39 @@ def test_every_loader_refuses_every_hostile_file_with_its_typed_error(
     assert isinstance(results, dict)
     wrong = {}
     for case in cases:
-        expected = {
-            "load_weights": case.error,
-            "load_checkpoint": case.error,
-            "load_into": case.error,
-            "scan": case.verdict,
-        }
+        expected = dict.fromkeys(LIBRARY, case.error)
+        expected["scan"] = case.verdict
+        expected["cli_inspect"] = expected["cli_convert"] = _cli_outcome(case.error)
         if results[case.name] != expected:
-            wrong[case.name] = (expected, results[case.name])
+            wrong[case.name] = {
+                k: (v, results[case.name][k]) for k, v in expected.items() if results[case.name][k] != v
+            }
     assert wrong == {}
+
+
+def test_scan_and_the_loaders_never_disagree(
+    corpus: tuple[Path, list[Case]], outcome: dict[str, object]
+) -> None:
+    # Whatever a case expects: a file scan does not call SAFE is refused by every loader, and a
+    # loader's refusal for safety or damage is never a file scan calls SAFE.
+    results = outcome["results"]
+    assert isinstance(results, dict)
+    for name, got in results.items():
+        assert got["scan"] in {"UNSAFE", "CORRUPT"}, name
+        assert all(got[entry] != "LOADED" for entry in LIBRARY), name
+
+
+def test_every_refusal_fits_the_cpu_budget(outcome: dict[str, object]) -> None:
+    cpu = outcome["cpu_seconds"]
+    assert isinstance(cpu, dict)
+    assert {name: s for name, s in cpu.items() if s > CPU_BUDGET} == {}
 
 
 def test_no_code_ran_while_loading(corpus: tuple[Path, list[Case]], outcome: dict[str, object]) -> None:
     folder, _ = corpus
     assert outcome["violations"] == []
-    assert not (folder / MARKER).exists()
+    assert outcome["written"] == []  # convert wrote nothing for any of them
+    assert not any(folder.glob(f"*/{MARKER}"))
 
 
 def test_the_payloads_are_real(tmp_path: Path) -> None:

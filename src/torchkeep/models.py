@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from torchkeep.errors import CorruptFileError, ExportError, NotAModelError, UnsafeFileError
-from torchkeep.formats import FileFormat, detect_format, suffix_format
+from torchkeep.formats import FileFormat, detect_format, read_safetensors_header, suffix_format
 from torchkeep.modes import evaluating
 from torchkeep.safety import scan
 from torchkeep.storage import atomic_target
@@ -150,6 +150,7 @@ def load_model(
     if fmt is FileFormat.TORCH_EXPORT:
         return _set_eval_flags(load_exported(p).module())
     if fmt is FileFormat.SAFETENSORS:
+        read_safetensors_header(p)  # a damaged file is called damaged, not merely "not a model"
         raise NotAModelError(p, "weights (safetensors)")
     if not trust:
         obj = read_torch_file(p, map_location=map_location)  # raises UnsafeFileError for a pickled model

@@ -6,8 +6,10 @@ never a traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
 
+import click
 import typer
 from rich.console import Console
 
@@ -57,10 +59,17 @@ def _register() -> None:
 _register()
 
 
+@functools.cache
+def _command() -> click.Command:
+    # Built once per process: typer reads every command's signature (and evaluates its
+    # annotations) to build it, which need not happen again for each call.
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; library errors print one line and exit non-zero."""
     try:
-        app(args=argv, standalone_mode=True)
+        _command().main(args=argv, prog_name="torchkeep", standalone_mode=True)
     except TorchkeepError as err:
         err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
         sys.exit(exit_code(err))
