@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -60,7 +60,7 @@ _register()
 
 
 @functools.cache
-def _command() -> click.Command:
+def _command() -> Any:  # a click Command (typer vendors its own click)
     # Built once per process: typer reads every command's signature (and evaluates its
     # annotations) to build it, which need not happen again for each call.
     return typer.main.get_command(app)
