@@ -190,9 +190,14 @@ def _scan_zip(path: Path, f: Any, size: int, collected: _Collected, limits: Limi
         collected.format = "torch.save (zip)"
         scan_torch_stream(path, f, size, limits=limits, collect=collected.add)
         return
-    if any(n.endswith("/archive_format") for n in names):
+    if any(n.endswith(("/archive_format", "models/model.json")) for n in names):
+        # vetted as a whole (every member, field, call and expression), as load_model does
+        from torchkeep.safety.pt2 import scan_pt2
+
         collected.format = "torch.export (.pt2)"
-    elif names and all(n.endswith(".npy") for n in names):
+        scan_pt2(path, archive, limits=limits, into=collected.findings)
+        return
+    if names and all(n.endswith(".npy") for n in names):
         collected.format = "numpy .npz"
     for name in names:
         if not name.endswith(_NESTED_SUFFIXES):
