@@ -117,8 +117,17 @@ class _Vetter:
 
     # -- reporting -------------------------------------------------------------
 
-    def refuse(self, kind: str, detail: str, member: str | None, globals_: list[str] | None = None) -> None:
+    def refuse(
+        self,
+        kind: str,
+        detail: str,
+        member: str | None,
+        globals_: list[str] | None = None,
+        *,
+        message: str | None = None,
+    ) -> None:
         if not self.collect:
+            detail = message or detail
             fix = (
                 " torchkeep loads only plain torch.export programs of aten operators and tensors; if you "
                 "trust where the file came from, pass trust=True (torch.export.load then reads it as it is)"
@@ -465,7 +474,14 @@ class _Vetter:
             ) from err
         for f in found:
             if f.kind == "import":
-                self.refuse("import", f.detail, full, [f.detail])
+                # the finding names the import, as scan's findings for any pickle do
+                self.refuse(
+                    "import",
+                    f.detail,
+                    full,
+                    [f.detail],
+                    message=f"has sample inputs whose pickle would import {f.detail}",
+                )
             else:
                 self.refuse(f.kind, f"has sample inputs whose pickle {f.detail}", full)
 
