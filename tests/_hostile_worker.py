@@ -21,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,14 @@ def main() -> None:
         program = Path(tmp) / "m.pt2"
         torchkeep.save_model(model, program, example_inputs=(torch.randn(1, 3, 26, 26),))
         numpy.save(Path(tmp) / "a.npy", numpy.ones(3))
-        files += [program, Path(tmp) / "a.npy"]
+        cut_program = Path(tmp) / "cut.pt2"
+        cut_program.write_bytes(program.read_bytes()[:-40])
+        refused_program = Path(tmp) / "refused.pt2"
+        with zipfile.ZipFile(program) as src, zipfile.ZipFile(refused_program, "w") as dst:
+            for name in src.namelist():
+                dst.writestr(name, src.read(name))
+            dst.writestr(f"{src.namelist()[0].split('/')[0]}/extra.bin", b"x")
+        files += [program, cut_program, refused_program, Path(tmp) / "a.npy"]
         for path in files:
             for call in _entry_points(path, model, Path(tmp)).values():
                 _outcome(call)

@@ -24,6 +24,7 @@ import pytest
 
 import _hostile
 import _hostile_formats
+import _hostile_pt2
 import torchkeep
 from _hostile import MARKER, Case, build
 from torchkeep.cli import exit_code
@@ -33,6 +34,7 @@ WORKER = Path(__file__).with_name("_hostile_worker.py")
 CORPORA: dict[str, Callable[[Path], list[Case]]] = {
     "round1": _hostile.build,
     "formats": _hostile_formats.build,
+    "pt2": _hostile_pt2.build,
 }
 # CPU seconds all entry points together may spend refusing one file (the attacks this bounds took
 # minutes); CPU time, not wall time, so a loaded machine does not change it
@@ -45,6 +47,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Case]]:
     folder = tmp_path_factory.mktemp("hostile")
     cases = []
     for family, build_family in CORPORA.items():
+        (folder / family).mkdir()
         for case in build_family(folder / family):
             cases.append(
                 dataclasses.replace(case, name=f"{family}/{case.name}", file=f"{family}/{case.file}")

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.errors import CorruptFileError, ExportError, NotAModelError, UnsafeFileError
+from torchkeep.errors import CorruptFileError, ExportError, NotAModelError
 from torchkeep.formats import FileFormat, detect_format, read_safetensors_header, suffix_format
 from torchkeep.modes import evaluating
-from torchkeep.safety import scan
+from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
+from torchkeep.safety.pt2 import load_vetted, vet_pt2
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, read_torch_file
 
@@ -80,23 +81,34 @@ def save_model(
     return target
 
 
-def load_exported(path: Path) -> torch.export.ExportedProgram:
-    """Read a ``.pt2`` program, with damage reported as :class:`CorruptFileError`.
+def load_exported(
+    path: Path, *, trust: bool = False, limits: Limits = DEFAULT_LIMITS
+) -> torch.export.ExportedProgram:
+    """Read a ``.pt2`` program, vetted completely by torchkeep before torch sees it.
 
-    The archive and the pickles inside it (sample inputs) are scanned first
-    with torchkeep's own reader, so ``torch.export.load`` only ever sees a
-    file that holds nothing but tensors and plain values.
+    Every member, JSON field, call target and symbolic expression is checked
+    (:func:`torchkeep.safety.pt2.vet_pt2`), and ``torch.export.load`` then
+    reads a rebuilt archive of the checked parts only, so nothing in the file
+    is unpickled, evaluated, compiled or loaded as native code.
+
+    Args:
+        path (Path): the archive.
+        trust (bool, default False): skip the vetting and hand the file to
+            ``torch.export.load`` as it is (which may run code from it). Only
+            for files from a source you trust that use constructs torchkeep
+            refuses (AOTInductor code, pickled tensor subclasses, custom ops).
+        limits (Limits): bounds checked before anything is allocated.
 
     Raises:
-        UnsafeFileError: the archive imports or calls something outside the allowlist.
+        UnsafeFileError: the archive holds something torch would unpickle,
+            evaluate or run, or a call outside the allowlist; the message names
+            the construct and the member.
         CorruptFileError: the archive is damaged.
+        LimitExceededError: it asks for more than ``limits`` allow.
     """
-    verdict = scan(path)
-    if verdict.verdict == "UNSAFE":
-        names = [f.detail for f in verdict.findings if f.kind == "import"]
-        raise UnsafeFileError(path, names, reason=None if names else f"is unsafe: {verdict.reason}")
-    if verdict.verdict != "SAFE":
-        raise CorruptFileError(path, verdict.reason)
+    if not trust:
+        return load_vetted(vet_pt2(path, limits=limits), limits=limits)
+    logger.warning("loading %s with trust=True: torch.export.load may run code from it", path)
     try:
         return torch.export.load(path)
     except Exception as err:  # a damaged archive fails in many ways inside torch
@@ -126,7 +138,8 @@ def load_model(
     Args:
         path (str | PathLike): the file.
         trust (bool, default False): allow unpickling arbitrary objects from a
-            ``torch.save`` file. Only for files from a source you trust.
+            ``torch.save`` file, and skip the vetting of a ``.pt2`` (see
+            :func:`load_exported`). Only for files from a source you trust.
         map_location (str | torch.device, default "cpu"): where the tensors
             of a pickled model go.
 
@@ -134,8 +147,9 @@ def load_model(
         An ``nn.Module`` in eval mode.
 
     Raises:
-        UnsafeFileError: a pickled model and ``trust`` is False; the error
-            lists the classes and functions the file would import.
+        UnsafeFileError: a pickled model, or a ``.pt2`` with a construct
+            torchkeep refuses, and ``trust`` is False; the error names what
+            the file would import or run, and where.
         NotAModelError: the file holds weights or a checkpoint, not a model.
         CorruptFileError, UnknownFormatError, ModelFileNotFoundError: as for
             :func:`load_weights`.
@@ -148,7 +162,7 @@ def load_model(
     p = Path(path)
     fmt = detect_format(p)
     if fmt is FileFormat.TORCH_EXPORT:
-        return _set_eval_flags(load_exported(p).module())
+        return _set_eval_flags(load_exported(p, trust=trust).module())
     if fmt is FileFormat.SAFETENSORS:
         read_safetensors_header(p)  # a damaged file is called damaged, not merely "not a model"
         raise NotAModelError(p, "weights (safetensors)")

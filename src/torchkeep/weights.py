@@ -498,7 +498,7 @@ def _read_weights(
     if fmt is FileFormat.TORCH_EXPORT:
         from torchkeep.models import load_exported
 
-        program = load_exported(p)
+        program = load_exported(p, trust=trust, limits=limits)
         return {k: v.to(map_location) for k, v in program.state_dict.items()}
     obj = read_torch_file(p, map_location=map_location, trust=trust, mmap=bool(mmap), limits=limits)
     if trust and isinstance(obj, nn.Module):

@@ -57,7 +57,9 @@ def zip_kind(path: Path, names: list[str]) -> FileFormat:
     """
     top = {n for n in names if n.count("/") == 1}
     torch_zip = any(n.endswith("/data.pkl") for n in top)
-    program = any(n.endswith("/archive_format") for n in top)
+    program = any(n.endswith("/archive_format") for n in top) or any(
+        n.endswith("/models/model.json") and n.count("/") == 2 for n in names
+    )
     if torch_zip and program:
         raise UnsafeFileError(
             path,

@@ -31,6 +31,7 @@ from torchkeep.formats import numpy as npy_format
 from torchkeep.formats import safetensors as st_format
 from torchkeep.formats.base import FileFormat
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
+from torchkeep.safety.pt2 import scan_pt2
 from torchkeep.safety.torchfile import scan_torch_stream
 from torchkeep.safety.unpickler import Finding, Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
@@ -39,7 +40,6 @@ __all__ = ["ScanResult", "Verdict", "scan"]
 
 Verdict = str  # "SAFE", "UNSAFE", "CORRUPT" or "ERROR"
 
-_NESTED_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".npy")
 _TORCH_FAMILY = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.PICKLE}
 
 
@@ -166,40 +166,19 @@ def _scan_stream(path: Path, f: Any, size: int, collected: _Collected, limits: L
         st_format.check_safetensors_header(path, f, size, limits=limits)
     elif fmt is FileFormat.NUMPY:
         _scan_npy(path, f, size, None, collected, limits)
+    elif fmt is FileFormat.TORCH_EXPORT:
+        # vetted as a whole (every member, field, call and expression), as load_model does
+        scan_pt2(path, ZipArchive(path, f, size, limits=limits), limits=limits, into=collected.findings)
     else:
-        _scan_zip(path, f, size, collected, limits)
+        _scan_npz(path, f, size, collected, limits)
 
 
-def _scan_zip(path: Path, f: Any, size: int, collected: _Collected, limits: Limits) -> None:
-    """A torch.export program or an .npz: every member that could hold a pickle is scanned."""
+def _scan_npz(path: Path, f: Any, size: int, collected: _Collected, limits: Limits) -> None:
+    """An .npz (only .npy members, as the sniffer checked): an object array among them is a pickle."""
     archive = ZipArchive(path, f, size, limits=limits)
     for name in archive.members:
-        if not name.endswith(_NESTED_SUFFIXES):
-            continue
         data = archive.read(name, max_size=limits.max_pickle_bytes)
-        if name.endswith(".npy"):
-            _scan_npy(path, io.BytesIO(data), len(data), name, collected, limits)
-        else:
-            _scan_nested(path, name, data, collected, limits)
-
-
-def _scan_nested(path: Path, name: str, data: bytes, collected: _Collected, limits: Limits) -> None:
-    """A pickle or torch.save file stored inside an archive (a .pt2's sample inputs)."""
-    inner = _Collected()
-    try:
-        _scan_stream(path, io.BytesIO(data), len(data), inner, limits)
-    except UnsafeFileError as err:
-        raise UnsafeFileError(path, err.globals, reason=f"in {name!r}: {err.reason}", member=name) from err
-    except CorruptFileError as err:
-        raise CorruptFileError(path, f"in {name!r}: {err.reason}", member=name) from err
-    except UnsupportedFormatError:
-        return  # not a pickle after all: nothing in it can run
-    finally:
-        collected.findings += [
-            Finding(f.kind, f.detail, f"{name} > {f.member}" if f.member else name, f.offset)
-            for f in inner.findings
-        ]
-        collected.imports += inner.imports
+        _scan_npy(path, io.BytesIO(data), len(data), name, collected, limits)
 
 
 def _scan_npy(
