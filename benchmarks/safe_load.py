@@ -1,19 +1,29 @@
-"""torchkeep's allowlist reader against torch.load(weights_only=True), each load in a fresh process.
+"""torchkeep's safe loading against torch.load(weights_only=True), each load in a fresh process.
 
 Run: python -m benchmarks.safe_load [--repeat 5] [--big-mib 1024] [--small-mib 100]
+                                    [--baseline-src DIR]
 
 Two state dicts are written once with torch.save: (a) ~1 GiB in 100 float32
 tensors, (b) ~100 MiB in 2000 tensors. Every load runs in a new Python
 process (imports done before the clock starts), so no allocator or cache of
 the reader is warm; the file itself is in the page cache (warm), as it is
-for a model loaded twice. Each figure is the median of ``--repeat`` runs;
-the ratio is torch's time divided by ours (above 1.00: we are faster).
+for a model loaded twice. ``torchkeep.load_weights`` is timed whole: deciding
+the format (the sniffer) and the safety checks included. Each figure is the
+median of ``--repeat`` runs; "vs torch" is torch's time divided by ours
+(above 1.00: we are faster).
+
+``--baseline-src DIR`` adds the same torchkeep loads from another checkout's
+``src`` folder (e.g. ``git worktree add /tmp/base <commit>``, then
+``--baseline-src /tmp/base/src``), timed in the same run, so a change can be
+shown not to slow benign loads: "vs base" is the baseline's time divided by
+this tree's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,16 +31,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 _CHILD = """
 import json, sys, time
 import torch
-from torchkeep.safety import load_torch_file
+import torchkeep
 path, reader, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if reader == "torch":
     load = lambda: torch.load(path, weights_only=True, mmap=mmap)
 else:
-    load = lambda: load_torch_file(path, mmap=mmap)
+    load = lambda: torchkeep.load_weights(path, mmap=mmap)
 start = time.perf_counter()
 state = load()
 loaded = time.perf_counter() - start
@@ -46,7 +57,12 @@ def make_state(total_mib: int, count: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(count)}
 
 
-def time_in_fresh_process(path: Path, reader: str, mmap: bool, repeat: int) -> tuple[float, float]:
+def time_in_fresh_process(
+    path: Path, reader: str, mmap: bool, repeat: int, src: Path | None = None
+) -> tuple[float, float]:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     loads, touches = [], []
     for _ in range(repeat):
         out = subprocess.run(
@@ -54,6 +70,7 @@ def time_in_fresh_process(path: Path, reader: str, mmap: bool, repeat: int) -> t
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         )
         result = json.loads(out.stdout)
         loads.append(result["load"])
@@ -61,34 +78,44 @@ def time_in_fresh_process(path: Path, reader: str, mmap: bool, repeat: int) -> t
     return statistics.median(loads), statistics.median(touches)
 
 
-def run(big_mib: int, small_mib: int, repeat: int) -> None:
+def run(big_mib: int, small_mib: int, repeat: int, baseline: Path | None) -> None:
     cases = {"(a) ~1 GiB / 100 tensors": (big_mib, 100), "(b) ~100 MiB / 2000 tensors": (small_mib, 2000)}
     with tempfile.TemporaryDirectory() as tmp:
         for title, (mib, count) in cases.items():
-            path = Path(tmp) / "state.pt"
             state = make_state(mib, count)
             nbytes = sum(t.nbytes for t in state.values())
-            torch.save(state, path)
+            files = {".pt": Path(tmp) / "state.pt", ".safetensors": Path(tmp) / "state.safetensors"}
+            torch.save(state, files[".pt"])
+            save_file(state, files[".safetensors"])
             del state
             print(f"\n{title}: {count} float32 tensors, {nbytes / 2**20:.0f} MiB")
             print(f"  median of {repeat} fresh processes; page cache warm")
             header = (
-                f"{'reader':<34}{'load s':>9}{'GB/s':>8}{'µs/tensor':>11}{'+touch s':>10}{'vs torch':>10}"
+                f"{'reader':<52}{'load s':>9}{'GB/s':>8}{'µs/tensor':>11}{'+touch s':>10}"
+                f"{'vs torch':>10}{'vs base':>9}"
             )
             print(f"  {header}")
-            for mmap in (False, True):
-                base_load, base_touch = time_in_fresh_process(path, "torch", mmap, repeat)
-                ours_load, ours_touch = time_in_fresh_process(path, "torchkeep", mmap, repeat)
-                suffix = " mmap" if mmap else ""
-                for name, (load, touch) in (
-                    (f"torch.load weights_only{suffix}", (base_load, base_touch)),
-                    (f"torchkeep reader{suffix}", (ours_load, ours_touch)),
-                ):
-                    print(
-                        f"  {name:<34}{load:>9.3f}{nbytes / load / 1e9:>8.2f}{load / count * 1e6:>11.1f}"
-                        f"{touch:>10.3f}{base_load / load:>9.2f}x"
+            for suffix, path in files.items():
+                for mmap in (False, True):
+                    how = f"{suffix}{' mmap' if mmap else ''}"
+                    torch_load = time_in_fresh_process(files[".pt"], "torch", mmap, repeat)
+                    ours = time_in_fresh_process(path, "torchkeep", mmap, repeat)
+                    base = (
+                        time_in_fresh_process(path, "torchkeep", mmap, repeat, baseline) if baseline else None
                     )
-            path.unlink()
+                    rows = [(f"torch.load weights_only (.pt{' mmap' if mmap else ''})", torch_load, "")]
+                    if base is not None:
+                        rows.append((f"torchkeep.load_weights {how} (baseline)", base, ""))
+                    rows.append(
+                        (f"torchkeep.load_weights {how}", ours, f"{base[0] / ours[0]:>8.2f}x" if base else "")
+                    )
+                    for name, (load, touch), versus_base in rows:
+                        print(
+                            f"  {name:<52}{load:>9.3f}{nbytes / load / 1e9:>8.2f}{load / count * 1e6:>11.1f}"
+                            f"{touch:>10.3f}{torch_load[0] / load:>9.2f}x{versus_base:>9}"
+                        )
+            for path in files.values():
+                path.unlink()
 
 
 def main() -> None:
@@ -98,8 +125,11 @@ def main() -> None:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--small-mib", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--baseline-src", type=Path, default=None, help="another checkout's src/ folder to compare with"
+    )
     args = parser.parse_args()
-    run(args.big_mib, args.small_mib, args.repeat)
+    run(args.big_mib, args.small_mib, args.repeat, args.baseline_src)
 
 
 if __name__ == "__main__":
