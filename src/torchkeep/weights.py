@@ -39,6 +39,7 @@ from torchkeep.formats import (
     suffix_format,
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
+from torchkeep.safety.ziparchive import ZipArchive
 from torchkeep.storage import atomic_target
 from torchkeep.storage.remote import Remote, StorageOptions, resolve, scratch_dir
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
@@ -294,12 +295,42 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         meta = read_safetensors_header(path).metadata
         return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
     if fmt is FileFormat.TORCH_ZIP:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith("/" + _PT_METADATA_RECORD):
-                    loaded = json.loads(archive.read(name))
-                    return {str(k): str(v) for k, v in loaded.items()}
+        return _read_pt_metadata(Path(path))
     return {}
+
+
+def _read_pt_metadata(path: Path) -> dict[str, str]:
+    """The extra metadata record of a ``torch.save`` zip, read with the strict zip reader.
+
+    Raises:
+        CorruptFileError: the record is not a JSON object of strings.
+    """
+    with path.open("rb") as f:
+        archive = ZipArchive(path, f, os.fstat(f.fileno()).st_size, limits=DEFAULT_LIMITS)
+        names = [n for n in archive.members if n.endswith("/" + _PT_METADATA_RECORD) and n.count("/") == 2]
+        if not names:
+            return {}
+        raw = archive.read(names[0], max_size=DEFAULT_LIMITS.max_header_bytes)
+    loaded = _json_record(raw, path, "the metadata record")
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+    ):
+        raise CorruptFileError(
+            path,
+            f"the metadata record {names[0]!r} is not a JSON object of strings "
+            f"(save_weights writes one; it holds a {type(loaded).__name__})",
+            member=names[0],
+        )
+    return {k: v for k, v in loaded.items() if not k.startswith(_RESERVED_PREFIX)}
+
+
+def _json_record(raw: str | bytes, path: Path, what: str) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, int digit limits, deep nesting
+        raise CorruptFileError(
+            path, f"{what} is not valid JSON ({type(err).__name__}: {first_line(err)[:80]})"
+        ) from None
 
 
 def read_torch_file(
@@ -378,19 +409,46 @@ def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> St
     raise NotAStateDictError(path, _describe(obj))
 
 
-def _restore_aliases(tensors: StateDict, metadata: dict[str, str], path: Path) -> StateDict:
-    raw = metadata.get(_ALIASES_KEY)
-    if not raw:
+def _restore_aliases(tensors: StateDict, metadata: Mapping[str, object], path: Path) -> StateDict:
+    """Add the tied keys ``save_weights`` stored once, from the ``torchkeep.aliases`` record.
+
+    An alias may only fill in a key the file does not store, and must name a
+    key it does store (so no chains): metadata can add names for stored
+    tensors, never change what a stored key loads as.
+
+    Raises:
+        CorruptFileError: the record is not a JSON object of str to str, or an
+            alias shadows a stored key or points at a key that is not stored.
+    """
+    if _ALIASES_KEY not in metadata:
         return tensors
-    try:
-        aliases = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise CorruptFileError(path, f"the tied-weights record is not valid JSON ({err})") from err
+    raw = metadata[_ALIASES_KEY]
+    if not isinstance(raw, str):
+        raise CorruptFileError(path, f"the tied-weights record {_ALIASES_KEY!r} is not a string")
+    aliases = _json_record(raw, path, f"the tied-weights record {_ALIASES_KEY!r}")
+    if not isinstance(aliases, dict):
+        raise CorruptFileError(
+            path,
+            f"the tied-weights record {_ALIASES_KEY!r} is a JSON {type(aliases).__name__}, not an object",
+        )
+    restored = dict(tensors)
     for alias, canonical in aliases.items():
+        if not isinstance(canonical, str):
+            raise CorruptFileError(
+                path, f"tied weight {alias!r} names a {type(canonical).__name__}, not a key"
+            )
+        if alias in tensors:
+            raise CorruptFileError(
+                path,
+                f"tied weight {alias!r} is also stored in the file: the tied-weights record would replace "
+                f"its values with {canonical!r}'s",
+            )
         if canonical not in tensors:
-            raise CorruptFileError(path, f"tied weight {alias!r} points to a missing tensor {canonical!r}")
-        tensors[alias] = tensors[canonical]
-    return tensors
+            raise CorruptFileError(
+                path, f"tied weight {alias!r} points to {canonical!r}, which the file does not store"
+            )
+        restored[alias] = tensors[canonical]
+    return restored
 
 
 def load_weights(

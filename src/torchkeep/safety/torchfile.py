@@ -327,7 +327,8 @@ def _load_zip(
             "a torch.save file written on a big-endian machine",
             "Load it there with torch.load and save it again, or pass trust=True to use torch.load here.",
         )
-    data = archive.read(prefix + "data.pkl", max_size=limits.max_pickle_bytes)
+    pickle_member = archive.member(prefix + "data.pkl")
+    data = archive.read(pickle_member.name, max_size=limits.max_pickle_bytes)
     records = [m for name, m in archive.members.items() if name.startswith(prefix + "data/")]
     total = sum(m.size for m in records)
     if total > limits.max_bytes:
@@ -376,7 +377,13 @@ def _load_zip(
         return storages.get(key, stype, numel, location, build_record(member))
 
     unpickler = Unpickler(
-        data, path=path, member=prefix + "data.pkl", storages=load, limits=limits, collect=collect is not None
+        data,
+        path=path,
+        member=prefix + "data.pkl",
+        storages=load,
+        limits=limits,
+        collect=collect is not None,
+        stored_size=pickle_member.compressed_size,
     )
     try:
         if arena is not None and device is not None and device.type != "cpu":
@@ -455,7 +462,7 @@ def _read_legacy(
             "a legacy torch.save file from a big-endian machine",
             "Pass trust=True to load it with torch.load, or re-save it where it was made.",
         )
-    tensor_limits = TensorLimits(limits.max_numel, limits.max_tensors)
+    tensor_limits = TensorLimits(limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes)
     # Pass 1: find where each storage's bytes are (they follow all the pickles).
     declared: dict[str, tuple[StorageType, int]] = {}
 
@@ -472,7 +479,7 @@ def _read_legacy(
         start=pos,
         storages=note,
         limits=limits,
-        tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors),
+        tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes),
         collect=collect is not None,
     )
     first_result = run(first)
@@ -547,24 +554,39 @@ def scan_torch_stream(path: Path, f: BinaryIO, size: int, *, limits: Limits, col
     elif head == LEGACY_PREFIX:
         _load_legacy(path, f, size, device=None, limits=limits, meta=True, collect=collect)
     else:
-        buffer = f.getbuffer() if isinstance(f, io.BytesIO) else f.read(limits.max_pickle_bytes + 1)
-        if len(buffer) > limits.max_pickle_bytes:
+        # The size is checked before anything is read, and the file is mapped, not read:
+        # a 4 GiB limit never means a 4 GiB buffer.
+        if size > limits.max_pickle_bytes:
             raise LimitExceededError(
                 path, "max_pickle_bytes", size, limits.max_pickle_bytes, what="the pickle"
             )
-        unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
-        try:
-            result = unpickler.run(allow_trailing=True)
-            if not unpickler.findings:
-                check_structure(result, path=path, limits=limits)
-            if unpickler.end != len(buffer):
-                extra = len(buffer) - unpickler.end
-                hidden = Finding(
-                    "structure",
-                    f"{extra} bytes follow the pickle (a file hidden behind it?)",
-                    None,
-                    unpickler.end,
-                )
-                unpickler.findings.append(hidden)
-        finally:
-            collect(unpickler)
+        if isinstance(f, io.BytesIO):
+            _scan_pickle(path, f.getbuffer(), limits=limits, collect=collect)
+        elif size == 0:
+            raise CorruptFileError(path, "the file is empty (0 bytes)")
+        else:
+            with mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ) as mm:
+                _scan_pickle(path, mm, limits=limits, collect=collect)
+
+
+def _scan_pickle(path: Path, buffer: Any, *, limits: Limits, collect: Collector) -> None:
+    if len(buffer) > limits.max_pickle_bytes:  # the file grew since it was measured
+        raise LimitExceededError(
+            path, "max_pickle_bytes", len(buffer), limits.max_pickle_bytes, what="the pickle"
+        )
+    unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
+    try:
+        result = unpickler.run(allow_trailing=True)
+        if not unpickler.findings:
+            check_structure(result, path=path, limits=limits)
+        if unpickler.end != len(buffer):
+            extra = len(buffer) - unpickler.end
+            hidden = Finding(
+                "structure",
+                f"{extra} bytes follow the pickle (a file hidden behind it?)",
+                None,
+                unpickler.end,
+            )
+            unpickler.findings.append(hidden)
+    finally:
+        collect(unpickler)
