@@ -39,6 +39,7 @@ from torchkeep.formats import (
     suffix_format,
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
+from torchkeep.safety.torchfile import METADATA_RECORD, read_metadata_record, torch_prefix
 from torchkeep.safety.ziparchive import ZipArchive
 from torchkeep.storage import atomic_target
 from torchkeep.storage.remote import Remote, StorageOptions, resolve, scratch_dir
@@ -65,7 +66,7 @@ StateDict = dict[str, torch.Tensor]
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _RESERVED_PREFIX = "torchkeep."
 _ALIASES_KEY = "torchkeep.aliases"
-_PT_METADATA_RECORD = "extra/torchkeep_metadata.json"
+_PT_METADATA_RECORD = METADATA_RECORD
 # dtypes the installed safetensors both writes and reads back (it writes F8_E8M0 but cannot read it)
 _SAFETENSORS_TORCH_DTYPES = {
     name for code, (name, _bits) in SAFETENSORS_DTYPES.items() if code not in {"F8_E8M0", "F4"}
@@ -300,28 +301,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _read_pt_metadata(path: Path) -> dict[str, str]:
-    """The extra metadata record of a ``torch.save`` zip, read with the strict zip reader.
-
-    Raises:
-        CorruptFileError: the record is not a JSON object of strings.
-    """
     with path.open("rb") as f:
         archive = ZipArchive(path, f, os.fstat(f.fileno()).st_size, limits=DEFAULT_LIMITS)
-        names = [n for n in archive.members if n.endswith("/" + _PT_METADATA_RECORD) and n.count("/") == 2]
-        if not names:
-            return {}
-        raw = archive.read(names[0], max_size=DEFAULT_LIMITS.max_header_bytes)
-    loaded = _json_record(raw, path, "the metadata record")
-    if not isinstance(loaded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
-    ):
-        raise CorruptFileError(
-            path,
-            f"the metadata record {names[0]!r} is not a JSON object of strings "
-            f"(save_weights writes one; it holds a {type(loaded).__name__})",
-            member=names[0],
-        )
-    return {k: v for k, v in loaded.items() if not k.startswith(_RESERVED_PREFIX)}
+        meta = read_metadata_record(archive, torch_prefix(archive), DEFAULT_LIMITS)
+    return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
 
 
 def _json_record(raw: str | bytes, path: Path, what: str) -> object:

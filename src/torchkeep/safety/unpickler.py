@@ -42,7 +42,6 @@ from torchkeep.safety.allowlist import (
     TensorLimits,
     TypeMarker,
     brief,
-    check_keys,
     is_plain_value,
     key_hash,
     note_hash,
@@ -574,10 +573,18 @@ class Unpickler:
             raise self._refuse(str(err)) from None
 
     def _check_keys(self, items: list[Any]) -> None:
-        try:
-            check_keys(items)
-        except Refusal as err:
-            raise self._refuse(str(err)) from None
+        """Keys for a new frozenset: a bad key is a broken pickle, a flood of one hash an attack."""
+        same: dict[int, list[Any]] = {}
+        for item in items:
+            try:
+                h = key_hash(item)
+            except Refusal as err:
+                raise self._corrupt(str(err)) from None
+            if h is not None:
+                try:
+                    note_hash(same, h, item)
+                except Refusal as err:
+                    raise self._refuse(str(err)) from None
 
     def _set_items(self, stack: list[Any], items: list[Any]) -> None:
         if len(items) % 2:
