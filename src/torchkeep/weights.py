@@ -39,6 +39,7 @@ from torchkeep.formats import (
     suffix_format,
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
+from torchkeep.safety.aliases import ALIASES_KEY, check_aliases
 from torchkeep.safety.torchfile import METADATA_RECORD, read_metadata_record, torch_prefix
 from torchkeep.safety.ziparchive import ZipArchive
 from torchkeep.storage import atomic_target
@@ -65,7 +66,7 @@ StateDict = dict[str, torch.Tensor]
 # Where checkpoint dicts written by common tools keep the model's weights.
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _RESERVED_PREFIX = "torchkeep."
-_ALIASES_KEY = "torchkeep.aliases"
+_ALIASES_KEY = ALIASES_KEY
 _PT_METADATA_RECORD = METADATA_RECORD
 # dtypes the installed safetensors both writes and reads back (it writes F8_E8M0 but cannot read it)
 _SAFETENSORS_TORCH_DTYPES = {
@@ -307,15 +308,6 @@ def _read_pt_metadata(path: Path) -> dict[str, str]:
     return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
 
 
-def _json_record(raw: str | bytes, path: Path, what: str) -> object:
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, int digit limits, deep nesting
-        raise CorruptFileError(
-            path, f"{what} is not valid JSON ({type(err).__name__}: {first_line(err)[:80]})"
-        ) from None
-
-
 def read_torch_file(
     path: Path,
     *,
@@ -393,43 +385,10 @@ def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> St
 
 
 def _restore_aliases(tensors: StateDict, metadata: Mapping[str, object], path: Path) -> StateDict:
-    """Add the tied keys ``save_weights`` stored once, from the ``torchkeep.aliases`` record.
-
-    An alias may only fill in a key the file does not store, and must name a
-    key it does store (so no chains): metadata can add names for stored
-    tensors, never change what a stored key loads as.
-
-    Raises:
-        CorruptFileError: the record is not a JSON object of str to str, or an
-            alias shadows a stored key or points at a key that is not stored.
-    """
-    if _ALIASES_KEY not in metadata:
-        return tensors
-    raw = metadata[_ALIASES_KEY]
-    if not isinstance(raw, str):
-        raise CorruptFileError(path, f"the tied-weights record {_ALIASES_KEY!r} is not a string")
-    aliases = _json_record(raw, path, f"the tied-weights record {_ALIASES_KEY!r}")
-    if not isinstance(aliases, dict):
-        raise CorruptFileError(
-            path,
-            f"the tied-weights record {_ALIASES_KEY!r} is a JSON {type(aliases).__name__}, not an object",
-        )
+    """Add the tied keys ``save_weights`` stored once, as checked by ``safety.aliases.check_aliases``."""
+    aliases = check_aliases(path, tensors.keys(), metadata)
     restored = dict(tensors)
     for alias, canonical in aliases.items():
-        if not isinstance(canonical, str):
-            raise CorruptFileError(
-                path, f"tied weight {alias!r} names a {type(canonical).__name__}, not a key"
-            )
-        if alias in tensors:
-            raise CorruptFileError(
-                path,
-                f"tied weight {alias!r} is also stored in the file: the tied-weights record would replace "
-                f"its values with {canonical!r}'s",
-            )
-        if canonical not in tensors:
-            raise CorruptFileError(
-                path, f"tied weight {alias!r} points to {canonical!r}, which the file does not store"
-            )
         restored[alias] = tensors[canonical]
     return restored
 
