@@ -220,3 +220,43 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(torchkeep.NotAStateDictError):
         torchkeep.load_checkpoint(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        ({"pytorch-lightning_version": "2.4", "optimizer_states": {"adam": {}}}, "optimizer_states"),
+        ({"pytorch-lightning_version": "2.4", "lr_schedulers": "cosine"}, "lr_schedulers"),
+        ({"model_state_dict": {}, "metrics": "val_loss=0.1"}, "metrics"),
+        ({"model_state_dict": {}, "extra": [1, 2]}, "extra"),
+        ({"model_state_dict": {}, "loss": torch.tensor([0.1, 0.2, 0.3])}, "loss"),
+        ({"model_state_dict": {}, "loss": 10**400}, "loss"),
+        ({"model_state_dict": {}, "epoch": "three"}, "epoch"),
+        ({"model_state_dict": [1]}, "model_state_dict"),
+    ],
+)
+def test_entries_of_the_wrong_type_are_refused_before_anything_changes(
+    tmp_path: Path, content: dict[str, object], what: str
+) -> None:
+    path = tmp_path / "odd.ckpt"
+    torch.save(content, path)
+    model, _, _ = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(torchkeep.NotAStateDictError, match=what):
+        torchkeep.load_checkpoint(path, model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_scalar_tensor_loss_is_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": {}, "loss": torch.tensor(0.25), "epoch": 2}, path)
+    info = torchkeep.load_checkpoint(path)
+    assert (info.loss, info.epoch) == (0.25, 2)
+
+
+def test_an_optimizer_state_torch_would_choke_on_is_a_mismatch(tmp_path: Path) -> None:
+    model, optimizer, _ = make()
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": {"param_groups": "x"}}, path)
+    with pytest.raises(torchkeep.CheckpointMismatchError, match="param_groups"):
+        torchkeep.load_checkpoint(path, model=model, optimizer=optimizer)

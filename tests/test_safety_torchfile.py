@@ -413,3 +413,48 @@ def test_the_fast_crc_is_zlibs_crc(a: bytes, b: bytes, start: int) -> None:
 
     assert crc32(a, start) == zlib.crc32(a, start)
     assert crc32(b, crc32(a)) == zlib.crc32(a + b)  # chained over chunks, as the readers do
+
+
+def _zip_of(names: list[str]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"x")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("archive/data.pkl", "archive/DATA.PKL"),
+        ("archive/data/0", "ARCHIVE/data/0"),
+        ("archive/data/k", "archive/data/\u212a"),  # KELVIN SIGN folds to k
+        ("archive/straße", "archive/STRASSE"),
+    ],
+)
+def test_member_names_that_fold_together_are_refused_naming_both(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    from torchkeep.safety.ziparchive import ZipArchive
+
+    path = tmp_path / "z.zip"
+    path.write_bytes(_zip_of(["archive/version", first, second]))
+    with path.open("rb") as f, pytest.raises(torchkeep.UnsafeFileError) as info:
+        ZipArchive(path, f, path.stat().st_size, limits=Limits())
+    assert first in str(info.value)
+    assert second in str(info.value)
+    assert torchkeep.scan(path).verdict == "UNSAFE"
+
+
+def test_distinct_names_that_only_look_alike_are_fine(tmp_path: Path) -> None:
+    from torchkeep.safety.ziparchive import ZipArchive
+
+    path = tmp_path / "z.zip"
+    path.write_bytes(
+        _zip_of(["archive/data.pkl", "archive/data/0", "archive/data/00", "archive/.data/version"])
+    )
+    with path.open("rb") as f:
+        assert len(ZipArchive(path, f, path.stat().st_size, limits=Limits()).members) == 4

@@ -467,3 +467,60 @@ def test_cuda_tensors_save_as_device_free_data(tmp_path: Path, suffix: str) -> N
         assert torch.equal(loaded[key], value.cpu())
     on_gpu = torchkeep.load_weights(path, map_location="cuda")
     assert on_gpu["a"].device.type == "cuda"
+
+
+def _aliased_safetensors(path: Path, aliases: str) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(
+        {"a": torch.ones(4), "b": torch.full((4,), -1.0)},
+        str(path),
+        metadata={"format": "pt", "torchkeep.aliases": aliases},
+    )
+    return path
+
+
+def test_aliases_only_fill_in_keys_the_file_does_not_store(tmp_path: Path) -> None:
+    path = _aliased_safetensors(tmp_path / "ok.safetensors", json.dumps({"c": "a"}))
+    loaded = torchkeep.load_weights(path)
+    assert sorted(loaded) == ["a", "b", "c"]
+    assert loaded["c"] is loaded["a"]
+    assert torch.equal(loaded["b"], torch.full((4,), -1.0))
+
+
+@pytest.mark.parametrize(
+    ("aliases", "reason"),
+    [
+        (json.dumps({"a": "b"}), "also stored"),  # would load b's values as a
+        (json.dumps({"c": "d", "d": "a"}), "does not store"),  # chains
+        (json.dumps({"c": "zzz"}), "does not store"),
+        (json.dumps(["a"]), "not an object"),
+        (json.dumps({"c": 5}), "not a key"),
+        ('{"c": ', "not valid JSON"),
+        ("[" * 100_000, "not valid JSON"),
+        ('{"c": ' + "9" * 5000 + "}", "not valid JSON"),
+    ],
+)
+def test_aliases_that_change_or_invent_tensors_are_corrupt(tmp_path: Path, aliases: str, reason: str) -> None:
+    path = _aliased_safetensors(tmp_path / "bad.safetensors", aliases)
+    with pytest.raises(torchkeep.CorruptFileError, match=reason):
+        torchkeep.load_weights(path)
+
+
+@pytest.mark.parametrize("record", [b"[1, 2]", b'{"a": 1}', b'{"a": ', b"9" * 5000])
+def test_a_pt_metadata_record_that_is_not_str_to_str_is_corrupt(tmp_path: Path, record: bytes) -> None:
+    import zipfile
+
+    path = torchkeep.save_weights({"a": torch.ones(2)}, tmp_path / "m.pt", metadata={"k": "v"})
+    assert isinstance(path, Path)
+    with zipfile.ZipFile(path) as original:
+        members = {n: original.read(n) for n in original.namelist()}
+    name = next(n for n in members if n.endswith("extra/torchkeep_metadata.json"))
+    members[name] = record
+    with zipfile.ZipFile(path, "w") as rewritten:
+        for n, data in members.items():
+            rewritten.writestr(n, data)
+    for read in (torchkeep.read_metadata, torchkeep.load_weights):
+        with pytest.raises(torchkeep.CorruptFileError, match="metadata record"):
+            read(path)
+    assert torchkeep.scan(path).verdict == "CORRUPT"

@@ -24,12 +24,15 @@ from torchkeep.errors import (
     CheckpointMismatchError,
     NotAStateDictError,
     RngRestoreWarning,
+    TorchkeepError,
     UnserializableValueError,
+    first_line,
 )
 from torchkeep.formats import FileFormat, detect_format, suffix_format
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.safety import DEFAULT_LIMITS, Limits
+from torchkeep.safety.allowlist import brief
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, load_weights, read_torch_file, to_state_dict
 
@@ -209,6 +212,53 @@ def _layout(content: Mapping[str, Any]) -> str:
     return "weights"
 
 
+def _malformed(path: Path, layout: str, what: str, expected: str) -> NotAStateDictError:
+    return NotAStateDictError(
+        path,
+        f"a {layout} checkpoint whose {what}",
+        hint=f"a readable checkpoint has {expected}; the file was not written by save_checkpoint or "
+        "Lightning as it is (load its weights alone with torchkeep.load_weights(path, key=...))",
+    )
+
+
+def _check_layout(path: Path, content: Mapping[str, Any], layout: str) -> None:
+    """Refuse, before anything is restored, entries whose type no writer of ``layout`` produces.
+
+    Raises:
+        NotAStateDictError: e.g. Lightning ``optimizer_states`` that is not a
+            list, ``metrics`` that is not a dict, a ``loss`` of several values.
+    """
+    if layout == "lightning":
+        for name in ("optimizer_states", "lr_schedulers"):
+            value = content.get(name)
+            if value is not None and not (
+                isinstance(value, list | tuple) and all(v is None or isinstance(v, Mapping) for v in value)
+            ):
+                raise _malformed(
+                    path, layout, f"{name!r} is a {type(value).__name__}", "a list of dicts there"
+                )
+        names: tuple[str, ...] = ("state_dict", "native_amp_scaling_state")
+    elif layout == "weights":
+        names = ()
+    else:
+        names = ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict")
+    for name in (*names, "metrics", "extra"):
+        value = content.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise _malformed(
+                path, layout, f"{name!r} is a {type(value).__name__}", f"a dict (or nothing) as {name!r}"
+            )
+    for name in ("epoch", "step", "global_step"):
+        value = content.get(name)
+        if value is not None and (type(value) is not int or not -(2**63) <= value < 2**63):
+            raise _malformed(path, layout, f"{name!r} is {brief(value)}", f"an int as {name!r}")
+    loss = content.get("loss")
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        raise _malformed(path, layout, f"'loss' is a tensor of {loss.numel()} values", "one number as 'loss'")
+    if isinstance(loss, int | float) and not isinstance(loss, bool) and abs(loss) > 2.0**1023:
+        raise _malformed(path, layout, "'loss' is a number no float can hold", "one number as 'loss'")
+
+
 def _parts(content: Mapping[str, Any], layout: str) -> dict[str, Any]:
     """The model/optimizer/scheduler/scaler states, whatever the layout calls them."""
     if layout == "lightning":
@@ -233,6 +283,18 @@ def _parts(content: Mapping[str, Any], layout: str) -> dict[str, Any]:
 def _check_optimizer(path: Path, optimizer: Any, saved: Mapping[str, Any]) -> None:
     groups = optimizer.state_dict()["param_groups"]
     saved_groups = saved.get("param_groups", [])
+    if not (
+        isinstance(saved_groups, list | tuple)
+        and all(
+            isinstance(g, Mapping) and isinstance(g.get("params", []), list | tuple) for g in saved_groups
+        )
+    ):
+        raise CheckpointMismatchError(
+            path,
+            "optimizer",
+            f"its param_groups is {brief(saved_groups)}, not a list of dicts with a list of params",
+            "restore without optimizer= (the saved optimizer state is not one torch writes)",
+        )
     if len(groups) != len(saved_groups):
         raise CheckpointMismatchError(
             path,
@@ -288,7 +350,18 @@ def apply_states(
         restored.append("model")
     for name, obj in given.items():
         if name != "model" and obj is not None:
-            obj.load_state_dict(parts[name])
+            try:
+                obj.load_state_dict(parts[name])
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+                if isinstance(err, TorchkeepError):
+                    raise
+                raise CheckpointMismatchError(
+                    path,
+                    name,
+                    "its load_state_dict refused the saved state "
+                    f"({type(err).__name__}: {first_line(err)[:200]})",
+                    f"restore without {name}=, or build the {name} as the run that saved it did",
+                ) from err
             restored.append(name)
     return restored, report
 
@@ -354,12 +427,26 @@ def load_checkpoint(
             p, f"a {type(content).__name__}", hint="pass a checkpoint file written by save_checkpoint"
         )
     layout = _layout(content)
+    _check_layout(p, content, layout)
     parts = _parts(content, layout)
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     restored, report = apply_states(p, parts, given, strict=strict, available=list(map(str, content)))
     if restore_rng:
         if "rng_state" in content:
-            restore_rng_state(content["rng_state"])
+            rng = content["rng_state"]
+            try:
+                if not isinstance(rng, Mapping):
+                    raise TypeError(f"the RNG state is a {type(rng).__name__}")
+                restore_rng_state(dict(rng))
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+                if isinstance(err, TorchkeepError):
+                    raise
+                raise CheckpointMismatchError(
+                    p,
+                    "rng",
+                    f"the saved RNG state cannot be restored ({type(err).__name__}: {first_line(err)[:200]})",
+                    "pass restore_rng=False",
+                ) from err
             restored.append("rng")
         else:
             warnings.warn(

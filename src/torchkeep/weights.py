@@ -39,6 +39,9 @@ from torchkeep.formats import (
     suffix_format,
 )
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
+from torchkeep.safety.aliases import ALIASES_KEY, check_aliases
+from torchkeep.safety.torchfile import METADATA_RECORD, read_metadata_record, torch_prefix
+from torchkeep.safety.ziparchive import ZipArchive
 from torchkeep.storage import atomic_target
 from torchkeep.storage.remote import Remote, StorageOptions, resolve, scratch_dir
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
@@ -63,8 +66,8 @@ StateDict = dict[str, torch.Tensor]
 # Where checkpoint dicts written by common tools keep the model's weights.
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _RESERVED_PREFIX = "torchkeep."
-_ALIASES_KEY = "torchkeep.aliases"
-_PT_METADATA_RECORD = "extra/torchkeep_metadata.json"
+_ALIASES_KEY = ALIASES_KEY
+_PT_METADATA_RECORD = METADATA_RECORD
 # dtypes the installed safetensors both writes and reads back (it writes F8_E8M0 but cannot read it)
 _SAFETENSORS_TORCH_DTYPES = {
     name for code, (name, _bits) in SAFETENSORS_DTYPES.items() if code not in {"F8_E8M0", "F4"}
@@ -294,12 +297,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         meta = read_safetensors_header(path).metadata
         return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
     if fmt is FileFormat.TORCH_ZIP:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith("/" + _PT_METADATA_RECORD):
-                    loaded = json.loads(archive.read(name))
-                    return {str(k): str(v) for k, v in loaded.items()}
+        return _read_pt_metadata(Path(path))
     return {}
+
+
+def _read_pt_metadata(path: Path) -> dict[str, str]:
+    with path.open("rb") as f:
+        archive = ZipArchive(path, f, os.fstat(f.fileno()).st_size, limits=DEFAULT_LIMITS)
+        meta = read_metadata_record(archive, torch_prefix(archive), DEFAULT_LIMITS)
+    return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
 
 
 def read_torch_file(
@@ -378,19 +384,13 @@ def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> St
     raise NotAStateDictError(path, _describe(obj))
 
 
-def _restore_aliases(tensors: StateDict, metadata: dict[str, str], path: Path) -> StateDict:
-    raw = metadata.get(_ALIASES_KEY)
-    if not raw:
-        return tensors
-    try:
-        aliases = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise CorruptFileError(path, f"the tied-weights record is not valid JSON ({err})") from err
+def _restore_aliases(tensors: StateDict, metadata: Mapping[str, object], path: Path) -> StateDict:
+    """Add the tied keys ``save_weights`` stored once, as checked by ``safety.aliases.check_aliases``."""
+    aliases = check_aliases(path, tensors.keys(), metadata)
+    restored = dict(tensors)
     for alias, canonical in aliases.items():
-        if canonical not in tensors:
-            raise CorruptFileError(path, f"tied weight {alias!r} points to a missing tensor {canonical!r}")
-        tensors[alias] = tensors[canonical]
-    return tensors
+        restored[alias] = tensors[canonical]
+    return restored
 
 
 def load_weights(

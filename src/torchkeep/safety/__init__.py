@@ -2,8 +2,10 @@
 
 ``ziparchive`` checks archives strictly, ``unpickler`` runs pickles on an
 allowlist (``allowlist`` says what may be built and how), ``torchfile`` reads
-``torch.save`` files with both, ``scan`` reports on any file without loading
-it, and ``limits`` bounds everything before it is allocated.
+``torch.save`` files with both, ``aliases`` checks the tied-weights record of
+safetensors files, ``scan`` reports on any file without loading it, and
+``limits`` bounds everything before it is allocated (see :class:`Limits` for
+how each bound covers time and memory).
 """
 
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits

@@ -10,11 +10,14 @@ is only a key into this table.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from torchkeep.safety.limits import MAX_SAME_HASH
 
 __all__ = [
     "GLOBALS",
@@ -26,7 +29,10 @@ __all__ = [
     "StorageType",
     "TensorLimits",
     "TypeMarker",
+    "brief",
+    "check_keys",
     "is_plain_value",
+    "key_hash",
 ]
 
 
@@ -72,11 +78,114 @@ class StorageRef:
 
 @dataclass
 class TensorLimits:
-    """Counters the builders check (shared with the interpreter)."""
+    """Counters the builders check (shared with the interpreter).
+
+    ``view_bytes`` sums every tensor's logical size (``numel * itemsize``):
+    a stride-0 view of 2**40 elements on a one-element storage costs nothing
+    to load but everything to use (``.clone()``, ``.to(dtype)``, a copy into a
+    model), so it counts against ``max_bytes`` like stored data does.
+    """
 
     max_numel: int
     max_tensors: int
     tensors: int = 0
+    max_bytes: int = 1 << 62
+    view_bytes: int = 0
+
+
+# the largest size, stride or offset a tensor may have (torch stores them as int64)
+_INT64_MAX = (1 << 63) - 1
+_HASH_MODULUS = sys.hash_info.modulus
+# keys are small in real files: ("layer", 0); anything bigger costs time on every lookup
+_MAX_KEY_ITEMS = 1024
+_MAX_KEY_DEPTH = 16
+
+
+def brief(value: Any, width: int = 80) -> str:
+    """A short description of ``value`` that costs O(width) whatever its size or depth."""
+    if isinstance(value, str | bytes | bytearray):
+        text = repr(value[: width + 1])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = repr(value) if value.bit_length() <= 256 else f"an int of {value.bit_length()} bits"
+    elif isinstance(value, float | complex | bool) or value is None:
+        text = repr(value)
+    elif isinstance(value, tuple | list | set | frozenset | dict):
+        parts: list[str] = []
+        for item in value:
+            if len(parts) >= 8:
+                parts.append("…")
+                break
+            parts.append(
+                brief(item, 16)
+                if isinstance(item, str | bytes | int | float | bool) or item is None
+                else type(item).__name__
+            )
+        text = f"{type(value).__name__} of {len(value)} [{', '.join(parts)}]"
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def key_hash(key: Any) -> int | None:
+    """The hash of a dict key or set item, or None when it cannot collide by design.
+
+    str and bytes hashes are seeded per process; an int below the hash
+    modulus hashes to itself. Every other key (floats, big ints, tuples,
+    frozensets, complex numbers) hashes by a public formula, so a file can
+    choose many that collide: those are returned for counting.
+
+    Raises:
+        Refusal: the key is unhashable, or a tuple/frozenset too big or deep
+            to be a real key (hashing it would cost time on every use).
+    """
+    kind = type(key)
+    if kind is str or kind is bytes or key is None or kind is bool:
+        return None
+    if kind is int and -_HASH_MODULUS < key < _HASH_MODULUS:
+        return None
+    if kind is tuple or kind is frozenset:
+        items = 0
+        todo: list[tuple[Any, int]] = [(key, 0)]
+        while todo:
+            part, depth = todo.pop()
+            items += len(part)
+            if items > _MAX_KEY_ITEMS or depth >= _MAX_KEY_DEPTH:
+                raise Refusal(
+                    f"a dict key or set item nested {depth} deep or holding {items} values (keys in "
+                    "model files are small)"
+                )
+            todo.extend((p, depth + 1) for p in part if type(p) is tuple or type(p) is frozenset)
+    try:
+        return hash(key)
+    except TypeError as err:
+        raise Refusal(f"an unhashable dict key or set item ({type(key).__name__})") from err
+
+
+def check_keys(keys: Iterable[Any]) -> None:
+    """Refuse keys meant for one dict or set that are unhashable or flood one hash value.
+
+    Raises:
+        Refusal: see :func:`key_hash`, or more than ``MAX_SAME_HASH``
+            distinct keys with one hash.
+    """
+    same: dict[int, list[Any]] = {}
+    for key in keys:
+        h = key_hash(key)
+        if h is not None:
+            note_hash(same, h, key)
+
+
+def note_hash(same: dict[int, list[Any]], h: int, key: Any) -> None:
+    """Record ``key`` under its hash ``h``; refuse once too many distinct keys share it."""
+    seen = same.setdefault(h, [])
+    if key in seen:  # at most MAX_SAME_HASH comparisons, of keys bounded by key_hash
+        return
+    seen.append(key)
+    if len(seen) > MAX_SAME_HASH:
+        raise Refusal(
+            f"more than {MAX_SAME_HASH} distinct dict keys or set items share one hash value "
+            "(a hash-flooding file: building the dict would take quadratic time)"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,7 +203,7 @@ def _require(condition: bool, message: str) -> None:
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if type(value) is not tuple or not all(type(v) is int for v in value):
-        raise Refusal(f"{what} must be a tuple of ints, got {value!r:.80}")
+        raise Refusal(f"{what} must be a tuple of ints, got {brief(value)}")
     return value
 
 
@@ -104,12 +213,11 @@ def _empty_hooks(value: Any) -> None:
 
 
 def _empty_state(value: Any) -> None:
-    if isinstance(value, tuple) and len(value) == 2:
-        for part in value:
-            _empty_state(part)
-        return
-    if not (value is None or (isinstance(value, dict) and not value)):
-        raise Refusal("a tensor with Python attributes set")
+    # (dict_state, slots_state) at most: one level, never recursing on what the file built
+    parts = value if isinstance(value, tuple) and len(value) == 2 else (value,)
+    for part in parts:
+        if not (part is None or (isinstance(part, dict) and not part)):
+            raise Refusal("a tensor with Python attributes set")
 
 
 def _tensor(
@@ -124,17 +232,23 @@ def _tensor(
     # and building each message eagerly doubled the time per tensor.
     if not isinstance(storage, StorageRef):
         raise Refusal("a tensor rebuilt from something that is not a storage")
-    if type(offset) is not int or offset < 0:
-        raise Refusal(f"invalid storage offset {offset!r:.40}")
+    if type(offset) is not int or not 0 <= offset <= _INT64_MAX:
+        raise Refusal(f"invalid storage offset {brief(offset, 40)}")
     shape = _ints(size, "size")
     strides = _ints(stride, "stride")
     if len(shape) != len(strides):
-        raise Refusal(f"size {list(shape)} and stride {list(strides)} differ in length")
+        raise Refusal(f"size {brief(shape)} and stride {brief(strides)} differ in length")
+    if len(shape) > 64:
+        raise Refusal(f"a tensor of {len(shape)} dimensions (torch allows 64)")
     numel = 1
     last = offset
     for d, s in zip(shape, strides, strict=True):
-        if d < 0 or s < 0:
-            raise Refusal(f"negative size or stride (size {list(shape)}, stride {list(strides)})")
+        if d < 0 or s < 0 or s > _INT64_MAX:
+            raise Refusal(
+                f"negative or overflowing size or stride (size {brief(shape)}, stride {brief(strides)})"
+            )
+        if d > limits.max_numel:  # also with a zero elsewhere in the shape
+            raise OverLimit("max_numel", d, limits.max_numel)
         numel *= d
         last += (d - 1) * s
     if numel > limits.max_numel:
@@ -143,10 +257,13 @@ def _tensor(
     if limits.tensors > limits.max_tensors:
         raise OverLimit("max_tensors", limits.tensors, limits.max_tensors)
     itemsize = dtype.itemsize
+    limits.view_bytes += numel * itemsize
+    if limits.view_bytes > limits.max_bytes:
+        raise OverLimit("max_bytes", limits.view_bytes, limits.max_bytes)
     available = storage.storage.nbytes() // itemsize if itemsize else 0
     if numel and last >= available:
         raise Refusal(
-            f"a tensor view (offset {offset}, size {list(shape)}, stride {list(strides)}) reaches element "
+            f"a tensor view (offset {offset}, size {brief(shape)}, stride {brief(strides)}) reaches element "
             f"{last}, past the end of its storage of {available} elements"
         )
     if not numel and offset > available:
@@ -171,7 +288,7 @@ def _finish(t: torch.Tensor, requires_grad: Any, hooks: Any, metadata: Any) -> t
             and set(metadata) <= {"conj", "neg"}
             and all(type(v) is bool for v in metadata.values())
         ):
-            raise Refusal(f"unknown tensor metadata {metadata!r:.80}")
+            raise Refusal(f"unknown tensor metadata {brief(metadata)}")
         if metadata.get("conj") and not t.is_complex():
             raise Refusal("the conjugate bit on a real tensor")
         torch._C._set_tensor_metadata(t, metadata)  # type: ignore[attr-defined]
@@ -239,6 +356,7 @@ def _ordered_dict(args: tuple[Any, ...], limits: TensorLimits) -> collections.Or
     _require(len(args) == 1 and isinstance(args[0], list), "OrderedDict takes a list of pairs")
     pairs = args[0]
     _require(all(isinstance(p, tuple) and len(p) == 2 for p in pairs), "OrderedDict takes a list of pairs")
+    check_keys(p[0] for p in pairs)
     return collections.OrderedDict(pairs)
 
 
@@ -254,6 +372,7 @@ def _set(kind: type[set[Any]] | type[frozenset[Any]]) -> Callable[[tuple[Any, ..
         if not args:
             return kind()
         _require(len(args) == 1 and isinstance(args[0], list | tuple), f"{kind.__name__} takes a list")
+        check_keys(args[0])
         return kind(args[0])
 
     return build
@@ -263,7 +382,10 @@ def _complex(args: tuple[Any, ...], limits: TensorLimits) -> complex:
     _require(
         len(args) in {1, 2} and all(type(a) in {int, float} for a in args), "complex takes one or two numbers"
     )
-    return complex(*args)
+    try:
+        return complex(*args)
+    except OverflowError as err:  # complex(10**400): an int no float can hold
+        raise Refusal(f"complex of a number too large for a float ({brief(args)})") from err
 
 
 def _encode(args: tuple[Any, ...], limits: TensorLimits) -> bytes:
@@ -285,7 +407,12 @@ def _bytearray(args: tuple[Any, ...], limits: TensorLimits) -> bytearray:
 
 def _size(args: tuple[Any, ...], limits: TensorLimits) -> torch.Size:
     _require(len(args) == 1, "torch.Size takes one tuple")
-    return torch.Size(_ints(args[0], "torch.Size"))
+    dims = _ints(args[0], "torch.Size")
+    _require(
+        len(dims) <= 64 and all(0 <= d <= limits.max_numel for d in dims),
+        f"torch.Size with a negative or absurd dimension, or over 64 of them ({brief(dims)})",
+    )
+    return torch.Size(dims)
 
 
 def _device(args: tuple[Any, ...], limits: TensorLimits) -> torch.device:
@@ -294,10 +421,11 @@ def _device(args: tuple[Any, ...], limits: TensorLimits) -> torch.device:
         "torch.device takes a type string and an optional index",
     )
     _require(len(args[0]) <= 64 and args[0].replace(":", "").replace("_", "").isalnum(), "a device name")
+    _require(len(args) == 1 or 0 <= args[1] < 1 << 16, "a device index out of range")
     try:
         return torch.device(*args)
-    except (RuntimeError, ValueError) as err:
-        raise Refusal(f"an invalid device {args!r}") from err
+    except (RuntimeError, ValueError, OverflowError, TypeError) as err:
+        raise Refusal(f"an invalid device {brief(args)}") from err
 
 
 def _layout(args: tuple[Any, ...], limits: TensorLimits) -> torch.layout:

@@ -11,9 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+__all__ = ["BUILD_ALLOWANCE", "DEFAULT_LIMITS", "MAX_SAME_HASH", "Limits"]
 
 _GiB = 1 << 30
+
+BUILD_ALLOWANCE = 64 << 20
+"""Bytes of objects any pickle may build whatever its size (small files are never refused)."""
+
+MAX_SAME_HASH = 16
+"""Distinct keys of one dict or set that may share a hash value.
+
+Python hashes ints modulo 2**61 - 1 and tuples, floats and frozensets by
+public formulas, so a file can hold 100,000 keys that all collide and make
+building one dict take minutes (quadratic probing). Distinct keys with equal
+full hashes are astronomically rare by chance; str and bytes keys (seeded
+hashes) and ints below the modulus (hash is the value) cannot collide and are
+not counted.
+"""
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,23 @@ class Limits:
         max_metadata (int, default 100_000): safetensors metadata entries.
         max_compression_ratio (int, default 100): inflated / compressed size
             of a zip member.
+        max_build_ratio (int, default 128): bytes of Python objects a pickle
+            may build per byte it takes in the file (stored size, so a
+            compressed pickle gets no more than its share); the first
+            :data:`BUILD_ALLOWANCE` bytes are always allowed. Sizes are
+            estimated as they are built (8 bytes per pickle byte for stack and
+            memo slots, plus each new container, string or dict entry), so a
+            flood is refused before it is allocated. A ``torch.save`` pickle
+            builds 3-15 bytes per byte.
+
+    How the bounds cover a pickle's cost: every opcode is at least one byte,
+    so time is linear in the pickle's size (``max_pickle_bytes``); memory is
+    ``max_build_ratio`` times its stored size; memo entries are at most one
+    per two pickle bytes (each needs an object before it) and ``max_memo``;
+    dict and set keys may not share a hash more than
+    :data:`MAX_SAME_HASH` times (hash flooding); tensor views count their
+    logical size (``numel * itemsize``) against ``max_numel`` and, summed,
+    against ``max_bytes``, as their storages do.
     """
 
     max_bytes: int = 1024 * _GiB
@@ -46,6 +77,7 @@ class Limits:
     max_header_bytes: int = 100 << 20
     max_metadata: int = 100_000
     max_compression_ratio: int = 100
+    max_build_ratio: int = 128
 
 
 DEFAULT_LIMITS = Limits()

@@ -13,6 +13,7 @@ inside its storage.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import mmap as mmap_module
 import os
@@ -32,7 +33,15 @@ from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
 from torchkeep.safety.ziparchive import ZipArchive, ZipMember
 
-__all__ = ["LEGACY_MAGIC", "LEGACY_PREFIX", "load_torch_file", "scan_torch_stream", "torch_prefix"]
+__all__ = [
+    "LEGACY_MAGIC",
+    "LEGACY_PREFIX",
+    "METADATA_RECORD",
+    "load_torch_file",
+    "read_metadata_record",
+    "scan_torch_stream",
+    "torch_prefix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,8 @@ _LOCATION = re.compile(r"[a-z_]{1,32}(:[0-9]{1,4})?")
 _READ_CHUNK = 64 << 20
 _PARALLEL_FROM = 32 << 20  # below this one thread reads: starting more costs more than it saves
 _MAX_READERS = 4
+# torchkeep's text metadata in a torch.save zip (torch.load ignores the record)
+METADATA_RECORD = "extra/torchkeep_metadata.json"
 # torch.save's legacy format starts with this pickled integer (protocol 2)
 LEGACY_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -304,6 +315,38 @@ def torch_prefix(archive: ZipArchive) -> str:
     return prefix
 
 
+def read_metadata_record(archive: ZipArchive, prefix: str, limits: Limits) -> dict[str, str]:
+    """torchkeep's metadata record of a ``torch.save`` archive (empty if there is none).
+
+    Loaders and ``scan`` both check it, so a record that is not what
+    ``save_weights`` writes is the same finding everywhere.
+
+    Raises:
+        CorruptFileError: the record is not a JSON object of str to str.
+        LimitExceededError: it is larger than ``limits.max_header_bytes``.
+    """
+    name = prefix + METADATA_RECORD
+    if name not in archive.members:
+        return {}
+    raw = archive.read(name, max_size=limits.max_header_bytes)
+    try:
+        loaded = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # bad JSON, an int past Python's digit limit, deep nesting
+        raise CorruptFileError(
+            archive.path, f"the metadata record is not valid JSON ({type(err).__name__})", member=name
+        ) from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+    ):
+        raise CorruptFileError(
+            archive.path,
+            f"the metadata record is a JSON {type(loaded).__name__} that is not an object of strings "
+            "(save_weights writes {str: str})",
+            member=name,
+        )
+    return loaded
+
+
 Collector = Callable[[Unpickler], None]
 
 
@@ -327,7 +370,9 @@ def _load_zip(
             "a torch.save file written on a big-endian machine",
             "Load it there with torch.load and save it again, or pass trust=True to use torch.load here.",
         )
-    data = archive.read(prefix + "data.pkl", max_size=limits.max_pickle_bytes)
+    read_metadata_record(archive, prefix, limits)
+    pickle_member = archive.member(prefix + "data.pkl")
+    data = archive.read(pickle_member.name, max_size=limits.max_pickle_bytes)
     records = [m for name, m in archive.members.items() if name.startswith(prefix + "data/")]
     total = sum(m.size for m in records)
     if total > limits.max_bytes:
@@ -376,7 +421,13 @@ def _load_zip(
         return storages.get(key, stype, numel, location, build_record(member))
 
     unpickler = Unpickler(
-        data, path=path, member=prefix + "data.pkl", storages=load, limits=limits, collect=collect is not None
+        data,
+        path=path,
+        member=prefix + "data.pkl",
+        storages=load,
+        limits=limits,
+        collect=collect is not None,
+        stored_size=pickle_member.compressed_size,
     )
     try:
         if arena is not None and device is not None and device.type != "cpu":
@@ -455,7 +506,7 @@ def _read_legacy(
             "a legacy torch.save file from a big-endian machine",
             "Pass trust=True to load it with torch.load, or re-save it where it was made.",
         )
-    tensor_limits = TensorLimits(limits.max_numel, limits.max_tensors)
+    tensor_limits = TensorLimits(limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes)
     # Pass 1: find where each storage's bytes are (they follow all the pickles).
     declared: dict[str, tuple[StorageType, int]] = {}
 
@@ -472,7 +523,7 @@ def _read_legacy(
         start=pos,
         storages=note,
         limits=limits,
-        tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors),
+        tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes),
         collect=collect is not None,
     )
     first_result = run(first)
@@ -547,24 +598,39 @@ def scan_torch_stream(path: Path, f: BinaryIO, size: int, *, limits: Limits, col
     elif head == LEGACY_PREFIX:
         _load_legacy(path, f, size, device=None, limits=limits, meta=True, collect=collect)
     else:
-        buffer = f.getbuffer() if isinstance(f, io.BytesIO) else f.read(limits.max_pickle_bytes + 1)
-        if len(buffer) > limits.max_pickle_bytes:
+        # The size is checked before anything is read, and the file is mapped, not read:
+        # a 4 GiB limit never means a 4 GiB buffer.
+        if size > limits.max_pickle_bytes:
             raise LimitExceededError(
                 path, "max_pickle_bytes", size, limits.max_pickle_bytes, what="the pickle"
             )
-        unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
-        try:
-            result = unpickler.run(allow_trailing=True)
-            if not unpickler.findings:
-                check_structure(result, path=path, limits=limits)
-            if unpickler.end != len(buffer):
-                extra = len(buffer) - unpickler.end
-                hidden = Finding(
-                    "structure",
-                    f"{extra} bytes follow the pickle (a file hidden behind it?)",
-                    None,
-                    unpickler.end,
-                )
-                unpickler.findings.append(hidden)
-        finally:
-            collect(unpickler)
+        if isinstance(f, io.BytesIO):
+            _scan_pickle(path, f.getbuffer(), limits=limits, collect=collect)
+        elif size == 0:
+            raise CorruptFileError(path, "the file is empty (0 bytes)")
+        else:
+            with mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ) as mm:
+                _scan_pickle(path, mm, limits=limits, collect=collect)
+
+
+def _scan_pickle(path: Path, buffer: Any, *, limits: Limits, collect: Collector) -> None:
+    if len(buffer) > limits.max_pickle_bytes:  # the file grew since it was measured
+        raise LimitExceededError(
+            path, "max_pickle_bytes", len(buffer), limits.max_pickle_bytes, what="the pickle"
+        )
+    unpickler = Unpickler(buffer, path=path, member=None, storages=None, limits=limits, collect=True)
+    try:
+        result = unpickler.run(allow_trailing=True)
+        if not unpickler.findings:
+            check_structure(result, path=path, limits=limits)
+        if unpickler.end != len(buffer):
+            extra = len(buffer) - unpickler.end
+            hidden = Finding(
+                "structure",
+                f"{extra} bytes follow the pickle (a file hidden behind it?)",
+                None,
+                unpickler.end,
+            )
+            unpickler.findings.append(hidden)
+    finally:
+        collect(unpickler)

@@ -5,7 +5,12 @@ written with another ``pickle_protocol``) on its own stack. ``GLOBAL`` only
 looks a name up in :data:`~torchkeep.safety.allowlist.GLOBALS`; ``REDUCE``
 only runs one of our builders; ``BUILD``, ``SETITEM`` and ``APPEND`` only work
 on the plain containers they are meant for. Every size (strings, memo, stack
-depth, opcodes, tensors) is bounded. Any other opcode is refused.
+depth, opcodes, tensors) is bounded, and so is what the pickle builds: each
+new container, string, dict entry and stack or memo slot is charged at its
+estimated size against a budget of ``max_build_ratio`` bytes per byte the
+pickle takes in the file (see :class:`~torchkeep.Limits`), before it is made.
+Dict and set keys are checked for hash flooding as they are inserted. Any
+other opcode is refused.
 
 In *collect* mode (used by ``torchkeep scan``) a refused import or call is
 recorded as a :class:`Finding` and replaced by a placeholder, so one pass
@@ -14,17 +19,18 @@ lists everything a file would import or call.
 
 from __future__ import annotations
 
+import itertools
 import pickletools
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep.errors import CorruptFileError, LimitExceededError, UnsafeFileError
+from torchkeep.errors import CorruptFileError, LimitExceededError, TorchkeepError, UnsafeFileError
 from torchkeep.safety.allowlist import (
     GLOBALS,
     MODULE_ALIASES,
@@ -35,9 +41,12 @@ from torchkeep.safety.allowlist import (
     StorageType,
     TensorLimits,
     TypeMarker,
+    brief,
     is_plain_value,
+    key_hash,
+    note_hash,
 )
-from torchkeep.safety.limits import Limits
+from torchkeep.safety.limits import BUILD_ALLOWANCE, Limits
 
 __all__ = ["Finding", "Placeholder", "StorageLoader", "Unpickler", "check_structure"]
 
@@ -75,6 +84,9 @@ class Unpickler:
         storages: builds the storage for a persistent id, or None to refuse them.
         limits: the bounds to enforce.
         collect: record refused imports and calls instead of raising.
+        stored_size: the bytes the pickle takes in the file (its compressed
+            size when it is a deflated zip member); default: all of ``data``
+            after ``start``.
     """
 
     def __init__(
@@ -88,6 +100,7 @@ class Unpickler:
         limits: Limits,
         collect: bool = False,
         tensor_limits: TensorLimits | None = None,
+        stored_size: int | None = None,
     ) -> None:
         self._data = data
         self._path = path
@@ -96,12 +109,20 @@ class Unpickler:
         self._storages = storages
         self._limits = limits
         self._collect = collect
-        self._tensor_limits = tensor_limits or TensorLimits(limits.max_numel, limits.max_tensors)
+        self._tensor_limits = tensor_limits or TensorLimits(
+            limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes
+        )
+        self._stored_size = stored_size
         self.findings: list[Finding] = []
         self.imports: list[str] = []
         self.end = start
         self._stack: list[Any] = []
-        self._memo: dict[int, Any] = {}
+        # memo indices are 0, 1, 2, ... in what pickle writes: a list (8 bytes a slot);
+        # indices past its end (pickletools.optimize leaves gaps) wait in a dict
+        self._memo: list[Any] = []
+        self._sparse: dict[int, Any] = {}
+        # per dict or set being filled: (the container, hash -> distinct colliding keys)
+        self._hashes: dict[int, tuple[Any, dict[int, list[Any]]]] = {}
         self._at = start
 
     # -- errors ---------------------------------------------------------------
@@ -149,10 +170,21 @@ class Unpickler:
         unpack = struct.unpack_from
         u32 = _U32.unpack_from
         lim = self._limits
-        max_memo, max_string, max_depth = lim.max_memo, lim.max_string, lim.max_depth
+        max_string, max_depth = lim.max_string, lim.max_depth
+        region = size - self._start
+        # Each memo entry needs an object made before it (one opcode byte at least) and its
+        # own opcode: at most one entry per two bytes.
+        max_memo = min(lim.max_memo, region // 2 + 1)
+        stored = region if self._stored_size is None else self._stored_size
+        budget = max(BUILD_ALLOWANCE, lim.max_build_ratio * stored)
+        # Every stack or memo slot comes from an opcode byte: 8 bytes each, charged up front.
+        built = 8 * region
+        if built > budget:
+            raise self._limit("max_build_ratio", built // max(stored, 1), lim.max_build_ratio)
         stack: list[Any] = []
         marks: list[list[Any]] = []
         memo = self._memo
+        sparse = self._sparse
         frame_end = size
         pos = self._start
         self._stack = stack
@@ -171,15 +203,21 @@ class Unpickler:
                 if code == 0x72:  # LONG_BINPUT
                     (index,) = u32(data, pos)
                     pos += 4
-                    memo[index] = stack[-1]
-                    if len(memo) > max_memo:
-                        raise self._limit("max_memo", len(memo), max_memo)
+                    if index == len(memo) and not sparse and index < max_memo:
+                        memo.append(stack[-1])
+                    else:
+                        built += self._put(index, stack[-1], max_memo)
                 elif code == 0x68:  # BINGET
-                    stack.append(memo[data[pos]])
+                    index = data[pos]
                     pos += 1
+                    stack.append(memo[index] if index < len(memo) else self._get(index))
                 elif code == 0x71:  # BINPUT
-                    memo[data[pos]] = stack[-1]
+                    index = data[pos]
                     pos += 1
+                    if index == len(memo) and not sparse and index < max_memo:
+                        memo.append(stack[-1])
+                    else:
+                        built += self._put(index, stack[-1], max_memo)
                 elif code == 0x28:  # MARK
                     if len(marks) >= max_depth:
                         raise self._limit("max_depth", len(marks) + 1, max_depth)
@@ -192,6 +230,9 @@ class Unpickler:
                         raise self._limit("max_string", n, max_string)
                     if pos + n > frame_end:
                         raise _Truncated
+                    built += 56
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     try:
                         stack.append(str(data[pos : pos + n], "utf-8", "surrogatepass"))
                     except UnicodeDecodeError as err:
@@ -204,15 +245,26 @@ class Unpickler:
                     items = stack
                     stack = self._stack = marks.pop()
                     stack.append(tuple(items))
+                    built += 48
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif code == 0x4B:  # BININT1
                     stack.append(data[pos])
                     pos += 1
                 elif code == 0x85:  # TUPLE1
                     stack[-1] = (stack[-1],)
+                    built += 48
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif code == 0x52:  # REDUCE
                     args = stack.pop()
                     func = stack.pop()
-                    stack.append(self._reduce(func, args))
+                    value = self._reduce(func, args)
+                    stack.append(value)
+                    if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+                        built += _cost(value)
+                        if built > budget:
+                            raise self._over_budget(built, stored)
                 elif code == 0x51:  # BINPERSID
                     stack.append(self._persistent(stack.pop()))
                 elif code == 0x89:  # NEWFALSE
@@ -222,15 +274,20 @@ class Unpickler:
                 elif code == 0x75:  # SETITEMS
                     items = stack
                     stack = self._stack = marks.pop()
+                    built += _ENTRY * len(items)
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     self._set_items(stack, items)
                 elif code == 0x6A:  # LONG_BINGET
                     (index,) = u32(data, pos)
                     pos += 4
-                    stack.append(memo[index])
+                    stack.append(memo[index] if index < len(memo) else self._get(index))
                 elif code == 0x94:  # MEMOIZE
-                    memo[len(memo)] = stack[-1]
-                    if len(memo) > max_memo:
-                        raise self._limit("max_memo", len(memo), max_memo)
+                    index = len(memo) + len(sparse)
+                    if not sparse and index < max_memo:
+                        memo.append(stack[-1])
+                    else:
+                        built += self._put(index, stack[-1], max_memo)
                 elif code == 0x4A:  # BININT
                     stack.append(unpack("<i", data, pos)[0])
                     pos += 4
@@ -247,22 +304,40 @@ class Unpickler:
                         raise _Truncated
                     raw = data[pos : pos + n]
                     pos += n
+                    built += 56
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     stack.append(self._string(raw, kind))
                 elif code == 0x86:  # TUPLE2
                     stack[-2:] = [(stack[-2], stack[-1])]
+                    built += 56
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif code == 0x87:  # TUPLE3
                     stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+                    built += 64
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif code == 0x88:  # NEWTRUE
                     stack.append(True)
                 elif code == 0x4E:  # NONE
                     stack.append(None)
                 elif code == 0x7D:  # EMPTY_DICT
+                    built += 64
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     stack.append({})
                 elif code == 0x5D:  # EMPTY_LIST
+                    built += 56
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     stack.append([])
                 elif code == 0x73:  # SETITEM
                     value = stack.pop()
                     key = stack.pop()
+                    built += 2 * _ENTRY
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     self._set_items(stack, [key, value])
                 elif code == 0x65:  # APPENDS
                     items = stack
@@ -297,6 +372,7 @@ class Unpickler:
                         raise self._corrupt(f"an integer of {n} bytes")
                     if pos + n > frame_end:
                         raise _Truncated
+                    built += 32 + n
                     stack.append(int.from_bytes(data[pos : pos + n], "little", signed=True))
                     pos += n
                 elif code == 0x80:  # PROTO
@@ -325,23 +401,42 @@ class Unpickler:
                     items = stack
                     stack = self._stack = marks.pop()
                     stack.append(items)
+                    built += 56
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif code == 0x64:  # DICT
                     items = stack
                     stack = self._stack = marks.pop()
+                    built += 64 + _ENTRY * len(items)
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     stack.append({})
                     self._set_items(stack, items)
                 elif code == 0x8F:  # EMPTY_SET
+                    built += 216
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                     stack.append(set())
                 elif code == 0x91:  # FROZENSET
                     items = stack
                     stack = self._stack = marks.pop()
-                    stack.append(frozenset(self._hashable(v) for v in items))
+                    built += 216 + _ENTRY * len(items)
+                    if built > budget:
+                        raise self._over_budget(built, stored)
+                    self._check_keys(items)
+                    stack.append(frozenset(items))
                 elif code == 0x90:  # ADDITEMS
                     items = stack
                     stack = self._stack = marks.pop()
                     if type(stack[-1]) is not set:
                         raise self._refuse(f"adds set items to a {type(stack[-1]).__name__}")
-                    stack[-1].update(self._hashable(v) for v in items)
+                    built += _ENTRY * len(items)
+                    if built > budget:
+                        raise self._over_budget(built, stored)
+                    target = stack[-1]
+                    for item in items:
+                        self._insert_key(target, item)
+                        target.add(item)
                 elif self._collect and code in _OBJECT_OPS:
                     stack, pos = self._collect_object(code, stack, marks, pos, frame_end)
                 else:
@@ -361,6 +456,13 @@ class Unpickler:
                 raise self._corrupt("the pickle pops from an empty stack or a MARK it never set") from None
             except KeyError:
                 raise self._corrupt("the pickle reads a memo entry it never wrote") from None
+            except TorchkeepError:
+                raise
+            except (RecursionError, OverflowError, TypeError, ValueError) as err:
+                # Nothing above should raise these for any input; a refusal is still the answer.
+                raise self._corrupt(
+                    f"the pickle cannot be built ({type(err).__name__}: {brief(str(err))})"
+                ) from None
         self.end = pos
         if not allow_trailing and self.end != size:
             raise self._corrupt(f"{size - self.end} bytes follow the end of the pickle")
@@ -396,6 +498,39 @@ class Unpickler:
         stack.append(Placeholder(label))
         return stack, pos
 
+    # -- memo and budget ---------------------------------------------------------
+
+    def _put(self, index: int, value: Any, max_memo: int) -> int:
+        """Store a memo entry off the fast path; return the bytes it adds."""
+        memo = self._memo
+        if index < len(memo):
+            memo[index] = value  # overwriting costs nothing
+            return 0
+        if index not in self._sparse and len(memo) + len(self._sparse) >= max_memo:
+            raise self._limit("max_memo", len(memo) + len(self._sparse) + 1, max_memo)
+        if index == len(memo):
+            memo.append(value)
+            while len(memo) in self._sparse:
+                memo.append(self._sparse.pop(len(memo)))
+            return 0
+        self._sparse[index] = value
+        return _ENTRY
+
+    def _get(self, index: int) -> Any:
+        return self._sparse[index]  # KeyError: read before written
+
+    def _over_budget(self, built: int, stored: int) -> LimitExceededError:
+        ratio = self._limits.max_build_ratio
+        where = f"member {self._member!r}" if self._member else "the pickle"
+        return LimitExceededError(
+            self._path,
+            "max_build_ratio",
+            -(-built // max(stored, 1)),
+            ratio,
+            what=f"the objects {where} builds (about {built:,} bytes from {stored:,} stored, "
+            f"at offset {self._at})",
+        )
+
     def _string(self, raw: Any, kind: str) -> Any:
         if kind == "bytes":
             return bytes(raw)
@@ -419,12 +554,37 @@ class Unpickler:
 
     # -- containers -----------------------------------------------------------
 
-    def _hashable(self, key: Any) -> Any:
+    def _insert_key(self, target: Any, key: Any) -> None:
+        """Check a key about to go into ``target`` (a dict or set): hashable, small, not a flood."""
         try:
-            hash(key)
-        except TypeError as err:
-            raise self._corrupt(f"an unhashable dict key or set item ({type(key).__name__})") from err
-        return key
+            h = key_hash(key)
+        except Refusal as err:
+            raise self._corrupt(str(err)) from None
+        if h is None:
+            return
+        entry = self._hashes.get(id(target))
+        if entry is None or entry[0] is not target:
+            entry = self._hashes[id(target)] = (target, {})
+        if key in target:  # the same key again: no new collision (probes bounded by MAX_SAME_HASH)
+            return
+        try:
+            note_hash(entry[1], h, key)
+        except Refusal as err:
+            raise self._refuse(str(err)) from None
+
+    def _check_keys(self, items: list[Any]) -> None:
+        """Keys for a new frozenset: a bad key is a broken pickle, a flood of one hash an attack."""
+        same: dict[int, list[Any]] = {}
+        for item in items:
+            try:
+                h = key_hash(item)
+            except Refusal as err:
+                raise self._corrupt(str(err)) from None
+            if h is not None:
+                try:
+                    note_hash(same, h, item)
+                except Refusal as err:
+                    raise self._refuse(str(err)) from None
 
     def _set_items(self, stack: list[Any], items: list[Any]) -> None:
         if len(items) % 2:
@@ -435,7 +595,10 @@ class Unpickler:
                 return
             raise self._refuse(f"sets items on a {type(target).__name__}, which only dicts allow")
         for i in range(0, len(items), 2):
-            target[self._hashable(items[i])] = items[i + 1]
+            key = items[i]
+            if type(key) is not str:
+                self._insert_key(target, key)
+            target[key] = items[i + 1]
 
     def _append(self, stack: list[Any], items: list[Any]) -> None:
         target = stack[-1]
@@ -491,7 +654,15 @@ class Unpickler:
         if type(target) is OrderedDict and isinstance(state, dict):
             for key, value in state.items():
                 if type(key) is not str or not key.isidentifier() or key.startswith("__"):
-                    raise self._refuse(f"sets the attribute {key!r} on a dict")
+                    raise self._refuse(f"sets the attribute {brief(key)} on a dict")
+                if hasattr(OrderedDict, key):
+                    # target.values = ... would make every later target.values() fail
+                    raise self._refuse(f"sets the attribute {key!r} on a dict, hiding the dict's own {key!r}")
+                if key == "_metadata" and not _valid_module_metadata(value):
+                    raise self._refuse(
+                        "sets a state dict's _metadata to something other than "
+                        "{module name: {str: int | bool}} (load_state_dict reads it)"
+                    )
                 target.__dict__[key] = value
             return
         if isinstance(target, torch.Tensor) and (state is None or state == {}):
@@ -509,7 +680,7 @@ class Unpickler:
                 return Placeholder("storage")
             raise self._refuse("refers to external storage, which only torch.save files may do")
         if not (isinstance(pid, tuple) and len(pid) in {5, 6} and pid[0] == "storage"):
-            raise self._corrupt(f"an unknown persistent id {str(pid)[:80]}")
+            raise self._corrupt(f"an unknown persistent id {brief(pid)}")
         _, stype, key, location, numel, *view = pid
         if isinstance(stype, Placeholder) and self._collect:
             return Placeholder("storage")
@@ -526,6 +697,31 @@ class Unpickler:
         ):
             raise self._corrupt("a malformed storage view")
         return self._storages(key, stype, numel, location, view_meta)
+
+
+def _valid_module_metadata(value: Any) -> bool:
+    """What ``nn.Module.state_dict()`` stores as ``_metadata``: per module, ``{"version": int}`` and flags."""
+    if not isinstance(value, dict):
+        return False
+    for name, entry in value.items():
+        if type(name) is not str or type(entry) is not dict:
+            return False
+        if not all(type(k) is str and type(v) in (int, bool) for k, v in entry.items()):
+            return False
+    return True
+
+
+# the estimated bytes of one dict entry (hash, key, value, index; dicts grow by 2x)
+_ENTRY = 36
+
+
+def _cost(value: Any) -> int:
+    """An estimate of the bytes a builder's result holds beyond the stack slot."""
+    if isinstance(value, dict | set | frozenset):
+        return 216 + 2 * _ENTRY * len(value)
+    if isinstance(value, bytes | bytearray):
+        return 64 + len(value)
+    return 64
 
 
 class _Truncated(Exception):
@@ -566,40 +762,55 @@ def check_structure(value: Any, *, path: Path, limits: Limits) -> None:
         UnsafeFileError: a leftover function or storage object, or a cycle.
         LimitExceededError: nesting deeper than ``limits.max_depth``.
     """
+    # Depth-first with one iterator per level: memory is O(max_depth) whatever the
+    # number of references, and each container is entered once.
+    if not _is_container(value):
+        _check_leaf(value, path)
+        return
     done: set[int] = set()
-    on_path: set[int] = set()
-    # (object, depth, leaving?)
-    todo: list[tuple[Any, int, bool]] = [(value, 0, False)]
-    while todo:
-        obj, depth, leaving = todo.pop()
-        if leaving:
-            on_path.discard(id(obj))
-            done.add(id(obj))
-            continue
-        if isinstance(obj, torch.Tensor) or is_plain_value(obj):
-            continue
-        if isinstance(obj, dict | list | tuple | set | frozenset):
-            ident = id(obj)
-            if ident in on_path:
+    on_path = {id(value)}
+    stack: list[tuple[Any, Iterator[Any]]] = [(value, _children(value))]
+    while stack:
+        obj, children = stack[-1]
+        for child in children:
+            if isinstance(child, torch.Tensor) or is_plain_value(child):
+                continue
+            if not _is_container(child):
+                _check_leaf(child, path)
+            cid = id(child)
+            if cid in on_path:
                 raise UnsafeFileError(
                     path, reason="builds a container that contains itself (a reference cycle)"
                 )
-            if ident in done:
+            if cid in done:
                 continue
-            if depth >= limits.max_depth:
+            if len(stack) >= limits.max_depth:
                 raise LimitExceededError(
-                    path, "max_depth", depth + 1, limits.max_depth, what="the nesting of values"
+                    path, "max_depth", len(stack) + 1, limits.max_depth, what="the nesting of values"
                 )
-            on_path.add(ident)
-            todo.append((obj, depth, True))
-            children: list[Any]
-            if isinstance(obj, dict):
-                children = [*obj.keys(), *obj.values(), *getattr(obj, "__dict__", {}).values()]
-            else:
-                children = list(obj)
-            todo.extend((child, depth + 1, False) for child in children)
-            continue
-        what = obj.name if isinstance(obj, Builder | TypeMarker | StorageType) else type(obj).__name__
-        raise UnsafeFileError(
-            path, reason=f"holds a {what} object itself rather than data built from it (not a tensor file)"
-        )
+            on_path.add(cid)
+            stack.append((child, _children(child)))
+            break
+        else:
+            stack.pop()
+            on_path.discard(id(obj))
+            done.add(id(obj))
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, dict | list | tuple | set | frozenset)
+
+
+def _children(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, dict):
+        return itertools.chain(obj.keys(), obj.values(), getattr(obj, "__dict__", {}).values())
+    return iter(obj)
+
+
+def _check_leaf(obj: Any, path: Path) -> None:
+    if isinstance(obj, torch.Tensor) or is_plain_value(obj):
+        return
+    what = obj.name if isinstance(obj, Builder | TypeMarker | StorageType) else type(obj).__name__
+    raise UnsafeFileError(
+        path, reason=f"holds a {what} object itself rather than data built from it (not a tensor file)"
+    )

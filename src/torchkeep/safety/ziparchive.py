@@ -9,7 +9,13 @@ This reader accepts only archives in which every view agrees:
 * the file starts with the first local header and ends with the end-of-central-
   directory record (no prefix, no trailing bytes, no comment games);
 * every central entry's local header carries the same name, method and flags;
-* names are unique, relative, without ``..``, backslashes or control characters;
+* names are unique, relative, without ``..``, backslashes or control characters,
+  and unique also when compared the way torch's reader (miniz) compares them:
+  ``mz_zip_reader_locate_file`` without ``MZ_ZIP_FLAG_CASE_SENSITIVE``
+  ignores ASCII case, so ``archive/DATA.PKL`` is torch's ``archive/data.pkl``.
+  Names are compared by :func:`_fold` (NFKC and ``str.casefold``, a superset
+  of miniz's ASCII folding), and a name that folds to a ``<folder>/data.pkl``
+  must be spelled exactly so (torch would load it, we would not find it);
 * records lie inside the file, in order, without overlapping or hidden gaps;
 * no encryption; STORED, or DEFLATE under a ratio cap; CRC-32 checked on read.
 """
@@ -22,6 +28,7 @@ import mmap
 import os
 import re
 import struct
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +99,16 @@ def _checked_table(archive: ZipArchive, key: _TableKey) -> tuple[dict[str, ZipMe
     return dict(found[0]), dict(found[1])
 
 
+def _fold(name: str) -> str:
+    """The form under which two member names are one record to some zip reader.
+
+    miniz (torch's reader) folds ASCII case only; NFKC plus casefold also
+    catches readers that fold Unicode case or normalise (``K`` and the Kelvin
+    sign). Backslashes are refused outright by :func:`_bad_name`.
+    """
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
 def _bad_name(name: str) -> str | None:
     if not name:
         return "an empty name"
@@ -133,6 +150,7 @@ class ZipArchive:
     def _parse(self) -> tuple[dict[str, ZipMember], dict[str, int]]:
         self.members = {}
         self._flags = {}
+        self._folded: dict[str, str] = {}
         # Parsing reads thousands of small headers: slicing a map beats a syscall each.
         if self._size and isinstance(self._f, io.BufferedReader | io.FileIO):
             self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -309,6 +327,21 @@ class ZipArchive:
             raise self._unsafe(f"member {name!r} is encrypted", member=name)
         if name in self.members:
             raise self._unsafe(f"the archive holds two members named {name!r}", member=name)
+        folded = _fold(name)
+        other = self._folded.get(folded)
+        if other is not None:
+            raise self._unsafe(
+                f"the archive holds members {other!r} and {name!r}, whose names differ only in case or "
+                "Unicode form: torch.load finds records case-insensitively and could read the other one",
+                member=name,
+            )
+        self._folded[folded] = name
+        if folded.endswith("/data.pkl") and folded.count("/") == 1 and not name.endswith("/data.pkl"):
+            raise self._unsafe(
+                f"member {name!r} is data.pkl spelled in another case: torch.load would unpickle it, "
+                "while readers that compare names exactly see no pickle",
+                member=name,
+            )
         if method == _STORED:
             if csize != usize:
                 raise self._corrupt(f"stored member {name!r} has different stored and real sizes")
