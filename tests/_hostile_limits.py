@@ -399,15 +399,15 @@ def build(out: Path) -> list[Case]:
         )
 
     # safetensors metadata is not read by scan (formats.py's header check): SAFE there
-    add("st_alias_shadows_stored_key", ".safetensors", aliased(json.dumps({"a": "b"})), corrupt, "SAFE")
-    add("st_alias_to_itself", ".safetensors", aliased(json.dumps({"a": "a"})), corrupt, "SAFE")
-    add("st_alias_chain", ".safetensors", aliased(json.dumps({"c": "d", "d": "a"})), corrupt, "SAFE")
-    add("st_alias_missing_target", ".safetensors", aliased(json.dumps({"c": "zzz"})), corrupt, "SAFE")
-    add("st_alias_not_an_object", ".safetensors", aliased(json.dumps(["a", "b"])), corrupt, "SAFE")
-    add("st_alias_non_str_target", ".safetensors", aliased(json.dumps({"c": 5})), corrupt, "SAFE")
-    add("st_alias_bad_json", ".safetensors", aliased('{"c": "a"'), corrupt, "SAFE")
-    add("st_alias_deep_json", ".safetensors", aliased("[" * 100_000), corrupt, "SAFE")
-    add("st_alias_5000_digits", ".safetensors", aliased('{"c": ' + "9" * 5000 + "}"), corrupt, "SAFE")
+    add("st_alias_shadows_stored_key", ".safetensors", aliased(json.dumps({"a": "b"})), corrupt, "CORRUPT")
+    add("st_alias_to_itself", ".safetensors", aliased(json.dumps({"a": "a"})), corrupt, "CORRUPT")
+    add("st_alias_chain", ".safetensors", aliased(json.dumps({"c": "d", "d": "a"})), corrupt, "CORRUPT")
+    add("st_alias_missing_target", ".safetensors", aliased(json.dumps({"c": "zzz"})), corrupt, "CORRUPT")
+    add("st_alias_not_an_object", ".safetensors", aliased(json.dumps(["a", "b"])), corrupt, "CORRUPT")
+    add("st_alias_non_str_target", ".safetensors", aliased(json.dumps({"c": 5})), corrupt, "CORRUPT")
+    add("st_alias_bad_json", ".safetensors", aliased('{"c": "a"'), corrupt, "CORRUPT")
+    add("st_alias_deep_json", ".safetensors", aliased("[" * 100_000), corrupt, "CORRUPT")
+    add("st_alias_5000_digits", ".safetensors", aliased('{"c": ' + "9" * 5000 + "}"), corrupt, "CORRUPT")
     weights = saved({"w": torch.ones(2)})
     for name, record in {
         "pt_metadata_record_list": b"[1, 2]",

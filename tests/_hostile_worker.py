@@ -43,6 +43,7 @@ _SPAWN_EVENTS = {
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _known_modules: set[str] = set()
 MEMORY_BUDGET = 3 << 30  # bytes of address space a refusal may take on top of the warmed-up process
+CPU_CAP = 1200  # CPU seconds for the whole corpus, a guard against a hang (not a measure)
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
@@ -155,6 +156,9 @@ def main() -> None:
         _known_modules.update(sys.modules)
         limit = _address_space() + MEMORY_BUDGET
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        # a hard stop for a file that would compute for ever (the test checks each file's share)
+        cpu_cap = int(resource.getrusage(resource.RUSAGE_SELF).ru_utime) + CPU_CAP
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_cap, resource.getrlimit(resource.RLIMIT_CPU)[1]))
         sys.addaudithook(_hook)
         ARMED = True
         results: dict[str, dict[str, str]] = {}

@@ -1,28 +1,18 @@
-"""Resource floods, zip name games, builder crashes and bent metadata: refused, typed, and bounded.
+"""Resource floods, zip name games, builder crashes and bent metadata: the corpus covers each class.
 
-Each file of tests/_hostile_limits.py is loaded in its own subprocess
-(tests/_limits_worker.py) whose address space is capped at its size after
-imports plus 2 GiB and whose CPU time is capped at 30 s: a loader that
-allocates or computes without bound dies there (MemoryError, SIGXCPU) and
-the case fails. The assertions are on the typed refusal, never on speed; the
-wall-clock timeout is only a guard against a hung process.
+Every file of tests/_hostile_limits.py is loaded by every entry point in
+test_safety_hostile.py, in one subprocess whose address space is capped at
+its warmed-up size plus 3 GiB, with each file's CPU time checked against a
+budget: a loader that allocates or computes without bound fails there.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from _hostile_limits import Case, build
-
-WORKER = Path(__file__).with_name("_limits_worker.py")
-EXTRA_ADDRESS_SPACE = 2 << 30
-CPU_SECONDS = 30
-WALL_SECONDS = 600  # a loaded shared machine; CPU time is what is bounded
 
 
 @pytest.fixture(scope="module")
@@ -73,37 +63,6 @@ def test_the_corpus_covers_every_class(corpus: dict[str, tuple[Path, Case]]) -> 
     assert sum(name.startswith("st_alias_") for name in corpus) >= 4
 
 
-LOOP_MADE = ["pt_metadata_record_list", "pt_metadata_record_non_str", "pt_metadata_record_bad_json"]
-
-
-@pytest.mark.parametrize("name", [*NAMES, *LOOP_MADE])
-def test_every_entry_point_refuses_with_the_typed_error_within_bounds(
-    name: str, corpus: dict[str, tuple[Path, Case]]
-) -> None:
-    path, case = corpus[name]
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(path), str(EXTRA_ADDRESS_SPACE), str(CPU_SECONDS)],
-        capture_output=True,
-        text=True,
-        timeout=WALL_SECONDS,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert proc.returncode == 0, f"worker died ({proc.returncode}): {proc.stderr[-2000:]}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    got = {k: result[k] for k in ("load_weights", "load_checkpoint", "load_into", "scan")}
-    assert got == {
-        "load_weights": case.error,
-        "load_checkpoint": case.error,
-        "load_into": case.error,
-        "scan": case.verdict,
-    }
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="formats.py's safetensors header parse does not catch the ValueError of Python's int digit "
-    "limit, and scan lets it out (formats.py / scan.py: not this module's to change)",
-)
 def test_a_header_integer_of_5000_digits_is_corrupt_everywhere(tmp_path: Path) -> None:
     import struct
 

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 from torchkeep.errors import CorruptFileError, LimitExceededError, first_line
 from torchkeep.formats.base import TensorInfo, require_file
+from torchkeep.safety.aliases import check_aliases
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -266,4 +267,6 @@ def check_safetensors_header(p: Path, f: BinaryIO, size: int, *, limits: Limits)
         )
     if at < available:
         raise CorruptFileError(p, f"{available - at} bytes follow the last tensor (trailing data)")
+    # tied-key aliases are part of what a header says a file holds: checked here, for every reader
+    check_aliases(p, [info.name for info in infos], metadata)
     return SafetensorsHeader(tuple(infos), metadata, 8 + header_len)
