@@ -286,3 +286,22 @@ def test_tied_detection_is_by_memory_not_by_equal_values() -> None:
     with pytest.raises(torchkeep.KeyMismatchError) as caught:
         torchkeep.load_into(Twins(), {"a.weight": torch.randn(3, 3)})
     assert caught.value.missing == ["b.weight"]
+
+
+def test_ties_are_found_on_the_meta_device_too() -> None:
+    with torch.device("meta"):
+        target = TiedNet()
+    report = torchkeep.load_into(target, {"embed.weight": torch.randn(10, 4, device="meta")})
+    assert report.tied == {"out.weight": "embed.weight"}
+
+
+def test_a_file_with_two_different_tensors_for_one_tied_weight_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = torch.zeros(10, 4), torch.ones(10, 4)
+    target = TiedNet()
+    with caplog.at_level("WARNING", logger="torchkeep.loading"):
+        report = torchkeep.load_into(target, {"embed.weight": first, "out.weight": second})
+    assert report.tied == {}
+    assert "different tensors for embed.weight and out.weight" in caplog.text
+    assert torch.equal(target.embed.weight, second)

@@ -445,7 +445,10 @@ def load_into(
         if original_name[src_key] not in (dst_key, file_form.get(dst_key)):
             renamed[original_name[src_key]] = dst_key
     paired_targets = set(pairs.values())
-    tied = _fill_tied(model_state, loadable, {k for k in target_keys if k not in paired_targets})
+    # the model's own tensors (keep_vars): tied ones are one object, also on the meta device
+    tied = _fill_tied(
+        model.state_dict(keep_vars=True), loadable, {k for k in target_keys if k not in paired_targets}
+    )
     expected_set = set(expected)
     missing = [k for k in expected if k not in paired_targets and k not in tied]
     base_kept = [k for k in target_keys if k not in expected_set and k not in paired_targets]
