@@ -60,7 +60,7 @@ class LoadReport:
         tied: ``model key -> model key`` for keys the file lacks that share
             their tensor with a loaded one (tied weights): filled through it.
         adapter: the PEFT adapter loaded, when the file is an adapter; then
-            ``loaded``, ``missing`` and ``tied`` count the adapter's keys only.
+            ``missing`` lists the adapter's keys only.
         base_kept: with ``adapter``, the model's keys outside the adapter that
             the file lacks (the base model's weights, kept as they are).
     """
