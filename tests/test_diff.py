@@ -56,3 +56,27 @@ def test_cli_diff_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         main(["diff", str(tmp_path / "x.safetensors"), str(tmp_path / "x.safetensors")])
     assert done.value.code in (0, None)
     assert "2 equal, 0 changed" in capsys.readouterr().out
+
+
+def test_a_tied_name_stored_once_on_one_side_is_tied_not_only_in_one(tmp_path: Path) -> None:
+    from conftest import TiedNet
+
+    model = TiedNet()
+    torchkeep.save_weights({"embed.weight": model.embed.weight.detach().clone()}, tmp_path / "once.pt")
+    torchkeep.save_weights(model, tmp_path / "both.safetensors")  # torchkeep keeps both names
+    result = torchkeep.diff(tmp_path / "once.pt", tmp_path / "both.safetensors")
+    assert result.only_a == ()
+    assert result.only_b == ()
+    assert result.tied == {"out.weight": "embed.weight"}
+    assert result.same == ("embed.weight",)
+    assert result.identical
+    assert "1 tied" in str(result)
+    assert torchkeep.diff(model, {"embed.weight": model.embed.weight}).tied == {"out.weight": "embed.weight"}
+
+
+def test_a_name_in_one_side_only_with_its_own_tensor_is_only_in_that_side() -> None:
+    weight = torch.randn(10, 4)
+    result = torchkeep.diff({"embed.weight": weight}, {"embed.weight": weight, "out.weight": weight.clone()})
+    assert result.only_b == ("out.weight",)
+    assert result.tied == {}
+    assert not result.identical

@@ -221,3 +221,87 @@ def test_match_keys_never_pairs_ambiguously() -> None:
     pairs = match_keys(["_orig_mod.x"], ["module.x", "x"])
     assert pairs == {}
     assert match_keys(["a", "module.b"], ["a", "b"]) == {"a": "a", "module.b": "b"}
+
+
+def test_a_tied_key_the_file_stores_once_is_filled_through_its_twin(tmp_path: Path) -> None:
+    # transformers writes GPT-2 with transformer.wte.weight only; here: embed.weight only
+    source = TiedNet()
+    torchkeep.save_weights({"embed.weight": source.embed.weight.detach().clone()}, tmp_path / "once.pt")
+    target = TiedNet()
+    report = torchkeep.load_into(target, tmp_path / "once.pt")
+    assert report.ok
+    assert report.loaded == ("embed.weight",)
+    assert report.tied == {"out.weight": "embed.weight"}
+    assert report.missing == ()
+    assert target.out.weight is target.embed.weight
+    assert torch.equal(target.out.weight, source.embed.weight)
+    assert report.headline() == f"loaded 2/2 tensors from {tmp_path / 'once.pt'}, 1 through a tied twin"
+    assert "shares its tensor with embed.weight" in str(report)
+    assert report.to_dict()["tied"] == {"out.weight": "embed.weight"}
+
+
+def test_either_name_of_a_tied_pair_fills_the_other() -> None:
+    weight = torch.randn(10, 4)
+    target = TiedNet()
+    report = torchkeep.load_into(target, {"out.weight": weight})
+    assert report.tied == {"embed.weight": "out.weight"}
+    assert torch.equal(target.embed.weight, weight)
+
+
+def test_tying_does_not_excuse_a_genuinely_missing_key(model: TheModelClass) -> None:
+    class TiedWithHead(TiedNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(10, 2)
+
+    state = {"embed.weight": torch.randn(10, 4), "head.weight": torch.randn(2, 10)}
+    target = TiedWithHead()
+    with pytest.raises(torchkeep.KeyMismatchError) as caught:
+        torchkeep.load_into(target, state)
+    assert caught.value.missing == ["head.bias"]
+    report = torchkeep.load_into(target, state, strict=False)
+    assert report.missing == ("head.bias",)
+    assert report.tied == {"out.weight": "embed.weight"}
+
+
+def test_a_tied_key_whose_twin_is_skipped_for_its_shape_is_missing() -> None:
+    target = TiedNet()
+    before = target.embed.weight.detach().clone()
+    with pytest.raises(torchkeep.KeyMismatchError) as caught:
+        torchkeep.load_into(target, {"embed.weight": torch.randn(12, 4)}, strict=False, skip_mismatched=True)
+    assert caught.value.missing == ["out.weight"]
+    assert [m.key for m in caught.value.mismatched] == ["embed.weight"]
+    assert torch.equal(target.embed.weight, before)
+
+
+def test_tied_detection_is_by_memory_not_by_equal_values() -> None:
+    class Twins(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3, bias=False)
+            self.b = nn.Linear(3, 3, bias=False)
+            with torch.no_grad():
+                self.b.weight.copy_(self.a.weight)  # equal values, two tensors
+
+    with pytest.raises(torchkeep.KeyMismatchError) as caught:
+        torchkeep.load_into(Twins(), {"a.weight": torch.randn(3, 3)})
+    assert caught.value.missing == ["b.weight"]
+
+
+def test_ties_are_found_on_the_meta_device_too() -> None:
+    with torch.device("meta"):
+        target = TiedNet()
+    report = torchkeep.load_into(target, {"embed.weight": torch.randn(10, 4, device="meta")})
+    assert report.tied == {"out.weight": "embed.weight"}
+
+
+def test_a_file_with_two_different_tensors_for_one_tied_weight_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = torch.zeros(10, 4), torch.ones(10, 4)
+    target = TiedNet()
+    with caplog.at_level("WARNING", logger="torchkeep.loading"):
+        report = torchkeep.load_into(target, {"embed.weight": first, "out.weight": second})
+    assert report.tied == {}
+    assert "different tensors for embed.weight and out.weight" in caplog.text
+    assert torch.equal(target.embed.weight, second)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from torchkeep._table import format_table
+from torchkeep.loading import tied_keys
 from torchkeep.weights import load_weights, to_state_dict
 
 __all__ = ["TensorChange", "WeightsDiff", "diff"]
@@ -42,16 +43,21 @@ class WeightsDiff:
         same: names of tensors in both that are equal (within ``atol``).
         only_a: names only in the first.
         only_b: names only in the second.
+        tied: ``name -> twin`` for names in one side only that are, on that
+            side, the same tensor as a twin the other side has too (tied
+            weights that one writer stores once, e.g. GPT-2's ``lm_head.weight``
+            as ``transformer.wte.weight``); compared through the twin.
     """
 
     changed: tuple[TensorChange, ...]
     same: tuple[str, ...]
     only_a: tuple[str, ...]
     only_b: tuple[str, ...]
+    tied: dict[str, str] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
-        """True when both hold the same names with equal tensors."""
+        """True when both hold the same tensors under the same names (a tied name counts as its twin)."""
         return not (self.changed or self.only_a or self.only_b)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +69,7 @@ class WeightsDiff:
             "same": list(self.same),
             "only_a": list(self.only_a),
             "only_b": list(self.only_b),
+            "tied": dict(self.tied),
         }
 
     def __str__(self) -> str:
@@ -70,7 +77,10 @@ class WeightsDiff:
             f"{len(self.same)} equal, {len(self.changed)} changed, "
             f"{len(self.only_a)} only in A, {len(self.only_b)} only in B"
         )
+        if self.tied:
+            head += f", {len(self.tied)} tied (one tensor under two names on one side)"
         rows = [("changed", c.key, c.detail) for c in self.changed]
+        rows += [("tied", k, f"the same tensor as {twin} on its side") for k, twin in self.tied.items()]
         rows += [("only in A", k, "") for k in self.only_a]
         rows += [("only in B", k, "") for k in self.only_b]
         return head if not rows else head + "\n" + format_table(("status", "key", "detail"), rows)
@@ -122,9 +132,21 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> WeightsDiff:
             same.append(key)
         else:
             changed.append(TensorChange(key, change.max_abs_diff, change.detail))
+    tied = {**_tied_aliases(sa, sb), **_tied_aliases(sb, sa)}
     return WeightsDiff(
         changed=tuple(changed),
         same=tuple(same),
-        only_a=tuple(k for k in sa if k not in sb),
-        only_b=tuple(k for k in sb if k not in sa),
+        only_a=tuple(k for k in sa if k not in sb and k not in tied),
+        only_b=tuple(k for k in sb if k not in sa and k not in tied),
+        tied=tied,
     )
+
+
+def _tied_aliases(side: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``name -> twin`` for names of ``side`` missing from ``other`` whose tensor is a twin's that is not."""
+    aliases: dict[str, str] = {}
+    for keys in tied_keys(side):
+        present = [k for k in keys if k in other]
+        if present:
+            aliases.update({k: present[0] for k in keys if k not in other})
+    return aliases

@@ -1,9 +1,13 @@
 """New classifier heads and pretrained torchvision models.
 
 ``replace_head`` knows where the classifier lives in every torchvision
-classification family; ``pretrained`` builds a model by name with its
-weights (downloaded into torch's cache, found there, or read from a local
-file), then optionally gives it a new head and freezes the backbone.
+classification family, asks timm models their own (``get_classifier`` /
+``reset_classifier``, every head of a distilled model), and finds the
+``classifier`` / ``score`` of Hugging Face ``*For...Classification`` models
+(whose ``config.num_labels`` it updates). ``pretrained`` builds a torchvision
+model by name with its weights (downloaded into torch's cache, found there,
+or read from a local file), then optionally gives it a new head and freezes
+the backbone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ logger = logging.getLogger(__name__)
 # where torchvision keeps the classifier, most common first; aux heads come along
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 _AUX_HEADS = ("AuxLogits.fc", "aux1.fc2", "aux2.fc2")
+# where transformers' classification models keep theirs (DeiT with a teacher has two)
+_HF_HEAD_ATTRS = ("classifier", "score", "cls_classifier", "distillation_classifier")
 
 
 def _last_layer(module: nn.Module, qualified: str) -> str | None:
@@ -52,7 +58,8 @@ def head_names(model: nn.Module, *, attr: str | None = None) -> list[str]:
             when it is not one of torchvision's usual places.
 
     Returns:
-        e.g. ``["fc"]``, ``["classifier.6"]``, ``["fc", "AuxLogits.fc"]``.
+        e.g. ``["fc"]``, ``["classifier.6"]``, ``["fc", "AuxLogits.fc"]``,
+        ``["head", "head_dist"]`` (timm's distilled DeiT), ``["head.fc"]`` (timm's convnext).
 
     Raises:
         NoMatchError: no classifier is found (pass ``attr``).
@@ -60,6 +67,10 @@ def head_names(model: nn.Module, *, attr: str | None = None) -> list[str]:
     Example:
         >>> torchkeep.unfreeze(model, *torchkeep.head_names(model))
     """
+    if attr is None:
+        own = _timm_heads(model) or _hf_heads(model)
+        if own:
+            return own
     modules = dict(model.named_modules())
     candidates = [attr] if attr is not None else [a for a in _HEAD_ATTRS if a in modules]
     for candidate in candidates:
@@ -73,6 +84,81 @@ def head_names(model: nn.Module, *, attr: str | None = None) -> list[str]:
         attr or "/".join(_HEAD_ATTRS),
         f"no Linear or 1x1 Conv2d classifier found in {type(model).__name__}; pass attr='name.of.layer'",
     )
+
+
+def _timm_heads(model: nn.Module) -> list[str]:
+    """The logit layers timm's ``get_classifier()`` names (a distilled model has two); [] for other models."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier) or not callable(getattr(model, "reset_classifier", None)):
+        return []
+    classifier = get_classifier()
+    wanted = classifier if isinstance(classifier, tuple | list) else (classifier,)
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for module in wanted:
+        name = names.get(id(module)) if isinstance(module, nn.Module) else None
+        layer = None if name is None else _last_layer(module, name)
+        if layer is not None:
+            found.append(layer)
+    return found
+
+
+def _hf_num_labels(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    return num_labels if isinstance(num_labels, int) and not isinstance(num_labels, bool) else None
+
+
+def _hf_heads(model: nn.Module) -> list[str]:
+    """The Linear layers of a transformers classification head that give ``config.num_labels`` logits."""
+    num_labels = _hf_num_labels(model)
+    if num_labels is None:
+        return []
+    found = []
+    for attr in _HF_HEAD_ATTRS:
+        head = getattr(model, attr, None)
+        if not isinstance(head, nn.Module):
+            continue
+        layers = [
+            f"{attr}.{name}" if name else attr
+            for name, module in head.named_modules()
+            if isinstance(module, nn.Linear) and module.out_features == num_labels
+        ]
+        found += layers[-1:]  # the last one gives the logits (RoBERTa's head: dense, then out_proj)
+    return found
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _reset_timm(model: nn.Module, num_classes: int, dropout: float | None) -> list[str]:
+    """Let a timm model rebuild its own heads (pooling and norm layers stay as they are)."""
+    old = {name: model.get_submodule(name) for name in _timm_heads(model)}
+    reference = cast(torch.Tensor, next(iter(old.values())).weight)
+    model.reset_classifier(num_classes)  # type: ignore[operator]
+    names = _timm_heads(model)
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.to(device=reference.device, dtype=reference.dtype)  # not every timm model does this
+        layer.train(model.training)
+        if dropout is not None:
+            _swap(model, name, nn.Sequential(nn.Dropout(dropout), layer).train(model.training))
+    names = _timm_heads(model) if dropout is not None else names
+    for name in names:
+        was = old.get(name)
+        logger.info(
+            "replaced %s (%s) with %d outputs (timm reset_classifier)",
+            name,
+            "new" if was is None else type(was).__name__,
+            num_classes,
+        )
+    return names
 
 
 def _new_layer(old: nn.Module, num_classes: int, dropout: float | None) -> nn.Module:
@@ -97,8 +183,15 @@ def replace_head(
     resnet/resnext/wide_resnet/regnet/shufflenet/googlenet/inception,
     ``classifier`` of vgg/alexnet/mobilenet/efficientnet/mnasnet/convnext/
     densenet/maxvit, squeezenet's final 1x1 conv, ``heads`` of vit, ``head``
-    of swin; inception and googlenet aux heads too) and on any model through
-    ``attr``. The new layer takes the old one's input size, dtype and device.
+    of swin; inception and googlenet aux heads too), on timm models through
+    their own ``reset_classifier`` (every head: a distilled DeiT's ``head``
+    and ``head_dist``), on transformers ``*ForImageClassification`` /
+    ``*ForSequenceClassification`` models (``classifier`` or ``score``; their
+    ``config.num_labels`` is updated), and on any model through ``attr``.
+    The new layers take the old ones' input size, dtype, device and
+    train/eval mode, and are trainable; nothing else in the model changes.
+    Each replaced layer is logged (``torchkeep.heads``, INFO);
+    :func:`head_names` lists them afterwards.
 
     Args:
         model (nn.Module): the model to change.
@@ -112,25 +205,33 @@ def replace_head(
 
     Raises:
         NoMatchError: no classifier is found.
+        ValueError: ``num_classes`` is not a positive int.
 
     Example:
         >>> model = torchvision.models.resnet50(weights="DEFAULT")
         >>> torchkeep.replace_head(model, 10)
+        >>> model = timm.create_model("convnext_atto")  # head.fc
+        >>> torchkeep.replace_head(model, 10)
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    for name in head_names(model, attr=attr):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = parent.get_submodule(child)
+    if attr is None and _timm_heads(model):
+        _reset_timm(model, num_classes, dropout)
+        return model
+    hf_heads = _hf_heads(model) if attr is None else []
+    names = hf_heads or head_names(model, attr=attr)
+    for name in names:
+        old = model.get_submodule(name)
         new = _new_layer(old, num_classes, dropout if name not in _AUX_HEADS else None)
-        if isinstance(parent, nn.Sequential) and child.isdigit():
-            parent[int(child)] = new
-        else:
-            setattr(parent, child, new)
+        new.train(old.training)
+        _swap(model, name, new)
         logger.info("replaced %s (%s) with %d outputs", name, type(old).__name__, num_classes)
-    if isinstance(getattr(model, "num_classes", None), int):
-        setattr(model, "num_classes", num_classes)  # noqa: B010  (an int attribute, not a submodule)
+    if hf_heads:
+        config = getattr(model, "config")  # noqa: B009  (checked by _hf_heads)
+        config.num_labels = num_classes  # also renames id2label / label2id to LABEL_0...
+    for counter in ("num_classes", "num_labels"):
+        if isinstance(getattr(model, counter, None), int):
+            setattr(model, counter, num_classes)
     return model
 
 

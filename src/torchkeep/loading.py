@@ -6,6 +6,12 @@ the attribute that held the model, and a new head has another shape.
 ``load_into`` matches what can be matched, loads it, and returns a
 :class:`LoadReport`; with ``strict=True`` any difference raises
 :class:`KeyMismatchError` before the model is touched.
+
+Two things look like differences and are not. A model with tied weights
+(GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``) is saved by
+``transformers`` with one name only; the other is filled through its twin.
+A PEFT adapter file holds the adapter's tensors and none of the base model's;
+only the adapter's keys are expected from it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep._adapters import ADAPTER_CONFIG, adapter_file_keys, find_adapter
 from torchkeep._table import format_table
 from torchkeep.errors import KeyMismatchError, ShapeMismatch
 from torchkeep.safety import DEFAULT_LIMITS, Limits
 from torchkeep.storage.remote import StorageOptions
 from torchkeep.weights import load_weights, to_state_dict
 
-__all__ = ["LoadReport", "Rename", "load_into", "match_keys"]
+__all__ = ["LoadReport", "Rename", "load_into", "match_keys", "tied_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,12 @@ class LoadReport:
         renamed: ``file key -> model key`` for every key loaded under another name.
         cast: model keys whose tensor was converted to the model's dtype.
         source: where the state dict came from.
+        tied: ``model key -> model key`` for keys the file lacks that share
+            their tensor with a loaded one (tied weights): filled through it.
+        adapter: the PEFT adapter loaded, when the file is an adapter; then
+            ``missing`` lists the adapter's keys only.
+        base_kept: with ``adapter``, the model's keys outside the adapter that
+            the file lacks (the base model's weights, kept as they are).
     """
 
     loaded: tuple[str, ...]
@@ -59,6 +72,9 @@ class LoadReport:
     renamed: dict[str, str] = field(default_factory=dict)
     cast: tuple[str, ...] = ()
     source: str = "state dict"
+    tied: dict[str, str] = field(default_factory=dict)
+    adapter: str | None = None
+    base_kept: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -78,13 +94,22 @@ class LoadReport:
             ],
             "renamed": dict(self.renamed),
             "cast": list(self.cast),
+            "tied": dict(self.tied),
+            "adapter": self.adapter,
+            "base_kept": list(self.base_kept),
         }
 
     def headline(self) -> str:
         """One line: how many tensors were loaded and what was left out."""
-        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
-        parts = [f"loaded {len(self.loaded)}/{total} tensors from {self.source}"]
+        filled = len(self.loaded) + len(self.tied)
+        total = filled + len(self.missing) + len(self.mismatched)
+        if self.adapter is None:
+            parts = [f"loaded {filled}/{total} tensors from {self.source}"]
+        else:
+            parts = [f"adapter {self.adapter!r}: {filled} of {total} keys loaded from {self.source}"]
         for count, what in (
+            (len(self.tied), "through a tied twin"),
+            (len(self.base_kept), "base-model tensors kept (not in an adapter file)"),
             (len(self.renamed), "renamed"),
             (len(self.missing), "missing (kept the model's)"),
             (len(self.mismatched), "shape-mismatched (kept the model's)"),
@@ -98,6 +123,9 @@ class LoadReport:
     def __str__(self) -> str:
         rows: list[tuple[str, str, str]] = []
         rows += _renamed_rows(self.renamed)
+        rows += [
+            ("tied", k, f"shares its tensor with {src}; filled through it") for k, src in self.tied.items()
+        ]
         rows += [("missing", k, "not in the file; kept the model's value") for k in self.missing]
         rows += [
             ("mismatched", m.key, f"file {list(m.file_shape)}, model {list(m.model_shape)}; kept the model's")
@@ -248,6 +276,76 @@ def _hint(
     return "; or ".join(fixes)
 
 
+def _memory_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two state-dict entries that are one tensor in memory (tied weights)."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to compare: same object only
+        return ("object", id(tensor))
+    return (
+        "memory",
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
+def tied_keys(model_state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of two or more keys that name one tensor (tied weights), in state-dict order.
+
+    Args:
+        model_state (Mapping[str, Tensor]): ``model.state_dict()`` (its entries
+            keep the parameters' memory, so tied ones share it).
+
+    Returns:
+        e.g. ``[["transformer.wte.weight", "lm_head.weight"]]`` for GPT-2.
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for key, tensor in model_state.items():
+        groups.setdefault(_memory_identity(tensor), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def _fill_tied(
+    model_state: Mapping[str, torch.Tensor],
+    loadable: Mapping[str, torch.Tensor],
+    unpaired: set[str],
+) -> dict[str, str]:
+    """``alias -> loaded key`` for each unpaired model key whose tied twin receives a tensor."""
+    tied: dict[str, str] = {}
+    for keys in tied_keys(model_state):
+        sources = [k for k in keys if k in loadable]
+        if not sources:
+            continue
+        tied.update({k: sources[0] for k in keys if k in unpaired})
+        first = loadable[sources[0]]
+        for other in sources[1:]:
+            if loadable[other] is not first and not torch.equal(loadable[other], first):
+                logger.warning(
+                    "the file holds different tensors for %s and %s, which are one tensor in the model; "
+                    "it keeps %s's (loaded last)",
+                    sources[0],
+                    other,
+                    sources[-1],
+                )
+    return tied
+
+
+def _adapter_hint(model: nn.Module, adapter_name: str) -> str:
+    adapters = getattr(model, "peft_config", None)
+    if not isinstance(adapters, Mapping):
+        return (
+            f"this is a PEFT adapter file and {type(model).__name__} has no adapters; wrap the base "
+            "model first, e.g. peft.get_peft_model(model, LoraConfig(...)) with the adapter's config "
+            f"({ADAPTER_CONFIG}), and load into that"
+        )
+    return (
+        f"the model has no adapter named {adapter_name!r} (its adapters: {sorted(adapters)}); "
+        "pass adapter_name= with one of them"
+    )
+
+
 def load_into(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor],
@@ -255,17 +353,28 @@ def load_into(
     strict: bool = True,
     rename: Rename | None = None,
     skip_mismatched: bool = False,
+    adapter_name: str | None = None,
     trust: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     storage_options: StorageOptions | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` and report what matched.
 
+    Keys the file lacks but the model ties to a loaded key (the same tensor,
+    as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) are filled
+    through it and listed in ``LoadReport.tied``, not as missing.
+
+    A PEFT adapter (a folder with ``adapter_config.json``, or a file beside
+    one, as PEFT's ``save_pretrained`` writes them) loads into a PEFT model:
+    the adapter's name, which adapter files leave out, is put back into the
+    keys, and only the adapter's keys are expected (``strict`` applies to
+    them); the base model's weights are not in such a file and are kept.
+
     Args:
         model (nn.Module): the model to fill; its tensors are updated in place,
             so tied weights stay tied and the optimizer keeps its references.
         path_or_state_dict (str | PathLike | Mapping[str, Tensor]): any file
-            :func:`load_weights` reads, or a state dict.
+            :func:`load_weights` reads, a PEFT adapter folder, or a state dict.
         strict (bool, default True): raise when any key is missing, unexpected
             or of another shape. With ``False``, load what matches.
         rename (Mapping[str, str] | Sequence[tuple[str, str]] | Callable | None,
@@ -273,6 +382,10 @@ def load_into(
             ``(regex, replacement)`` pairs applied in order, or a function.
         skip_mismatched (bool, default False): keep the model's tensor where
             the shapes differ (e.g. a new head) instead of failing.
+        adapter_name (str | None, default None): the PEFT adapter of ``model``
+            to fill. None: ``"default"`` (PEFT's own default) when the source
+            is an adapter, else a plain load. Given, the source is read as an
+            adapter file even without ``adapter_config.json`` (e.g. a state dict).
         trust (bool, default False): passed to :func:`load_weights` for files
             that are pickles of arbitrary objects. Only for files you trust.
         limits (Limits, default Limits()): passed to :func:`load_weights`.
@@ -286,24 +399,35 @@ def load_into(
         KeyMismatchError: ``strict`` and any difference, a shape mismatch
             without ``skip_mismatched``, or no key matched at all (always).
             The model is not modified when this is raised.
+        ModelFileNotFoundError: an adapter folder holds no adapter file.
 
     Example:
         >>> report = torchkeep.load_into(model, "resnet50-imagenet.pt",
         ...                              skip_mismatched=True, strict=False)
         >>> print(report)
+        >>> torchkeep.load_into(peft_model, "my-lora/")  # adapter_config.json + adapter_model.safetensors
     """
     if isinstance(path_or_state_dict, Mapping):
         source_name = "state dict"
         state = to_state_dict(path_or_state_dict)
     else:
-        source_name = os.fspath(path_or_state_dict)
-        state = load_weights(path_or_state_dict, trust=trust, limits=limits, storage_options=storage_options)
+        adapter = find_adapter(path_or_state_dict)
+        if adapter is not None and adapter_name is None:
+            adapter_name = "default"
+        source = path_or_state_dict if adapter is None else adapter.weights
+        source_name = os.fspath(source)
+        state = load_weights(source, trust=trust, limits=limits, storage_options=storage_options)
     renamed_by_user = _apply_rename(state, rename)
-    by_new_name = {renamed_by_user[k]: v for k, v in state.items()}
     original_name = {renamed_by_user[k]: k for k in state}
 
     model_state = model.state_dict()
     target_keys = list(model_state)
+    # an adapter file names the model's adapter tensors without the adapter's name: put it back
+    in_adapter = {} if adapter_name is None else adapter_file_keys(target_keys, adapter_name)
+    expected = target_keys if adapter_name is None else list(in_adapter.values())
+    by_new_name = {in_adapter.get(renamed_by_user[k], renamed_by_user[k]): v for k, v in state.items()}
+    original_name = {in_adapter.get(k, k): v for k, v in original_name.items()}
+    file_form = {v: k for k, v in in_adapter.items()}
     pairs = match_keys(list(by_new_name), target_keys)
 
     loadable: dict[str, torch.Tensor] = {}
@@ -318,15 +442,23 @@ def load_into(
         loadable[dst_key] = tensor
         if tensor.dtype != current.dtype:
             cast.append(dst_key)
-        if original_name[src_key] != dst_key:
+        if original_name[src_key] not in (dst_key, file_form.get(dst_key)):
             renamed[original_name[src_key]] = dst_key
     paired_targets = set(pairs.values())
-    missing = [k for k in target_keys if k not in paired_targets]
+    # the model's own tensors (keep_vars): tied ones are one object, also on the meta device
+    tied = _fill_tied(
+        model.state_dict(keep_vars=True), loadable, {k for k in target_keys if k not in paired_targets}
+    )
+    expected_set = set(expected)
+    missing = [k for k in expected if k not in paired_targets and k not in tied]
+    base_kept = [k for k in target_keys if k not in expected_set and k not in paired_targets]
     unexpected = [original_name[k] for k in by_new_name if k not in pairs]
 
     model_name = type(model).__name__
+    no_adapter = adapter_name is not None and not in_adapter
     fails = (
-        (not loadable and target_keys)
+        no_adapter
+        or (not loadable and expected)
         or (mismatched and not skip_mismatched)
         or (strict and (missing or unexpected))
     )
@@ -337,14 +469,16 @@ def load_into(
             unexpected=unexpected,
             mismatched=mismatched,
             loaded=len(loadable),
-            hint=_hint(
+            hint=_adapter_hint(model, adapter_name or "")
+            if no_adapter
+            else _hint(
                 matched=len(loadable),
                 missing=missing,
                 unexpected=unexpected,
                 mismatched=mismatched,
                 skip_mismatched=skip_mismatched,
                 source_keys=list(state),
-                target_keys=target_keys,
+                target_keys=expected,
             ),
         )
     with torch.no_grad():
@@ -357,6 +491,9 @@ def load_into(
         renamed=renamed,
         cast=tuple(cast),
         source=source_name,
+        tied=tied,
+        adapter=adapter_name,
+        base_kept=tuple(base_kept),
     )
     logger.info("%s into %s", report.headline(), model_name)
     return report

@@ -6,42 +6,41 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from torchkeep._table import format_bytes
+from torchkeep._table import format_bytes, print_table, rich_table
 from torchkeep.summary import Summary, summarize
 
 __all__ = ["inspect_command", "summary_table"]
 
 
-def summary_table(summary: Summary, *, limit: int | None = None) -> Table:
-    """A rich table of a summary's rows (the first ``limit`` of them)."""
-    table = Table(show_edge=False, header_style="bold")
-    for name, justify in (
-        ("name", "left"),
-        ("kind", "left"),
-        ("shape", "left"),
-        ("dtype", "left"),
-        ("numel", "right"),
-        ("size", "right"),
-        ("note", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    rows = summary.rows if limit is None else summary.rows[:limit]
-    for r in rows:
-        notes = ["[cyan]frozen[/]" if note == "frozen" else note for note in r.notes()]
-        table.add_row(
-            r.name,
-            r.kind,
-            str(list(r.shape)),
-            r.dtype,
-            f"{r.numel:,}",
-            format_bytes(r.nbytes),
-            ", ".join(notes),
+_HEADERS = ("name", "kind", "shape", "dtype", "numel", "size", "note")
+_RIGHT = (4, 5)
+
+
+def _rows(summary: Summary, limit: int | None) -> list[list[str | Text]]:
+    rows: list[list[str | Text]] = []
+    for r in summary.rows if limit is None else summary.rows[:limit]:
+        notes = Text(", ").join(Text(n, style="cyan" if n == "frozen" else "") for n in r.notes())
+        rows.append(
+            [r.name, r.kind, str(list(r.shape)), r.dtype, f"{r.numel:,}", format_bytes(r.nbytes), notes]
         )
-    if limit is not None and len(summary.rows) > limit:
-        table.add_row(f"… {len(summary.rows) - limit} more", "", "", "", "", "", "")
+    return rows
+
+
+def _more(summary: Summary, limit: int | None) -> str | None:
+    if limit is None or len(summary.rows) <= limit:
+        return None
+    return f"… {len(summary.rows) - limit} more (pass --limit {len(summary.rows)} to see all)"
+
+
+def summary_table(summary: Summary, *, limit: int | None = None) -> Table:
+    """A rich table of a summary's rows (the first ``limit`` of them); names are never wrapped."""
+    table = rich_table(_HEADERS, _rows(summary, limit), right=_RIGHT)
+    more = _more(summary, limit)
+    if more is not None:
+        table.add_row(more, "", "", "", "", "", "")
     return table
 
 
@@ -50,14 +49,20 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     limit: int = typer.Option(200, "--limit", help="Show at most this many tensors (the totals count all)."),
 ) -> None:
-    """Show the tensors in a file: names, shapes, dtypes, sizes, format and metadata."""
+    """Show the tensors in a file: names, shapes, dtypes, sizes, format and metadata.
+
+    Piped or redirected, the table is plain text, one tensor per line with every name whole
+    (``torchkeep inspect m.pt | grep running_mean``).
+    """
     summary = summarize(path)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
-    console = Console()
-    console.print(f"[bold]{path}[/]  {summary.file_format}, {format_bytes(summary.file_size or 0)}")
+    typer.echo(f"{path}  {summary.file_format}, {format_bytes(summary.file_size or 0)}")
     for key, value in summary.metadata.items():
-        console.print(f"  {key}: {value}", highlight=False)
-    console.print(summary_table(summary, limit=limit))
-    console.print(summary.totals_line())
+        typer.echo(f"  {key}: {value}")
+    print_table(_HEADERS, _rows(summary, limit), right=_RIGHT)
+    more = _more(summary, limit)
+    if more is not None:
+        typer.echo(more)
+    typer.echo(summary.totals_line())
