@@ -21,7 +21,7 @@ from torch import nn
 import torchkeep
 from _hostile_pt2 import CONTROL, Case, Tiny, benign_archive, build, write_zip
 from torchkeep.safety.pt2 import vet_pt2
-from torchkeep.safety.symexpr import BadExpression, check_sym_expr
+from torchkeep.safety.pt2.symexpr import BadExpression, check_sym_expr
 
 CONTROL_SCRIPT = Path(__file__).with_name("_hostile_pt2_control.py")
 # Every entry point's refusal of this corpus, under the audit hook, is in test_safety_hostile.py.
