@@ -157,7 +157,9 @@ class _Parser:
         terms = self.unary()
         while self.peek() in {"*", "//", "%"}:
             # a // b and a % b are FloorDiv / Mod calls: one opaque term, arguments bounded already
-            terms = self.bounded(terms * self.unary()) if self.take() == "*" else 1
+            operator = self.take()
+            factor = self.unary()
+            terms = self.bounded(terms * factor) if operator == "*" else 1
         return terms
 
     def unary(self) -> int:
