@@ -253,6 +253,165 @@ def build(out: Path) -> list[Case]:
     )
     case("json_nested_deep", records)
 
+    # -- operators outside the allowlist (memory safety, process state) ------------------
+    def tmeta(sizes: list[int], dtype: int = 7) -> dict[str, Any]:
+        strides = [1] * len(sizes)
+        for i in range(len(sizes) - 2, -1, -1):
+            strides[i] = strides[i + 1] * sizes[i + 1]
+        return {
+            "dtype": dtype,
+            "sizes": [{"as_int": n} for n in sizes],
+            "requires_grad": False,
+            "device": {"type": "cpu", "index": None},
+            "strides": [{"as_int": n} for n in strides],
+            "storage_offset": {"as_int": 0},
+            "layout": 7,
+        }
+
+    def call(target: str, inputs: list[tuple[str, Any]], out: str) -> dict[str, Any]:
+        return {
+            "target": target,
+            "inputs": [{"name": n, "arg": a, "kind": 1} for n, a in inputs],
+            "outputs": [{"as_tensor": {"name": out}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": out,
+        }
+
+    def returning(doc: Any, nodes: list[dict[str, Any]], values: dict[str, Any], out: str) -> None:
+        _graph(doc)["nodes"].extend(nodes)
+        _graph(doc)["tensor_values"].update(values)
+        _graph(doc)["outputs"] = [{"as_tensor": {"name": out}}]
+        doc["graph_module"]["signature"]["output_specs"] = [
+            {"user_output": {"arg": {"as_tensor": {"name": out}}}}
+        ]
+
+    def oob_read(doc: Any) -> None:
+        # strides far past the 8-element storage: clone copies heap memory out (review a01)
+        alias = call(
+            "torch.ops.aten._reshape_alias.default",
+            [
+                ("self", {"as_tensor": {"name": "x"}}),
+                ("size", {"as_sym_ints": [{"as_int": 64}, {"as_int": 4}]}),
+                ("stride", {"as_sym_ints": [{"as_int": 4096}, {"as_int": 1}]}),
+            ],
+            "alias",
+        )
+        leak = call("torch.ops.aten.clone.default", [("self", {"as_tensor": {"name": "alias"}})], "leak")
+        returning(doc, [alias, leak], {"alias": tmeta([64, 4]), "leak": tmeta([64, 4])}, "leak")
+
+    case("op_reshape_alias_oob_read", edited(program, oob_read))
+
+    def oob_write(doc: Any) -> None:
+        # an index of 2**40 into a 4-element dense tensor: _to_dense writes out of bounds (review a02)
+        idx = call(
+            "torch.ops.aten.full.default",
+            [
+                ("size", {"as_ints": [1, 1]}),
+                ("fill_value", {"as_int": 1 << 40}),
+                ("dtype", {"as_scalar_type": 5}),
+            ],
+            "idx",
+        )
+        vals = call(
+            "torch.ops.aten.full.default",
+            [("size", {"as_ints": [1]}), ("fill_value", {"as_float": 7.0})],
+            "vals",
+        )
+        sparse = call(
+            "torch.ops.aten._sparse_coo_tensor_unsafe.default",
+            [
+                ("indices", {"as_tensor": {"name": "idx"}}),
+                ("values", {"as_tensor": {"name": "vals"}}),
+                ("size", {"as_sym_ints": [{"as_int": 4}]}),
+            ],
+            "sp",
+        )
+        dense = call("torch.ops.aten._to_dense.default", [("self", {"as_tensor": {"name": "sp"}})], "dense")
+        values = {"idx": tmeta([1, 1], dtype=5), "vals": tmeta([1]), "sp": tmeta([4]), "dense": tmeta([4])}
+        returning(doc, [idx, vals, sparse, dense], values, "dense")
+
+    case("op_sparse_oob_write", edited(program, oob_write))
+
+    def grad_off(doc: Any) -> None:
+        # switches autograd off in the caller's thread (review a05)
+        node = call("torch.ops.aten.set_grad_enabled.default", [("val", {"as_bool": False})], "gradoff")
+        node["outputs"] = []
+        _graph(doc)["nodes"].append(node)
+
+    case("op_set_grad_enabled", edited(program, grad_off))
+
+    # -- Python arithmetic on unbounded integers (review a03) ------------------------------
+    def python_node(target: str, a: Any, b: Any) -> Callable[[Any], None]:
+        def edit(doc: Any) -> None:
+            _graph(doc)["nodes"].append(
+                {
+                    "target": target,
+                    "inputs": [{"name": "a", "arg": a, "kind": 1}, {"name": "b", "arg": b, "kind": 1}],
+                    "outputs": [{"as_sym_int": {"as_name": "big"}}],
+                    "metadata": {},
+                    "is_hop_single_tensor_return": None,
+                    "name": "big",
+                }
+            )
+            _graph(doc)["sym_int_values"]["big"] = {"as_int": 1}
+
+        return edit
+
+    # pow(3, 2**40) holds the GIL for hours; mul("A", 2**34) builds a 16 GiB string
+    case(
+        "python_pow_huge_exponent",
+        edited(program, python_node("_operator.pow", {"as_int": 3}, {"as_int": 1 << 40})),
+    )
+    case(
+        "python_mul_string",
+        edited(program, python_node("_operator.mul", {"as_string": "A"}, {"as_int": 1 << 34})),
+    )
+    case(
+        "python_int_past_int64",
+        edited(program, python_node("_operator.add", {"as_int": 1 << 70}, {"as_int": 1})),
+    )
+
+    def squaring(doc: Any) -> None:
+        # each node squares the last: 2**62 -> 2**(62 * 2**k) bits after k nodes, gigabytes after ~30
+        python_node("_operator.mul", {"as_int": 1 << 62}, {"as_int": 1 << 62})(doc)
+        for i in range(30):
+            python_node(
+                "_operator.mul",
+                {"as_sym_int": {"as_name": "big" if i == 0 else f"sq{i - 1}"}},
+                {"as_sym_int": {"as_name": "big" if i == 0 else f"sq{i - 1}"}},
+            )(doc)
+            node = _graph(doc)["nodes"][-1]
+            node["name"] = f"sq{i}"
+            node["outputs"] = [{"as_sym_int": {"as_name": f"sq{i}"}}]
+
+    case("python_repeated_squaring", edited(program, squaring))
+
+    # -- sympy simplification of a 2**20-term expansion (review a04: hours in FloorDiv.eval) --------
+    def expansion(doc: Any) -> None:
+        product = "*".join(f"(s{2 * i + 1}+s{2 * i + 2})" for i in range(20))
+        _graph(doc)["tensor_values"]["linear"]["sizes"][0] = {
+            "as_expr": {"expr_str": f"FloorDiv({product}, s1+s3+1)", "hint": {"as_int": 2}}
+        }
+
+    case("sympy_expansion_k20", edited(program, expansion))
+
+    def string_input(doc: Any) -> None:
+        # a string placeholder value becomes guard code once sample inputs pass through .module()
+        _graph(doc)["inputs"].append({"as_string": "__import__('os')"})
+
+    case("string_graph_input", edited(program, string_input))
+
+    # -- a compressed weight: inflated in memory up to 100x the file (review a06) ------------
+    records = dict(base)
+    weight = "tiny/data/weights/" + json.loads(base[weights_config])["config"]["fc.weight"]["path_name"]
+    deflated = out / "weight_deflated.pt2"
+    with zipfile.ZipFile(deflated, "w") as archive:
+        for name, data in records.items():
+            method = zipfile.ZIP_DEFLATED if name == weight else zipfile.ZIP_STORED
+            archive.writestr(name, data, compress_type=method)
+    cases.append(Case("weight_deflated", "weight_deflated.pt2", "UnsafeFileError", "UNSAFE"))
+
     def lying_size(doc: Any) -> None:
         doc["config"]["fc.weight"]["tensor_meta"]["sizes"] = [{"as_int": 300}, {"as_int": 4}]
 

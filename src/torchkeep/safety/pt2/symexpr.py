@@ -16,17 +16,42 @@ symbol name, or unknown call can reach ``eval``:
             | "Integer(" "-"? INT ")"
             | "Symbol(" "'" SYMBOL "'" ("," FLAG "=" ("True" | "False"))* ")"
             | FUNC "(" expr ("," expr)* ")"
+
+Parsing is not enough: torch *simplifies* what it sympifies (``FloorDiv.eval``
+calls ``sympy.gcd``), and that work grows with the expanded polynomial, so
+``FloorDiv((s1+s2)*(s3+s4)*..., s1+s3+1)`` with 20 factors expands to 2**20
+terms and takes hours. The parser therefore also bounds what expansion can
+cost: every sub-expression, multiplied out, has at most
+:data:`MAX_TERMS` terms (a product multiplies its factors' term counts, a sum
+adds them, a function call counts as one term but its arguments are bounded
+in turn); an expression names at most :data:`MAX_SYMBOLS` distinct symbols
+and nests at most :data:`MAX_DEPTH` deep. :data:`MAX_EXPRESSIONS` and
+:data:`MAX_TOTAL_LENGTH` bound a whole program (counted by the schema check).
+Real programs stay far inside: a dynamic conv stack writes
+``FloorDiv(s0 - 1, 2) + 1``-style expressions of one or two symbols.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["SYMBOL", "BadExpression", "check_sym_expr"]
+__all__ = [
+    "MAX_EXPRESSIONS",
+    "MAX_SYMBOLS",
+    "MAX_TERMS",
+    "MAX_TOTAL_LENGTH",
+    "SYMBOL",
+    "BadExpression",
+    "check_sym_expr",
+]
 
 SYMBOL = re.compile(r"[a-z]{1,4}[0-9]{1,9}")
 MAX_LENGTH = 10_000
 MAX_DEPTH = 64
+MAX_TERMS = 64  # terms of any sub-expression once multiplied out
+MAX_SYMBOLS = 16  # distinct symbols in one expression
+MAX_EXPRESSIONS = 200_000  # expressions in one program
+MAX_TOTAL_LENGTH = 8_000_000  # characters of all expressions of one program
 _MAX_DIGITS = 30
 _FUNCS = frozenset(
     {
@@ -87,6 +112,7 @@ class _Parser:
         self.tokens = tokens
         self.pos = 0
         self.depth = 0
+        self.symbols: set[str] = set()
 
     def peek(self) -> str | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -100,45 +126,59 @@ class _Parser:
         self.pos += 1
         return token
 
-    def expr(self) -> None:
+    def bounded(self, terms: int) -> int:
+        if terms > MAX_TERMS:
+            raise BadExpression(
+                f"multiplies out to {terms} or more terms (at most {MAX_TERMS}); simplifying it "
+                "would take sympy exponential time"
+            )
+        return terms
+
+    def expr(self) -> int:
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise BadExpression(f"nested deeper than {MAX_DEPTH}")
-        self.arith()
+        terms = self.arith()
         if self.peek() in _CMP:
             self.take()
             self.arith()
+            terms = 1
         self.depth -= 1
+        return terms
 
-    def arith(self) -> None:
-        self.term()
+    def arith(self) -> int:
+        terms = self.term()
         while self.peek() in {"+", "-"}:
             self.take()
-            self.term()
+            terms = self.bounded(terms + self.term())
+        return terms
 
-    def term(self) -> None:
-        self.unary()
+    def term(self) -> int:
+        terms = self.unary()
         while self.peek() in {"*", "//", "%"}:
-            self.take()
-            self.unary()
+            # a // b and a % b are FloorDiv / Mod calls: one opaque term, arguments bounded already
+            operator = self.take()
+            factor = self.unary()
+            terms = self.bounded(terms * factor) if operator == "*" else 1
+        return terms
 
-    def unary(self) -> None:
+    def unary(self) -> int:
         if self.peek() == "-":
             self.take()
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise BadExpression(f"nested deeper than {MAX_DEPTH}")
-            self.unary()
+            terms = self.unary()
             self.depth -= 1
-            return
-        self.atom()
+            return terms
+        return self.atom()
 
     def integer(self) -> None:
         token = self.take()
         if not token.isdigit() or len(token) > _MAX_DIGITS:
             raise BadExpression(f"expected an integer of at most {_MAX_DIGITS} digits, found {token[:40]!r}")
 
-    def atom(self) -> None:
+    def atom(self) -> int:
         token = self.peek()
         if token is None:
             raise BadExpression("the expression ends too early")
@@ -146,8 +186,9 @@ class _Parser:
             self.integer()
         elif token == "(":
             self.take()
-            self.expr()
+            terms = self.expr()
             self.take(")")
+            return terms
         elif token in {"True", "False"}:
             self.take()
         elif token == "Integer":
@@ -160,17 +201,33 @@ class _Parser:
         elif token == "Symbol":
             self.symbol()
         elif token in _FUNCS:
-            self.take()
-            self.take("(")
-            self.expr()
-            while self.peek() == ",":
-                self.take()
-                self.expr()
-            self.take(")")
+            return self.call(self.take())
         elif SYMBOL.fullmatch(token):
-            self.take()
+            self.name(self.take())
         else:
             raise BadExpression(f"{token[:40]!r} is not a symbol, integer or shape function")
+        return 1
+
+    def call(self, func: str) -> int:
+        self.take("(")
+        counts = [self.expr()]
+        while self.peek() == ",":
+            self.take()
+            counts.append(self.expr())
+        self.take(")")
+        if func == "Add":
+            return self.bounded(sum(counts))
+        if func == "Mul":
+            product = 1
+            for terms in counts:
+                product = self.bounded(product * terms)
+            return product
+        return 1
+
+    def name(self, symbol: str) -> None:
+        self.symbols.add(symbol)
+        if len(self.symbols) > MAX_SYMBOLS:
+            raise BadExpression(f"names more than {MAX_SYMBOLS} distinct symbols")
 
     def symbol(self) -> None:
         self.take("Symbol")
@@ -178,6 +235,7 @@ class _Parser:
         name = self.take()
         if not (name.startswith("'") and SYMBOL.fullmatch(name[1:-1])):
             raise BadExpression(f"Symbol() names {name[:40]!r}, not a shape symbol like 's0'")
+        self.name(name[1:-1])
         while self.peek() == ",":
             self.take()
             flag = self.take()

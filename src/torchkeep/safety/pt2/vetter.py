@@ -1,30 +1,11 @@
-"""Vetting a ``torch.export`` archive (``.pt2``) completely before torch reads it.
+"""Vetting a ``.pt2`` archive member by member (:func:`vet_pt2`, :func:`scan_pt2`).
 
-``torch.export.load`` can unpickle (``weights_only=False``) weights, constants,
-opaque and torchbind objects and sample inputs, ``sympy.sympify`` strings,
-load AOTInductor shared libraries, and build graphs that call any Python
-function; ``.module()`` compiles ``guards_code``. So a ``.pt2`` is read here
-first, member by member, against the exact layout ``torch.export.save``
-writes in torch 2.14::
-
-    <root>/archive_format                       "pt2"
-    <root>/archive_version                      "0"
-    <root>/byteorder                            "little"
-    <root>/.data/version, .data/serialization_id  digits
-    <root>/models/model.json                    the program (torchkeep.safety.pt2_graph)
-    <root>/data/weights/model_weights_config.json, data/weights/weight_<N>     raw bytes
-    <root>/data/constants/model_constants_config.json, data/constants/tensor_<N>  raw bytes
-    <root>/data/sample_inputs/model.pt          a torch.save file (allowlist unpickler)
-    <root>/extra/<name>                         UTF-8 text
-
-Anything else (AOTInductor ``.so``/``.cpp``/compile flags, ``use_pickle``
-payloads, ``opaque_obj_*`` / ``custom_obj_*`` objects, legacy pickled
-weights, unknown members) is refused. A program that passes is then handed
-to ``torch.export.load`` as a *rebuilt* archive holding only the vetted
-members, JSON re-serialised from what was checked and the sample inputs
-left empty, so torch parses exactly what was checked and none of its
-unpickling paths (``torch.load``, ``pickle.loads``, ``_pickle_load_obj``)
-or AOTInductor loaders is reached.
+One pass over one read of the file: the layout (:mod:`.members`), the JSON
+documents (:mod:`.schema`), the tensor records against their declared
+shapes, and the sample inputs through the allowlist unpickler. In
+:func:`vet_pt2` the first problem raises and the bytes read are kept for the
+rebuilt archive (:mod:`.rebuild`); in :func:`scan_pt2` every problem becomes
+a finding and no tensor data is read.
 """
 
 from __future__ import annotations
@@ -35,79 +16,43 @@ import json
 import logging
 import os
 import re
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnsafeFileError
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
-from torchkeep.safety.pt2_graph import FQN, check_payload_config, check_program
+from torchkeep.safety.pt2.members import (
+    CONSTANT,
+    CONSTANTS_CONFIG,
+    FIXED,
+    PROGRAM,
+    ROOT,
+    SAMPLE_INPUTS,
+    WEIGHT,
+    WEIGHTS_CONFIG,
+    DuplicateKey,
+    check_record,
+    classify,
+    max_depth,
+    unique_keys,
+)
+from torchkeep.safety.pt2.rebuild import VettedProgram, build_archive
+from torchkeep.safety.pt2.schema import FQN, check_payload_config, check_program
 from torchkeep.safety.unpickler import Finding, Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
 
-__all__ = ["VettedProgram", "load_vetted", "scan_pt2", "vet_pt2"]
+__all__ = ["scan_pt2", "vet_pt2"]
 
 logger = logging.getLogger(__name__)
 
-MODEL = "model"  # the only program name torch.export.load returns
-_ROOT = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
-_WEIGHT = re.compile(r"weight_[0-9]{1,9}")
-_CONSTANT = re.compile(r"tensor_[0-9]{1,9}")
-_EXTRA = re.compile(r"extra/[A-Za-z0-9_.\-]{1,128}")
 _MAX_FINDINGS = 200
-# element sizes of the schema's ScalarType values (torch/_export/serde/schema.py)
-_ITEMSIZE = {
-    1: 1,
-    2: 1,
-    3: 2,
-    4: 4,
-    5: 8,
-    6: 2,
-    7: 4,
-    8: 8,
-    9: 4,
-    10: 8,
-    11: 16,
-    12: 1,
-    13: 2,
-    28: 2,
-    29: 1,
-    30: 1,
-    31: 1,
-    32: 1,
-    33: 1,
-    34: 4,
-    35: 8,
-}
-_FIXED = {"archive_format": b"pt2", "archive_version": b"0", "byteorder": b"little"}
-_WEIGHTS_CONFIG = f"data/weights/{MODEL}_weights_config.json"
-_CONSTANTS_CONFIG = f"data/constants/{MODEL}_constants_config.json"
-_PROGRAM = f"models/{MODEL}.json"
-_SAMPLE_INPUTS = f"data/sample_inputs/{MODEL}.pt"
-
-
-@dataclass
-class VettedProgram:
-    """A ``.pt2`` archive that passed every check, ready for :func:`load_vetted`.
-
-    Attributes:
-        path: the file.
-        documents: the checked JSON documents, by member name (relative to the root).
-        payloads: names (relative to the root) of the raw tensor members to copy.
-        findings: what was refused (empty for a vetted program; filled in collect mode).
-    """
-
-    path: Path
-    documents: dict[str, Any] = field(default_factory=dict)
-    payloads: list[str] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
 
 
 class _Vetter:
     def __init__(self, path: Path, archive: ZipArchive, limits: Limits, *, collect: bool) -> None:
+        # collect: scan's mode, every problem a finding; else raise at the first and keep the bytes
+        # read (tensor records, .data/version) for the rebuilt archive
+        self.kept: dict[str, bytes] = {}
         self.path = path
         self.archive = archive
         self.limits = limits
@@ -156,7 +101,7 @@ class _Vetter:
             raise CorruptFileError(
                 self.path, f"{name} is not UTF-8 text ({err})", member=self.full(name)
             ) from err
-        depth = _max_depth(text)
+        depth = max_depth(text)
         if depth > self.limits.max_depth:
             self.refuse(
                 "structure",
@@ -165,8 +110,8 @@ class _Vetter:
             )
             return None
         try:
-            return json.loads(text, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as err:
+            return json.loads(text, object_pairs_hook=unique_keys)
+        except DuplicateKey as err:
             self.refuse(
                 "structure",
                 f"has the key {err.key[:60]!r} twice in one JSON object (two readers "
@@ -189,7 +134,7 @@ class _Vetter:
                 "member", f"does not keep all members in one folder (found {sorted(roots)[:5]})", None
             )
         self.root = next(iter(sorted(roots)))
-        if not _ROOT.fullmatch(self.root):
+        if not ROOT.fullmatch(self.root):
             self.refuse("member", f"has the folder name {self.root[:60]!r}", None)
         folded: dict[str, str] = {}
         kinds: dict[str, str] = {}
@@ -210,61 +155,26 @@ class _Vetter:
         return kinds
 
     def classify(self, name: str, full: str) -> str:
-        base = name.rsplit("/", 1)[-1]
-        if name.startswith("data/aotinductor/") or base.endswith((".so", ".dll", ".dylib", ".pyd")):
-            self.refuse(
-                "native code",
-                f"holds AOTInductor / native code {name!r} (loading it runs machine code)",
-                full,
+        kind, refusal = classify(name, stored=self.archive.member(full).stored)
+        if kind == "second program":
+            refusal = (
+                "member",
+                f"holds a second program {name!r} (torch.export.load reads only {PROGRAM!r})",
             )
-        elif (
-            base.endswith((".cpp", ".c", ".h", ".cu", ".py"))
-            or "compile_flags" in base
-            or "linker_flags" in base
-        ):
-            self.refuse(
-                "native code",
-                f"holds source or build flags {name!r} (torch would compile and load them)",
-                full,
-            )
-        elif name.startswith(("data/executorch/", "data/mtia", "xl_model_weights/")):
-            self.refuse("member", f"holds {name!r}, a backend package torchkeep does not load", full)
-        elif name.startswith("data/constants/") and base.startswith(("opaque_obj_", "custom_obj_")):
-            self.refuse(
-                "pickle",
-                f"holds the Python / torchbind object {name!r} (torch unpickles it with "
-                "pickle.loads or torch's object loader)",
-                full,
-            )
-        elif name in {f"data/weights/{MODEL}.pt", f"data/constants/{MODEL}.pt"}:
-            self.refuse(
-                "pickle", f"holds legacy pickled tensors {name!r} (torch.load(weights_only=False))", full
-            )
-        elif name in _FIXED or name in {".data/version", ".data/serialization_id"}:
-            return "fixed"
-        elif name in {_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG}:
-            return "json"
-        elif name == _SAMPLE_INPUTS:
-            return "sample"
-        elif name.startswith("data/weights/") and _WEIGHT.fullmatch(base) and name.count("/") == 2:
-            return "weight"
-        elif name.startswith("data/constants/") and _CONSTANT.fullmatch(base) and name.count("/") == 2:
-            return "constant"
-        elif _EXTRA.fullmatch(name):
-            return "extra"
-        elif name.startswith("models/"):
-            self.refuse(
-                "member", f"holds a second program {name!r} (torch.export.load reads only {_PROGRAM!r})", full
-            )
-        else:
-            self.refuse("member", f"holds the unknown member {name!r}", full)
-        return "refused"
+        elif kind == "unknown":
+            refusal = ("member", f"holds the unknown member {name!r}")
+        if refusal is not None:
+            self.refuse(*refusal, full)
+            return "refused"
+        return kind
 
     def fixed(self, name: str) -> None:
         data = self.read(name, 64)
-        if name in _FIXED:
-            if data != _FIXED[name]:
-                self.refuse("value", f"says {name} = {data[:20]!r}, not {_FIXED[name]!r}", self.full(name))
+        if not self.collect:
+            self.kept[name] = data
+        if name in FIXED:
+            if data != FIXED[name]:
+                self.refuse("value", f"says {name} = {data[:20]!r}, not {FIXED[name]!r}", self.full(name))
         elif not re.fullmatch(rb"[0-9]{1,64}\n?", data):
             raise CorruptFileError(self.path, f"{name} is not a number", member=self.full(name))
 
@@ -346,70 +256,25 @@ class _Vetter:
         self, where: str, member: str, meta: dict[str, Any], seen: dict[str, tuple[int, Any]]
     ) -> None:
         full = self.full(member)
-        ints = [meta["storage_offset"], *meta["sizes"], *meta["strides"]]
-        if not all(isinstance(v, dict) and set(v) == {"as_int"} for v in ints):
+        record = self.archive.member(full).size
+        if not check_record(self.path, where, member, full, meta, record, seen, self.limits):
             self.refuse(
                 "expression",
                 f"{where} has a symbolic size, stride or offset (a stored tensor has fixed ones)",
                 full,
             )
-            return
-        offset = meta["storage_offset"]["as_int"]
-        sizes = [v["as_int"] for v in meta["sizes"]]
-        strides = [v["as_int"] for v in meta["strides"]]
-        dtype = meta["dtype"]
-        key = (dtype, meta["device"].get("type"))
-        if seen.setdefault(member, (dtype, key))[1] != key:
-            raise CorruptFileError(
-                self.path,
-                f"{where}: {member!r} is shared with a tensor of another dtype or device",
-                member=full,
-            )
-        if (
-            len(sizes) != len(strides)
-            or offset < 0
-            or any(s < 0 for s in sizes)
-            or any(s < 0 for s in strides)
-        ):
-            raise CorruptFileError(
-                self.path, f"{where} has an invalid shape {sizes} / strides {strides}", member=full
-            )
-        numel = 1
-        for s in sizes:
-            numel *= s
-        if numel > self.limits.max_numel:
-            raise LimitExceededError(self.path, "max_numel", numel, self.limits.max_numel, what=where)
-        itemsize = _ITEMSIZE[dtype]
-        record = self.archive.member(full).size
-        if record % itemsize:
-            raise CorruptFileError(
-                self.path,
-                f"{member!r} holds {record} bytes, not a whole number of {itemsize}-byte elements",
-                member=full,
-            )
-        if numel and record:
-            needed = (offset + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True)) + 1) * itemsize
-            if needed > record:
-                raise CorruptFileError(
-                    self.path,
-                    f"{where} declares {sizes} (strides {strides}, offset {offset}), "
-                    f"which needs {needed} bytes, but {member!r} holds {record}",
-                    member=full,
-                )
-        elif numel and not record:
-            raise CorruptFileError(self.path, f"{where} declares data but {member!r} is empty", member=full)
 
     # -- the whole archive ---------------------------------------------------------
 
     def run(self) -> VettedProgram:
         kinds = self.members()
         for required in (
-            *_FIXED,
+            *FIXED,
             ".data/version",
-            _PROGRAM,
-            _WEIGHTS_CONFIG,
-            _CONSTANTS_CONFIG,
-            _SAMPLE_INPUTS,
+            PROGRAM,
+            WEIGHTS_CONFIG,
+            CONSTANTS_CONFIG,
+            SAMPLE_INPUTS,
         ):
             if required not in kinds:
                 raise CorruptFileError(
@@ -430,11 +295,11 @@ class _Vetter:
                     ) from err
         if total > self.limits.max_bytes:
             raise LimitExceededError(self.path, "max_bytes", total, self.limits.max_bytes, what="tensor data")
-        self.payload_config(_WEIGHTS_CONFIG, "data/weights/", _WEIGHT, kinds)
-        self.payload_config(_CONSTANTS_CONFIG, "data/constants/", _CONSTANT, kinds)
+        self.payload_config(WEIGHTS_CONFIG, "data/weights/", WEIGHT, kinds)
+        self.payload_config(CONSTANTS_CONFIG, "data/constants/", CONSTANT, kinds)
         referenced = {
             f"{d}{meta['path_name']}"
-            for name, d in ((_WEIGHTS_CONFIG, "data/weights/"), (_CONSTANTS_CONFIG, "data/constants/"))
+            for name, d in ((WEIGHTS_CONFIG, "data/weights/"), (CONSTANTS_CONFIG, "data/constants/"))
             for meta in self.result.documents.get(name, {}).get("config", {}).values()
             if isinstance(meta, dict) and isinstance(meta.get("path_name"), str)
         }
@@ -442,21 +307,24 @@ class _Vetter:
             if kind in {"weight", "constant"}:
                 if name in referenced:
                     self.result.payloads.append(name)
+                    if not self.collect:
+                        # read once, CRC-checked: the rebuilt archive holds these very bytes
+                        self.kept[name] = self.archive.read(self.full(name))
                 else:
                     self.refuse("member", f"holds {name!r}, which no config refers to", self.full(name))
-        program = self.json(_PROGRAM)
+        program = self.json(PROGRAM)
         if program is not None:
-            full = self.full(_PROGRAM)
+            full = self.full(PROGRAM)
             check_program(program, lambda kind, detail: self.refuse(kind, f"has {detail}", full))
-            self.result.documents[_PROGRAM] = program
+            self.result.documents[PROGRAM] = program
         self.sample_inputs()
         return self.result
 
     def sample_inputs(self) -> None:
         from torchkeep.safety.torchfile import scan_torch_stream
 
-        full = self.full(_SAMPLE_INPUTS)
-        data = self.read(_SAMPLE_INPUTS, self.limits.max_pickle_bytes)
+        full = self.full(SAMPLE_INPUTS)
+        data = self.read(SAMPLE_INPUTS, self.limits.max_pickle_bytes)
         if not data:
             return
         found: list[Finding] = []
@@ -486,43 +354,6 @@ class _Vetter:
                 self.refuse(f.kind, f"has sample inputs whose pickle {f.detail}", full)
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _max_depth(text: str) -> int:
-    """How deeply brackets nest in a JSON text (outside strings), without parsing it."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
 def vet_pt2(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> VettedProgram:
     """Check a ``.pt2`` archive completely; return it vetted or raise at the first problem.
 
@@ -531,7 +362,8 @@ def vet_pt2(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) ->
         limits (Limits): bounds checked before anything is allocated.
 
     Returns:
-        A :class:`VettedProgram` for :func:`load_vetted`.
+        A :class:`VettedProgram` for :func:`load_vetted`, holding the rebuilt
+        archive (about the size of the file).
 
     Raises:
         UnsafeFileError: something torch would unpickle, evaluate, compile or
@@ -545,8 +377,12 @@ def vet_pt2(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) ->
     """
     p = Path(path)
     with p.open("rb") as f:
-        archive = ZipArchive(p, f, p.stat().st_size, limits=limits)
-        return _Vetter(p, archive, limits, collect=False).run()
+        # one open file, each byte read once: what is rebuilt is what was checked
+        archive = ZipArchive(p, f, os.fstat(f.fileno()).st_size, limits=limits)
+        vetter = _Vetter(p, archive, limits, collect=False)
+        program = vetter.run()
+    program.archive = build_archive(program, vetter.kept)
+    return program
 
 
 def scan_pt2(
@@ -571,41 +407,3 @@ def scan_pt2(
     if into is not None:
         vetter.result.findings = into
     return vetter.run().findings
-
-
-def load_vetted(program: VettedProgram, *, limits: Limits = DEFAULT_LIMITS) -> torch.export.ExportedProgram:
-    """Hand a vetted program to ``torch.export.load``: a rebuilt archive of the checked members only.
-
-    The JSON documents are written back from the checked values, the raw
-    tensor records are copied (CRC-checked), the sample inputs are left empty
-    (so torch unpickles nothing; ``example_inputs`` of the result is None)
-    and extra files are dropped. The copy costs memory once the size of the
-    weights while torch reads it.
-
-    Returns:
-        The ``torch.export.ExportedProgram``.
-
-    Raises:
-        CorruptFileError: torch cannot read the program (a wrong schema
-            version, an inconsistent graph).
-    """
-    if program.findings:
-        raise ValueError("load_vetted takes a program from vet_pt2, not from scan_pt2")
-    buffer = io.BytesIO()
-    path = program.path
-    with path.open("rb") as f, zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as out:
-        archive = ZipArchive(path, f, path.stat().st_size, limits=limits)
-        root = next(iter(archive.members)).split("/", 1)[0]
-        for name, value in _FIXED.items():
-            out.writestr(f"archive/{name}", value)
-        out.writestr("archive/.data/version", archive.read(f"{root}/.data/version"))
-        for name, doc in program.documents.items():
-            out.writestr(f"archive/{name}", json.dumps(doc))
-        out.writestr(f"archive/{_SAMPLE_INPUTS}", b"")
-        for name in program.payloads:
-            out.writestr(f"archive/{name}", archive.read(f"{root}/{name}"))
-    buffer.seek(0)
-    try:
-        return torch.export.load(buffer)
-    except Exception as err:  # a damaged program fails in many ways inside torch
-        raise CorruptFileError(path, f"the torch.export program cannot be read ({str(err)[:300]})") from err
