@@ -83,6 +83,17 @@ def test_the_payloads_are_real(tmp_path: Path) -> None:
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {name: True for name in CONTROL}
 
 
+def test_case_twins_are_refused_by_the_zip_reader_before_anything_else(
+    corpus: tuple[Path, list[Case]],
+) -> None:
+    # one check for every zip: the strict reader refuses names that fold together, for any format
+    folder, _ = corpus
+    result = torchkeep.scan(folder / "member_case_twin.pt2")
+    assert result.verdict == "UNSAFE"
+    assert [(f.kind, f.member) for f in result.findings] == [("structure", "tiny/Models/model.json")]
+    assert "differ only in case" in result.findings[0].detail
+
+
 @pytest.mark.parametrize(
     ("name", "kind", "member", "words"),
     [
@@ -94,7 +105,6 @@ def test_the_payloads_are_real(tmp_path: Path) -> None:
         ("target_custom_op", "call", "tiny/models/model.json", "torch.ops.mylib.custom.default"),
         ("aoti_shared_library", "native code", "tiny/data/aotinductor/model/model.so", "model.so"),
         ("duplicate_json_key", "structure", "tiny/models/model.json", "'guards_code' twice"),
-        ("member_case_twin", "member", "tiny/Models/model.json", "differ only in case"),
         ("op_reshape_alias_oob_read", "call", "tiny/models/model.json", "_reshape_alias.default"),
         ("op_sparse_oob_write", "call", "tiny/models/model.json", "_sparse_coo_tensor_unsafe"),
         ("op_set_grad_enabled", "call", "tiny/models/model.json", "set_grad_enabled"),
