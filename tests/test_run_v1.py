@@ -49,7 +49,9 @@ def test_a_v1_run_restores_model_optimizer_and_extra(run: Path) -> None:
     model = TiedNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     info = torchkeep.Checkpointer(run).restore(model=model, optimizer=opt, restore_rng=False)
-    assert info is not None and info.step == 2 and info.extra == {"note": "v1"}
+    assert info is not None
+    assert info.step == 2
+    assert info.extra == {"note": "v1"}
     assert torch.equal(model.embed.weight, _expected())
     assert model.out.weight is model.embed.weight
     assert opt.param_groups[0]["lr"] == 0.1
