@@ -35,7 +35,7 @@ def _expected() -> torch.Tensor:
 
 
 def test_a_v1_run_lists_and_ranks(run: Path) -> None:
-    ckpts = torchkeep.Checkpointer(run, monitor="val_loss")
+    ckpts = torchkeep.Checkpointer(run, monitor="val_loss", read_only=True)
     entries = ckpts.list(verify=True)
     assert [(e.step, e.valid, e.metrics) for e in entries] == [
         (1, True, {"val_loss": 0.5}),

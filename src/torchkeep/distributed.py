@@ -33,7 +33,6 @@ from torch import nn
 from torchkeep.errors import CheckpointMismatchError, DistributedSaveError, UnsafeFileError, first_line
 
 __all__ = [
-    "SHARDS",
     "Coordinator",
     "check_shard_metadata",
     "is_sharded",
@@ -48,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SHARDS = "shards"  # the DCP folder inside a checkpoint folder
 _METADATA = ".metadata"
 _DTYPE = re.compile(r"^torch\.[a-z0-9_]+$")
 _DCP_GLOBALS = frozenset(

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from torchkeep._table import format_bytes
-from torchkeep.manager import Checkpointer
+from torchkeep.run.reader import RunReader, rank
 from torchkeep.storage.remote import is_url
 
 __all__ = ["ls_command"]
@@ -30,12 +30,13 @@ def ls_command(
         raise FileNotFoundError(
             f"{run_dir}: no such run folder; pass the folder given to torchkeep.Checkpointer"
         )
+    entries = RunReader(run_dir).entries(verify=verify)  # reads only: safe while a writer saves
     if monitor is None:  # default to the metric the checkpoints share, if there is exactly one
-        names = {name for e in Checkpointer(run_dir).list() for name in e.metrics}
+        names = {name for e in entries for name in e.metrics}
         monitor = names.pop() if len(names) == 1 else None
-    checkpointer = Checkpointer(run_dir, monitor=monitor, mode=mode)
-    entries = checkpointer.list(verify=verify)
-    best, latest = checkpointer.best, checkpointer.latest
+    ranked = rank(entries, monitor, mode)
+    best = ranked[0].path if ranked else None
+    latest = next((e.path for e in reversed(entries) if e.valid), None)
     if as_json:
         rows = [
             {
@@ -47,6 +48,7 @@ def ls_command(
                 "metrics": e.metrics,
                 "valid": e.valid,
                 "reason": e.reason,
+                "nonfinite": e.nonfinite,
                 "best": e.path == best,
                 "latest": e.path == latest,
             }
@@ -69,6 +71,8 @@ def ls_command(
     for e in entries:
         marks = [m for m, path in (("best", best), ("latest", latest)) if e.path == path]
         status = "[green]valid[/]" if e.valid else f"[red]invalid: {e.reason}[/]"
+        if e.poisoned:
+            status += " [yellow](poisoned: NaN/Inf in " + _nonfinite_text(e.nonfinite) + ")[/]"
         if marks:
             status += " [bold](" + ", ".join(marks) + ")[/]"
         metrics = ", ".join(
@@ -84,3 +88,9 @@ def ls_command(
             status,
         )
     console.print(table)
+
+
+def _nonfinite_text(found: dict[str, list[str]]) -> str:
+    return "; ".join(
+        f"{kind} {', '.join(names[:3])}" + (" …" if len(names) > 3 else "") for kind, names in found.items()
+    )

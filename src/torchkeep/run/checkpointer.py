@@ -1,25 +1,10 @@
-"""Checkpointer: a run folder of checkpoints that writes atomically, verifies, prunes and resumes.
+"""Checkpointer: the writer of a run folder, thin on top of the run package.
 
-Layout of a run folder::
-
-    runs/exp1/
-      step-00000120/            one committed checkpoint
-        tensors.safetensors     every tensor: model, optimizer state, RNG, …
-        state.json              everything else, pointing into the tensors
-        manifest.json           written last: size and XXH3-128 digest of each file
-      .step-00000130.tmp-…/     a save in progress (or killed): never read, cleaned up
-
-A checkpoint folder only gets its ``step-…`` name by an atomic rename after
-all its files are written and fsynced, so a crash leaves either the complete
-new checkpoint or none. Readers verify the manifest and fall back to the
-newest checkpoint that verifies. On a remote run folder (an fsspec URL) the
-manifest, uploaded last, is the commit (see :mod:`torchkeep.storage.runstore`).
-
-In a ``torch.distributed`` job every rank calls the same methods: rank 0
-writes replicated state, DTensor-sharded state goes through DCP into a
-``shards/`` folder written by every rank, every rank's random state is kept,
-and a checkpoint is committed only after every rank reported success (see
-:mod:`torchkeep.distributed`).
+It combines the writer lock (taken by the first ``save``; one writer per
+run), :mod:`~torchkeep.run.snapshot` (capture / apply), :mod:`~torchkeep.run.commit`
+(prepare / write / agree / publish), :mod:`~torchkeep.run.retention` and an
+optional background thread. Everything it reads goes through
+:class:`~torchkeep.run.reader.RunReader`, which never changes the run.
 """
 
 from __future__ import annotations
@@ -28,86 +13,40 @@ import builtins
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful
-from torchkeep.distributed import SHARDS, Coordinator, save_shards, shard_files
-from torchkeep.errors import (
-    AsyncSaveError,
-    MissingMetricError,
-    NewerFormatError,
-    NoValidCheckpointError,
-)
-from torchkeep.runstate import (
-    FORMAT_VERSION,
-    STATE,
-    TENSORS,
-    Snapshot,
-    apply_checkpoint,
-    capture,
-    metric_value,
-)
-from torchkeep.storage.manifest import DIGEST, MANIFEST, file_record, verify_folder, write_json
-from torchkeep.storage.remote import Remote, StorageOptions, resolve
-from torchkeep.storage.runstore import LocalRun, Location, RemoteRun, remove_tree, step_name
+from torchkeep.distributed import Coordinator
+from torchkeep.errors import AsyncSaveError, MissingMetricError, NewerFormatError, NoValidCheckpointError
+from torchkeep.run import retention
+from torchkeep.run.commit import Committed, commit, warn_nonfinite
+from torchkeep.run.layout import FORMAT_VERSION, WRITER_LEASE, WRITER_LOCK, is_step, step_name
+from torchkeep.run.reader import CheckpointEntry, RunReader, check_version, metric_value
+from torchkeep.run.snapshot import Snapshot, apply_checkpoint, capture
+from torchkeep.storage.base import WriterLock, open_store
+from torchkeep.storage.manifest import verify_folder
+from torchkeep.storage.remote import StorageOptions
 from torchkeep.storage.staging import StagingBuffers
-from torchkeep.storage.tensorfile import write_safetensors
 from torchkeep.weights import MapLocation
 
-__all__ = ["FORMAT_VERSION", "CheckpointEntry", "Checkpointer", "metric_value"]
+__all__ = ["CheckpointEntry", "Checkpointer"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "torchkeep.checkpoint"
 _RESERVED = {"model", "optimizer", "scheduler", "scaler"}
 
 
-@dataclass(frozen=True)
-class CheckpointEntry:
-    """One checkpoint folder of a run, as :meth:`Checkpointer.list` sees it.
-
-    Attributes:
-        path: the folder (a URL string for a remote run).
-        step: its step.
-        epoch: its epoch, if saved.
-        created: when it was committed (ISO 8601, UTC).
-        size: bytes stored.
-        metrics: the metrics saved with it.
-        valid: whether it verified.
-        reason: why not, when it did not.
-    """
-
-    path: Path | str
-    step: int
-    epoch: int | None = None
-    created: str | None = None
-    size: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    valid: bool = True
-    reason: str = ""
-
-    @property
-    def name(self) -> str:
-        """The folder's name, e.g. ``step-00000120``."""
-        return step_name(self.step)
-
-
-def _log_failure(future: Future[Path | str]) -> None:
+def _log_failure(future: Future[Committed]) -> None:
     # Logged where it happens too, in case the program ends before the next call raises it.
     error = future.exception()
     if error is not None:
         logger.error("background checkpoint save failed: %s", error)
-
-
-def _public(where: Location) -> Path | str:
-    return where.url if isinstance(where, Remote) else where
 
 
 class Checkpointer:
@@ -143,6 +82,18 @@ class Checkpointer:
             False: act as if this process were alone, for code that saves from
             rank 0 only (``if rank == 0: ckpts.save(...)``); only this rank's
             random state is kept and sharded (DTensor) state cannot be saved.
+        read_only (bool, default False): never write: ``list``, ``best``,
+            ``latest`` and ``restore`` work, ``save`` raises. Reading never
+            takes the writer lock either way; this says the intent.
+        retention (Policy | None, default None): a policy from
+            :mod:`torchkeep.run.retention` (``KeepLast(3) | KeepEveryInterval(3600)``)
+            instead of the ``keep_*`` arguments.
+
+    One writer per run: the first ``save`` takes the run's writer lock (an
+    ``flock`` on a local run, a lease object on an object store) and then
+    removes what killed writers left; a second writer gets
+    :class:`RunLockedError` naming the holder. ``close()`` (or leaving a
+    ``with`` block) gives the lock up; so does the death of the process.
 
     With no ``keep_*`` option every checkpoint is kept. The options compose:
     a checkpoint stays if any of them keeps it, and the one just written and
@@ -177,17 +128,20 @@ class Checkpointer:
         async_save: bool = False,
         storage_options: StorageOptions | None = None,
         distributed: bool | None = None,
+        read_only: bool = False,
+        retention: retention.Policy | None = None,
     ) -> None:
-        for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if keep_best is not None and monitor is None:
-            raise ValueError("keep_best needs monitor='<metric name>' to rank checkpoints")
-        location = resolve(directory, storage_options)
-        self._store = RemoteRun(location) if isinstance(location, Remote) else LocalRun(location)
-        self.directory: Path | str = _public(location)
+        options = {"keep_last": keep_last, "keep_best": keep_best, "keep_every": keep_every}
+        if retention is not None and any(v is not None for v in options.values()):
+            raise ValueError("pass either retention= or keep_last/keep_best/keep_every, not both")
+        self._retention = retention or _policy_from(options, monitor=monitor, mode=mode)
+        self._store = open_store(directory, storage_options)
+        self._reader = RunReader(directory, store=self._store)
+        self.directory: Path | str = self._reader.directory
+        self.read_only = read_only
+        self._lock: WriterLock | None = None
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.monitor = monitor
@@ -196,11 +150,31 @@ class Checkpointer:
         self.durable = durable
         self.async_save = async_save
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, Future[Path | str]] | None = None
+        self._pending: tuple[int, Future[Committed]] | None = None
         self._staging = StagingBuffers()
-        self._coordinator = Coordinator(enabled=distributed)
-        if self._coordinator.is_main:
-            self._store.clean_leftovers()
+        self._coordinator = Coordinator(enabled=distributed and not read_only)
+
+    # -- the writer lock ---------------------------------------------------------------------------
+
+    def _take_lock(self, step: int) -> None:
+        """Rank 0 takes the run's writer lock (once), then removes what dead writers left."""
+        if self._lock is not None:
+            return
+
+        def take() -> WriterLock | None:
+            if not self._coordinator.is_main:
+                return None
+            lock = self._store.lock_writer(WRITER_LOCK if self._store.atomic_publish else WRITER_LEASE)
+            # holding the lock, every leftover belongs to a writer that is gone
+            self._store.clean_leftovers(is_step)
+            return lock
+
+        self._lock = self._coordinator.attempt(take, step=step, stage="lock") or _NO_LOCK
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     # -- background saves --------------------------------------------------------------------------
 
@@ -218,9 +192,11 @@ class Checkpointer:
         step, future = self._pending
         self._pending = None
         try:
-            return future.result()
+            committed = future.result()
         except Exception as err:
             raise AsyncSaveError(step, err) from err
+        warn_nonfinite(committed, stacklevel=3)
+        return committed.folder
 
     def close(self) -> None:
         """Flush the save in flight and stop the background thread (``with`` does this)."""
@@ -230,6 +206,7 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._release_lock()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -245,56 +222,27 @@ class Checkpointer:
 
     # -- listing -----------------------------------------------------------------------------------
 
-    def _entry(self, step: int, where: Location, *, checksums: bool) -> CheckpointEntry:
-        verdict, size = self._store.inspect(where, checksums=checksums)
-        manifest = verdict.manifest or {}
-        metrics = manifest.get("metrics")
-        return CheckpointEntry(
-            path=_public(where),
-            step=step,
-            epoch=manifest.get("epoch"),
-            created=manifest.get("created"),
-            size=size,
-            metrics=dict(metrics) if isinstance(metrics, dict) else {},
-            valid=verdict.ok,
-            reason=verdict.reason,
-        )
-
     def list(self, *, verify: bool = False) -> builtins.list[CheckpointEntry]:
-        """Every checkpoint folder, oldest first.
+        """Every checkpoint folder, oldest first (reads only; see :class:`RunReader`).
 
         Args:
             verify (bool, default False): check the digests too (reads
                 every file); without it, only that each file has its size.
         """
         self.wait()
-        return self._entries(verify=verify)
-
-    def _entries(self, *, verify: bool = False) -> builtins.list[CheckpointEntry]:
-        return [self._entry(step, where, checksums=verify) for step, where in self._store.steps()]
+        return self._reader.entries(verify=verify)
 
     @property
     def latest(self) -> Path | str | None:
         """The newest checkpoint folder whose files are all there (sizes checked)."""
-        for entry in reversed(self.list()):
-            if entry.valid:
-                return entry.path
-        return None
+        self.wait()
+        return self._reader.latest()
 
     @property
     def best(self) -> Path | str | None:
-        """The best checkpoint folder by ``monitor`` (``None`` without a monitor or a scored one)."""
-        ranked = self._ranked([e for e in self.list() if e.valid])
-        return ranked[0].path if ranked else None
-
-    def _ranked(self, entries: builtins.list[CheckpointEntry]) -> builtins.list[CheckpointEntry]:
-        if self.monitor is None:
-            return []
-        scored = [(metric_value(e.metrics.get(self.monitor)), e) for e in entries]
-        usable = [(v, e) for v, e in scored if v is not None]
-        sign = 1.0 if self.mode == "min" else -1.0
-        usable.sort(key=lambda ve: (sign * ve[0], -ve[1].step))  # ties: the newer one
-        return [e for _, e in usable]
+        """The best checkpoint folder by ``monitor``: valid, finite, carrying the metric; else ``None``."""
+        self.wait()
+        return self._reader.best(self.monitor, self.mode)
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -339,10 +287,17 @@ class Checkpointer:
         self.wait()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read_only=True; open it without that to save")
         clash = _RESERVED & set(stateful)
         if clash:
             raise ValueError(f"{sorted(clash)} are named parameters of save(), not extra stateful objects")
         clean_metrics = {str(k): metric_value(v) for k, v in (metrics or {}).items()}
+        monitor = self.monitor
+        poisoned = (
+            monitor is not None and clean_metrics.get(monitor, 0.0) is None and _is_number(metrics, monitor)
+        )
+        bad_metrics = [str(monitor)] if poisoned else []
         if self.monitor is not None and metrics is not None and self.monitor not in clean_metrics:
             raise MissingMetricError(self.monitor, list(clean_metrics), where="this Checkpointer")
         objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
@@ -356,121 +311,44 @@ class Checkpointer:
             coordinator=self._coordinator,
             stage=self._staging.copy if self.async_save else None,
         )
+        self._take_lock(step)  # after the snapshot, so a refused value leaves the folder untouched
         if not self.async_save:
-            return self._write(snapshot)
-        self._staging.settle(set(snapshot.tensors) | set(snapshot.shards or ()))
+            committed = self._write(snapshot, bad_metrics)
+            warn_nonfinite(committed, stacklevel=2)
+            return committed.folder
+        self._staging.settle(snapshot.staged_keys())
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-        future = self._executor.submit(self._write, snapshot)
+        future = self._executor.submit(self._write, snapshot, bad_metrics)
         future.add_done_callback(_log_failure)
         self._pending = (step, future)
-        return self._location(step_name(step))
+        return self._store.public(step_name(step))
 
-    def _location(self, name: str) -> Path | str:
-        store = self._store
-        return store.root.join(name).url if isinstance(store, RemoteRun) else store.directory / name
-
-    def _write(self, snapshot: Snapshot) -> Path | str:
-        folder = self._commit(snapshot.step, snapshot)
-        logger.info("saved checkpoint %s", folder)
+    def _write(self, snapshot: Snapshot, bad_metrics: builtins.list[str]) -> Committed:
+        lock = self._lock
+        committed = commit(
+            snapshot,
+            store=self._store,
+            coordinator=self._coordinator,
+            durable=self.durable,
+            bad_metrics=bad_metrics,
+            before_publish=lock.refresh if lock is not None else _nothing,
+        )
+        logger.info("saved checkpoint %s", committed.folder)
         if self._coordinator.is_main:
-            self._prune(just_written=folder)
-        return folder
-
-    def _commit(self, step: int, snapshot: Snapshot) -> Path | str:
-        """Write every rank's files, then (rank 0) the manifest, and publish; collective."""
-        coordinator, store, name = self._coordinator, self._store, step_name(step)
-
-        def prepare() -> Path | None:
-            if coordinator.is_main:
-                return store.begin(name)
-            return None if store.shared else store.scratch()
-
-        tmp = coordinator.attempt(prepare, step=step, stage="prepare")
-        if store.shared:
-            tmp = coordinator.share(tmp)
-        assert tmp is not None
-        folder = tmp
-
-        def commit(everything: builtins.list[dict[str, Any]]) -> Path | str | None:
-            if not coordinator.is_main:
-                return None
-            files = {k: v for part in everything for k, v in part.items()}
-            return _public(self._finish(folder, name, snapshot, files))
-
-        try:
-            records = coordinator.attempt(
-                lambda: self._write_files(folder, name, snapshot), step=step, stage="write"
-            )
-            everything = coordinator.gather(records)
-            final = coordinator.attempt(lambda: commit(everything), step=step, stage="commit")
-        except BaseException:
-            if coordinator.is_main:
-                store.abandon(tmp, name)
-            elif not store.shared:
-                remove_tree(tmp)  # this rank's scratch copy
-            raise
-        if not coordinator.is_main and not store.shared:
-            remove_tree(tmp)
-        return final if final is not None else self._location(name)
-
-    def _write_files(self, tmp: Path, name: str, snapshot: Snapshot) -> dict[str, dict[str, Any]]:
-        """This rank's files in ``tmp``: DCP shards (every rank), tensors and state (rank 0)."""
-        coordinator = self._coordinator
-        records: dict[str, dict[str, Any]] = {}
-        if snapshot.shards is not None:
-            shards = tmp / SHARDS
-            save_shards(snapshot.shards, shards, coordinator)
-            mine = shard_files(shards, coordinator.rank)
-            records = {p.relative_to(tmp).as_posix(): file_record(p).entry() for p in mine}
-            if not coordinator.is_main:
-                self._store.upload_part(tmp, name, mine)
-        if coordinator.is_main:
-            # one pass: the digest is computed from memory while the file is written and fsynced
-            fd = os.open(tmp / TENSORS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                written = write_safetensors(
-                    fd, snapshot.tensors, {"format": "pt"}, digest=DIGEST, fsync=self.durable
-                )
-            finally:
-                os.close(fd)
-            write_json(tmp / STATE, snapshot.state, durable=self.durable)
-            records[TENSORS] = {"size": written.size, DIGEST: written.digest}
-            records[STATE] = file_record(tmp / STATE).entry()
-        return records
-
-    def _finish(self, tmp: Path, name: str, snapshot: Snapshot, files: dict[str, Any]) -> Location:
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "step": snapshot.step,
-            "epoch": snapshot.epoch,
-            "metrics": snapshot.metrics,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "world_size": self._coordinator.size,
-            "files": dict(sorted(files.items())),
-        }
-        write_json(tmp / MANIFEST, manifest, durable=self.durable)
-        return self._store.publish(tmp, name, durable=self.durable)
+            self._prune(just_written=snapshot.step)
+        return committed
 
     # -- retention ---------------------------------------------------------------------------------
 
-    def _prune(self, *, just_written: Path | str) -> None:
-        if self.keep_last is None and self.keep_best is None and self.keep_every is None:
+    def _prune(self, *, just_written: int) -> None:
+        if self._retention is None:
             return
-        entries = self._entries()  # from storage, so pruning after a resume sees every checkpoint
-        keep = {just_written}
-        valid = [e for e in entries if e.valid]
-        if self.keep_last is not None:
-            keep.update(e.path for e in valid[-self.keep_last :])
-        if self.keep_every is not None:
-            keep.update(e.path for e in entries if e.step % self.keep_every == 0)
-        ranked = self._ranked(valid)
-        keep.update(e.path for e in ranked[: self.keep_best or 1])
-        locations = dict(self._store.steps())
+        entries = self._reader.entries()  # from storage, so pruning after a resume sees every checkpoint
+        keep = self._retention.keep(entries) | {just_written}
         for entry in entries:
-            if entry.path not in keep:
-                self._store.remove(locations[entry.step])
+            if entry.step not in keep:
+                self._store.remove(entry.name)
                 if entry.valid:
                     logger.info("pruned %s", entry.name)
                 else:
@@ -525,31 +403,31 @@ class Checkpointer:
         store, coordinator = self._store, self._coordinator
         given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
         options = {"restore_rng": restore_rng, "strict": strict, "map_location": map_location}
+        reader = self._reader
         if path is not None:
-            candidates = [store.locate(path)]
+            candidates = [reader.name_of(path)]
         else:
-            candidates = [where for _, where in reversed(store.steps())]
+            candidates = [step_name(step) for step in reversed(reader.steps())]
         if coordinator.is_main:
             # verified and applied from the same local copy: a remote checkpoint is downloaded once
             skipped: dict[str, str] = {}
             for where in candidates:
-                with store.open(where) as folder:
+                with reader.open(where) as folder:
                     verdict = self._check(folder, where, skipped)
                     if verdict == "ok":
-                        coordinator.share(("ok", _public(where)))
+                        coordinator.share(("ok", where))
                         return self._apply(folder, where, given, options)
                     if isinstance(verdict, int):
                         coordinator.share(("newer", verdict))
-                        raise NewerFormatError(Path(str(_public(where))), verdict, FORMAT_VERSION)
+                        raise NewerFormatError(Path(str(store.public(where))), verdict, FORMAT_VERSION)
             choice: tuple[str, Any] = ("invalid", skipped) if candidates else ("none", None)
             coordinator.share(choice)
         else:
             choice = coordinator.share(None)
             kind, detail = choice
             if kind == "ok":
-                where = next(c for c in candidates if _public(c) == detail)
-                with store.open(where) as folder:
-                    return self._apply(folder, where, given, options)
+                with reader.open(detail) as folder:
+                    return self._apply(folder, detail, given, options)
             if kind == "newer":
                 raise NewerFormatError(Path(str(self.directory)), detail, FORMAT_VERSION)
         kind, detail = choice
@@ -558,21 +436,55 @@ class Checkpointer:
         return None
 
     def _apply(
-        self, folder: Path, where: Location, given: dict[str, Any], options: dict[str, Any]
+        self, folder: Path, name: str, given: dict[str, Any], options: dict[str, Any]
     ) -> CheckpointInfo:
         info = apply_checkpoint(folder, given, coordinator=self._coordinator, **options)
-        return dataclasses.replace(info, path=_public(where))
+        return dataclasses.replace(info, path=self._store.public(name))
 
-    def _check(self, folder: Path, where: Location, skipped: dict[str, str]) -> str | int:
+    def _check(self, folder: Path, name: str, skipped: dict[str, str]) -> str | int:
         """``"ok"``, ``"skip"`` (the reason goes to ``skipped``) or the newer format version found."""
         verdict = verify_folder(folder)
         reason = verdict.reason
         if verdict.ok:
-            manifest = verdict.manifest or {}
-            version = manifest.get("format_version")
-            if manifest.get("format") == FORMAT and isinstance(version, int):
-                return "ok" if version <= FORMAT_VERSION else version
-            reason = "manifest.json is not a torchkeep checkpoint manifest"
-        skipped[folder.name] = reason
-        logger.warning("skipping checkpoint %s: %s", where, reason)
+            version, reason = check_version(verdict.manifest)
+            if not reason:
+                return "ok"
+            if version is not None and version > FORMAT_VERSION:
+                return version
+        skipped[name] = reason
+        logger.warning("skipping checkpoint %s: %s", self._store.public(name), reason)
         return "skip"
+
+
+class _NoLock:
+    """What ranks other than 0 hold: rank 0 holds the run's lock for the job."""
+
+    def refresh(self) -> None:
+        """Nothing to renew."""
+
+    def release(self) -> None:
+        """Nothing to release."""
+
+
+_NO_LOCK = _NoLock()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _is_number(metrics: Mapping[str, Any] | None, key: str) -> bool:
+    """Whether the metric given was a number (so ``None`` from :func:`metric_value` means NaN/Inf)."""
+    value = (metrics or {}).get(key)
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) or type(value).__module__ == "numpy"
+
+
+def _policy_from(
+    options: dict[str, int | None], *, monitor: str | None, mode: str
+) -> retention.Policy | None:
+    for name, value in options.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return retention.from_options(**options, monitor=monitor, mode=mode)
