@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torchkeep.errors import CorruptFileError, ModelFileNotFoundError, Unsupport
 from torchkeep.run.layout import MANIFEST, SHARD_MODEL, SHARDS
 from torchkeep.run.reader import RunReader, is_run_folder
 from torchkeep.run.snapshot import model_weights
-from torchkeep.storage.base import scheme_of
+from torchkeep.storage.base import open_store
 from torchkeep.storage.manifest import verify_folder
 from torchkeep.storage.remote import StorageOptions, is_url
 from torchkeep.weights import StateDict, save_weights
@@ -85,22 +85,11 @@ def read_checkpoint_weights(folder: Path) -> StateDict:
     )
 
 
-@contextlib.contextmanager
-def _local_folder(checkpoint: str | os.PathLike[str], options: StorageOptions | None) -> Iterator[Path]:
-    """A local copy of a checkpoint folder; a run folder stands for its newest valid checkpoint."""
-    if not scheme_of(checkpoint if isinstance(checkpoint, str) else ""):
-        path = Path(checkpoint.removeprefix("file://") if isinstance(checkpoint, str) else checkpoint)
-        if not path.exists():
-            raise ModelFileNotFoundError(path)
-        yield path
-        return
-    url = str(checkpoint)
-    parent, _, name = url.rstrip("/").rpartition("/")
-    reader = RunReader(parent, storage_options=options)
-    if reader.store.sizes(name) is None:
-        raise ModelFileNotFoundError(url)
-    with reader.open(name) as folder:
-        yield folder
+def _local_folder(
+    checkpoint: str | os.PathLike[str], options: StorageOptions | None
+) -> contextlib.AbstractContextManager[Path]:
+    """The checkpoint folder itself (local), or a downloaded copy of it (a URL)."""
+    return open_store(checkpoint, options).fetch("", allow_folder=True)
 
 
 def consolidate(

@@ -10,7 +10,6 @@ optional background thread. Everything it reads goes through
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -18,19 +17,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful
 from torchkeep.distributed import Coordinator
-from torchkeep.errors import AsyncSaveError, MissingMetricError, NewerFormatError, NoValidCheckpointError
+from torchkeep.errors import AsyncSaveError, MissingMetricError
 from torchkeep.run import retention
 from torchkeep.run.commit import Committed, commit, warn_nonfinite
-from torchkeep.run.layout import FORMAT_VERSION, WRITER_LEASE, WRITER_LOCK, is_step, step_name
-from torchkeep.run.reader import CheckpointEntry, RunReader, check_version, metric_value
-from torchkeep.run.snapshot import Snapshot, apply_checkpoint, capture
-from torchkeep.storage.base import WriterLock, open_store
-from torchkeep.storage.manifest import verify_folder
+from torchkeep.run.layout import WRITER_LEASE, WRITER_LOCK, is_step, step_name
+from torchkeep.run.reader import CheckpointEntry, RunReader, is_number, metric_value
+from torchkeep.run.restore import restore_run
+from torchkeep.run.retention import from_options
+from torchkeep.run.snapshot import Snapshot, capture
+from torchkeep.storage.base import NO_LOCK, WriterLock, open_store
 from torchkeep.storage.remote import StorageOptions
 from torchkeep.storage.staging import StagingBuffers
 from torchkeep.weights import MapLocation
@@ -136,7 +135,7 @@ class Checkpointer:
         options = {"keep_last": keep_last, "keep_best": keep_best, "keep_every": keep_every}
         if retention is not None and any(v is not None for v in options.values()):
             raise ValueError("pass either retention= or keep_last/keep_best/keep_every, not both")
-        self._retention = retention or _policy_from(options, monitor=monitor, mode=mode)
+        self._retention = retention or from_options(**options, monitor=monitor, mode=mode)
         self._store = open_store(directory, storage_options)
         self._reader = RunReader(directory, store=self._store)
         self.directory: Path | str = self._reader.directory
@@ -152,7 +151,7 @@ class Checkpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Committed]] | None = None
         self._staging = StagingBuffers()
-        self._coordinator = Coordinator(enabled=distributed and not read_only)
+        self._coordinator = Coordinator(enabled=False if read_only else distributed)  # readers join no group
 
     # -- the writer lock ---------------------------------------------------------------------------
 
@@ -169,7 +168,7 @@ class Checkpointer:
             self._store.clean_leftovers(is_step)
             return lock
 
-        self._lock = self._coordinator.attempt(take, step=step, stage="lock") or _NO_LOCK
+        self._lock = self._coordinator.attempt(take, step=step, stage="lock") or NO_LOCK
 
     def _release_lock(self) -> None:
         lock, self._lock = self._lock, None
@@ -295,7 +294,9 @@ class Checkpointer:
         clean_metrics = {str(k): metric_value(v) for k, v in (metrics or {}).items()}
         monitor = self.monitor
         poisoned = (
-            monitor is not None and clean_metrics.get(monitor, 0.0) is None and _is_number(metrics, monitor)
+            monitor is not None
+            and clean_metrics.get(monitor, 0.0) is None
+            and is_number((metrics or {}).get(monitor))
         )
         bad_metrics = [str(monitor)] if poisoned else []
         if self.monitor is not None and metrics is not None and self.monitor not in clean_metrics:
@@ -332,7 +333,7 @@ class Checkpointer:
             coordinator=self._coordinator,
             durable=self.durable,
             bad_metrics=bad_metrics,
-            before_publish=lock.refresh if lock is not None else _nothing,
+            before_publish=(lock or NO_LOCK).refresh,
         )
         logger.info("saved checkpoint %s", committed.folder)
         if self._coordinator.is_main:
@@ -400,91 +401,7 @@ class Checkpointer:
             AsyncSaveError: a background save failed.
         """
         self.wait()
-        store, coordinator = self._store, self._coordinator
         given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
         options = {"restore_rng": restore_rng, "strict": strict, "map_location": map_location}
-        reader = self._reader
-        if path is not None:
-            candidates = [reader.name_of(path)]
-        else:
-            candidates = [step_name(step) for step in reversed(reader.steps())]
-        if coordinator.is_main:
-            # verified and applied from the same local copy: a remote checkpoint is downloaded once
-            skipped: dict[str, str] = {}
-            for where in candidates:
-                with reader.open(where) as folder:
-                    verdict = self._check(folder, where, skipped)
-                    if verdict == "ok":
-                        coordinator.share(("ok", where))
-                        return self._apply(folder, where, given, options)
-                    if isinstance(verdict, int):
-                        coordinator.share(("newer", verdict))
-                        raise NewerFormatError(Path(str(store.public(where))), verdict, FORMAT_VERSION)
-            choice: tuple[str, Any] = ("invalid", skipped) if candidates else ("none", None)
-            coordinator.share(choice)
-        else:
-            choice = coordinator.share(None)
-            kind, detail = choice
-            if kind == "ok":
-                with reader.open(detail) as folder:
-                    return self._apply(folder, detail, given, options)
-            if kind == "newer":
-                raise NewerFormatError(Path(str(self.directory)), detail, FORMAT_VERSION)
-        kind, detail = choice
-        if kind == "invalid":
-            raise NoValidCheckpointError(self.directory, detail)
-        return None
-
-    def _apply(
-        self, folder: Path, name: str, given: dict[str, Any], options: dict[str, Any]
-    ) -> CheckpointInfo:
-        info = apply_checkpoint(folder, given, coordinator=self._coordinator, **options)
-        return dataclasses.replace(info, path=self._store.public(name))
-
-    def _check(self, folder: Path, name: str, skipped: dict[str, str]) -> str | int:
-        """``"ok"``, ``"skip"`` (the reason goes to ``skipped``) or the newer format version found."""
-        verdict = verify_folder(folder)
-        reason = verdict.reason
-        if verdict.ok:
-            version, reason = check_version(verdict.manifest)
-            if not reason:
-                return "ok"
-            if version is not None and version > FORMAT_VERSION:
-                return version
-        skipped[name] = reason
-        logger.warning("skipping checkpoint %s: %s", self._store.public(name), reason)
-        return "skip"
-
-
-class _NoLock:
-    """What ranks other than 0 hold: rank 0 holds the run's lock for the job."""
-
-    def refresh(self) -> None:
-        """Nothing to renew."""
-
-    def release(self) -> None:
-        """Nothing to release."""
-
-
-_NO_LOCK = _NoLock()
-
-
-def _nothing() -> None:
-    return None
-
-
-def _is_number(metrics: Mapping[str, Any] | None, key: str) -> bool:
-    """Whether the metric given was a number (so ``None`` from :func:`metric_value` means NaN/Inf)."""
-    value = (metrics or {}).get(key)
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1
-    return isinstance(value, (int, float)) or type(value).__module__ == "numpy"
-
-
-def _policy_from(
-    options: dict[str, int | None], *, monitor: str | None, mode: str
-) -> retention.Policy | None:
-    for name, value in options.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return retention.from_options(**options, monitor=monitor, mode=mode)
+        where = None if path is None else os.fspath(path)
+        return restore_run(self._reader, self._coordinator, given, options, path=where)

@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointEntry",
     "RunReader",
     "check_version",
+    "is_number",
     "is_run_folder",
     "metric_value",
     "model_file",
@@ -58,6 +59,13 @@ def metric_value(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def is_number(value: Any) -> bool:
+    """Whether a metric given is a number (so ``None`` from :func:`metric_value` means NaN/Inf)."""
+    if hasattr(value, "numel") and hasattr(value, "item"):
+        return bool(value.numel() == 1)
+    return isinstance(value, (int, float)) or type(value).__module__ == "numpy"
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ def from_options(
 
     The best checkpoint by ``monitor`` is always kept once anything is pruned.
     """
+    for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     parts: list[Policy] = []
     if keep_last is not None:
         parts.append(KeepLast(keep_last))

@@ -28,9 +28,8 @@ from torch import nn
 from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
 from torchkeep.distributed import (
     Coordinator,
-    apply_sharded,
     is_sharded,
-    load_shards,
+    load_sharded,
     sharded_state,
     unwrap,
 )
@@ -41,7 +40,6 @@ from torchkeep.run.layout import (
     MODEL,
     MODEL_ALIASES,
     SHARD_MODEL,
-    SHARDS,
     STATE,
     STATE_TENSORS,
     V1_MODEL,
@@ -284,68 +282,6 @@ def model_weights(folder: Path) -> dict[str, torch.Tensor] | None:
     return model_state
 
 
-def _tensor_refs(data: Any, found: set[str]) -> set[str]:
-    if isinstance(data, list):
-        for value in data:
-            _tensor_refs(value, found)
-    elif isinstance(data, dict):
-        if data.get("__tk__") == "tensor":
-            found.add(data["v"])
-        else:
-            for value in data.values():
-                _tensor_refs(value, found)
-    return found
-
-
-def _load_sharded(
-    folder: Path,
-    state: dict[str, Any],
-    model: nn.Module | None,
-    optimizer: Stateful | None,
-    *,
-    strict: bool,
-    coordinator: Coordinator,
-) -> list[str]:
-    if model is None:
-        if optimizer is not None:
-            raise CheckpointMismatchError(
-                folder,
-                "optimizer",
-                "this checkpoint's optimizer state is keyed by the model's parameter names",
-                "pass model= too",
-            )
-        return []
-    saved_optim = state["parts"].get("optimizer")
-    if optimizer is not None and saved_optim is None:
-        raise CheckpointMismatchError(
-            folder, "optimizer", "the checkpoint holds no optimizer state", "restore without optimizer="
-        )
-    module = unwrap(model)
-    model_sd, optim_sd = sharded_state(module, optimizer)
-    template: dict[str, torch.Tensor] = {f"{SHARD_MODEL}{key}": value for key, value in model_sd.items()}
-    saved = {f"{SHARD_MODEL}{key}" for key in state["model"]}
-    if optimizer is not None and optim_sd is not None:
-        flatten(optim_sd, "optimizer", template)
-        saved |= _tensor_refs(saved_optim, set())
-    missing = sorted(set(template) - saved)
-    unexpected = sorted(
-        k for k in saved - set(template) if k.startswith(SHARD_MODEL) or optimizer is not None
-    )
-    if missing or (strict and unexpected):
-        raise CheckpointMismatchError(
-            folder,
-            "model",
-            f"missing from the checkpoint: {missing[:5]}; not in the model: {unexpected[:5]}",
-            "build the same model (and optimizer) as the run that saved it",
-        )
-    wanted = {key: template[key] for key in template if key in saved}
-    load_shards(wanted, folder / SHARDS, coordinator)
-    loaded_model = {key: template[f"{SHARD_MODEL}{key}"] for key in model_sd}
-    loaded_optim = unflatten(saved_optim, template) if optimizer is not None else None
-    apply_sharded(module, optimizer, loaded_model, loaded_optim, strict=strict)
-    return ["model"] + (["optimizer"] if optimizer is not None else [])
-
-
 def _restore_rngs(
     state: dict[str, Any], tensors: Mapping[str, torch.Tensor], coordinator: Coordinator
 ) -> None:
@@ -411,7 +347,7 @@ def apply_checkpoint(
                     f"the checkpoint holds no {name} state (it has: {', '.join(names)})",
                     f"restore without {name}=",
                 )
-        restored = _load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
+        restored = load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
         more, _ = apply_states(folder, parts, requested, strict=strict, available=sorted(names))
         restored += more
     else:

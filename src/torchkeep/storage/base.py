@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["BACKENDS", "Store", "WriterLock", "open_store", "register_backend", "scheme_of"]
+__all__ = ["BACKENDS", "NO_LOCK", "Store", "WriterLock", "open_store", "register_backend", "scheme_of"]
 
 
 class WriterLock(Protocol):
@@ -105,6 +105,18 @@ class Store(Protocol):
     def clean_leftovers(self, is_ours: Callable[[str], bool]) -> list[str]:
         """Delete what killed writers left (only the lock holder calls this); return what went."""
 
+
+class _NoLock:
+    """The lock of a process that does not hold one itself (ranks other than 0 of a job)."""
+
+    def refresh(self) -> None:
+        """Nothing to renew."""
+
+    def release(self) -> None:
+        """Nothing to release."""
+
+
+NO_LOCK: WriterLock = _NoLock()
 
 Backend = Callable[[str, Any], Store]
 BACKENDS: dict[str, Backend] = {}

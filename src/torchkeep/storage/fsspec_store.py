@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class Lease:
         if (self._read() or {}).get("owner") != self._me["owner"]:  # another writer won the race
             raise RunLockedError(directory, self._read() or {})
         self._held = True
+        # a Checkpointer dropped without close() gives its lease up when collected (or at exit)
+        self._finalizer = weakref.finalize(self, _release, where, str(self._me["owner"]))
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -101,12 +104,14 @@ class Lease:
 
     def release(self) -> None:
         """Delete the lease if it is still ours."""
-        if not self._held:
-            return
         self._held = False
-        with contextlib.suppress(Exception):  # best effort: a stale lease is taken over anyway
-            if (self._read() or {}).get("owner") == self._me["owner"]:
-                self._where.fs.rm_file(self._where.path)
+        self._finalizer()
+
+
+def _release(where: Remote, owner: str) -> None:
+    with contextlib.suppress(Exception):  # best effort: a stale lease is taken over anyway
+        if json.loads(where.fs.cat_file(where.path)).get("owner") == owner:
+            where.fs.rm_file(where.path)
 
 
 class FsspecStore:

@@ -125,11 +125,25 @@ def _write_all(fd: int, batch: list[memoryview]) -> None:
             batch = [batch[0][written:], *batch[1:]]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/Inf, without a temporary of its size.
+
+    ``min``/``max`` propagate NaN, and an infinity is an extreme: one reduction
+    pass, no allocation (``isfinite`` would make three full-size temporaries).
+    """
+    flat = t.reshape(-1)
+    try:
+        low, high = torch.aminmax(flat)
+    except (RuntimeError, NotImplementedError):  # dtypes without a reduction (float8): in slices
+        step = 1 << 20
+        parts = (flat[i : i + step] for i in range(0, flat.numel(), step))
+        return all(bool(part.float().isfinite().all()) for part in parts)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _nonfinite(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
-    # isfinite releases the GIL like the hashers, so it runs beside the writes
-    return [
-        name for name, t in tensors if t.is_floating_point() and t.numel() and not bool(t.isfinite().all())
-    ]
+    # the reductions release the GIL like the hashers, so they run beside the writes
+    return [name for name, t in tensors if t.is_floating_point() and t.numel() and not _finite(t)]
 
 
 class _Hasher:
