@@ -173,7 +173,10 @@ class RunReader:
             return None  # removed since the listing
         if MANIFEST not in sizes and not store.atomic_publish:
             return None  # an upload in progress (or a crashed one): not a checkpoint yet
-        verdict = self._verdict(name, sizes, checksums=checksums)
+        try:
+            verdict = self._verdict(name, sizes, checksums=checksums)
+        except FileNotFoundError as err:  # a file went between the listing and its read
+            verdict = Verdict(False, f"{err.filename} vanished while it was read")
         if not verdict.ok and store.sizes(name) is None:
             return None  # removed while it was read
         manifest = verdict.manifest or {}
