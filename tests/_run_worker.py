@@ -1,9 +1,11 @@
 """Child processes for the concurrency tests: a run's writer, its readers, a lock holder.
 
-python _run_worker.py write RUN STEPS WIDTH     save STEPS checkpoints; "ready" after the first
+python _run_worker.py write RUN STEPS WIDTH     save STEPS checkpoints; after the first, say
+                                                "ready" and wait for a line on stdin
 python _run_worker.py read RUN KIND COUNT DONE  KIND: ls | verify | best | reader; up to COUNT
-                                                times, stopping early once the file DONE exists
-python _run_worker.py hold RUN                  save once, say "holding", wait for stdin to close
+                                                times, stopping early once the file DONE
+                                                exists; says "started" after the first
+python _run_worker.py hold RUN                  save once, print its pid, wait for stdin to close
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def write(run: str, steps: int, width: int) -> None:
             ckpts.save(step, model=model, optimizer=optimizer, metrics={"loss": 1.0 / (step + 1)})
             if step == 0:
                 print("ready", flush=True)
+                sys.stdin.readline()  # the parent says "go" once every reader is reading
     print("done", flush=True)
 
 
@@ -71,6 +74,8 @@ def read(run: str, kind: str, count: int, done: str) -> None:
             ok, out = bool(entries) and all(e.valid for e in entries), str(entries)
         runs += 1
         overlapping += not finished
+        if runs == 1:
+            print("started", flush=True)
         if not ok:
             failures.append(out[-500:])
         if finished:

@@ -32,11 +32,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _spawn(*args: str, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
+def _spawn(
+    *args: str, env: dict[str, str], stdin: int | None = None, merge: bool = False
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, WORKER, *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
         stdin=stdin,
         text=True,
         env=env,
@@ -54,23 +56,27 @@ def _readers_never_disturb_the_writer(
     options: dict[str, str] | None = None,
 ) -> dict[str, int]:
     kinds = ("ls", "verify", "best", "reader")
-    writer = _spawn("write", run, str(steps), str(width), env=env)
+    writer = _spawn("write", run, str(steps), str(width), env=env, stdin=subprocess.PIPE)
     readers: list[subprocess.Popen[str]] = []
     try:
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
-        readers = [_spawn("read", run, kind, str(count), str(done), env=env) for kind in kinds]
-        out, err = writer.communicate(timeout=600)
+        readers = [_spawn("read", run, kind, str(count), str(done), env=env, merge=True) for kind in kinds]
+        for reader in readers:  # each has read once: the saves to come overlap their next reads
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "started"
+        out, err = writer.communicate("go\n", timeout=600)
         done.touch()
         assert writer.returncode == 0, err  # every save succeeded
         assert out.strip() == "done"
         overlapping = {}
         for kind, reader in zip(kinds, readers, strict=True):
-            out, err = reader.communicate(timeout=600)
-            assert reader.returncode == 0, err
+            assert reader.stdout is not None
+            out = reader.stdout.read()  # the rest of it, after the line read above
+            assert reader.wait(timeout=600) == 0, out
             result = json.loads(out.strip().splitlines()[-1])
             assert result["failures"] == [], result
-            assert result["runs"] >= 1
+            assert result["runs"] >= 2
             overlapping[kind] = result["overlapping"]
     finally:
         for process in (writer, *readers):
