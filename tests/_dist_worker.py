@@ -144,12 +144,12 @@ def _break_rank(fail_rank: int, rank: int, how: str) -> None:
     if rank != fail_rank:
         return
     if how == "snapshot":
-        import torchkeep.runstate
+        import torchkeep.run.snapshot
 
         def broken() -> dict[str, object]:
             raise RuntimeError("injected failure while taking the snapshot")
 
-        torchkeep.runstate.capture_rng_state = broken  # type: ignore[assignment]
+        torchkeep.run.snapshot.capture_rng_state = broken  # type: ignore[assignment]
     else:  # in the middle of DCP writing this rank's shard file
         import torch.distributed.checkpoint.filesystem as fs
 

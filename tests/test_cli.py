@@ -189,7 +189,7 @@ def test_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, out, _ = run_cli(["verify", str(run)], capsys)
     assert code == 0
     assert out.count("valid") == 3
-    tensors = run / "step-00000002" / "tensors.safetensors"
+    tensors = run / "step-00000002" / "model.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
     tensors.write_bytes(bytes(data))

@@ -171,12 +171,17 @@ def test_ddp_checkpoint_layout_and_restore_in_one_process(ddp_reference: tuple[P
     newest = run / "step-00000005"
     manifest = json.loads((newest / MANIFEST).read_text())
     assert manifest["world_size"] == 2
-    assert sorted(manifest["files"]) == ["state.json", "tensors.safetensors"]  # replicated: written once
+    assert sorted(manifest["files"]) == [  # replicated: written once
+        "model.safetensors",
+        "state.json",
+        "state.safetensors",
+    ]
     state = json.loads((newest / "state.json").read_text())
     assert sorted(state["world"]["rng"]) == ["1"]
-    tensors = load_file(str(newest / "tensors.safetensors"))
+    tensors = load_file(str(newest / "state.safetensors"))
     assert not torch.equal(tensors["rng/torch"], tensors["rng@1/torch"])  # each rank's own state
-    assert not any(key.startswith("model/module.") for key in tensors)  # the DDP wrapper is not saved
+    weights = load_file(str(newest / "model.safetensors"))
+    assert not any(key.startswith("module.") for key in weights)  # the DDP wrapper is not saved
 
     model = worker.make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
@@ -244,7 +249,7 @@ def test_a_failure_on_one_rank_commits_nothing(mode: str, how: str, tmp_path: Pa
         assert list(error["failed"]) == ["1"]
         assert "injected" in error["failed"]["1"]
         assert error["stage"] == how
-    assert sorted(p.name for p in run.iterdir()) == ["step-00000000", "step-00000001"]  # no leftovers
+    assert sorted(p.name for p in run.iterdir()) == [".writer.lock", "step-00000000", "step-00000001"]
     model = worker.make_model()
     with pytest.warns(torchkeep.RngRestoreWarning):
         info = torchkeep.Checkpointer(run).restore(model=model)

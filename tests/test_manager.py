@@ -84,7 +84,12 @@ def test_round_trip_of_every_part(tmp_path: Path) -> None:
         stopper=stopper,
     )
     assert folder.name == "step-00000003"
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "state.json", "tensors.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "state.json",
+        "state.safetensors",
+    ]
 
     model2, optimizer2, scheduler2 = make()
     counter2, stopper2 = Counter(), torchkeep.EarlyStopping("val_loss", patience=3)
@@ -107,8 +112,10 @@ def test_tensors_are_safetensors_and_the_rest_json(tmp_path: Path) -> None:
     model, optimizer, scheduler = make()
     train_step(model, optimizer, scheduler)
     folder = torchkeep.Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer)
-    tensors = load_file(str(folder / "tensors.safetensors"))
-    assert torch.equal(tensors["model/0.weight"], model[0].weight)
+    weights = load_file(str(folder / "model.safetensors"))  # the model's own names
+    assert weights.keys() == model.state_dict().keys()
+    assert torch.equal(weights["0.weight"], model[0].weight)
+    tensors = load_file(str(folder / "state.safetensors"))
     assert "optimizer/state/0/exp_avg" in tensors
     state = json.loads((folder / "state.json").read_text())
     assert state["parts"]["optimizer"]["param_groups"][0]["lr"] == 1e-2
@@ -138,7 +145,8 @@ def test_max_mode_and_checkpoints_without_the_metric(tmp_path: Path) -> None:
     ckpts.save(0, model=model, metrics={"acc": 0.5})
     ckpts.save(1, model=model)  # no metric: never "best", but the one just written stays
     ckpts.save(2, model=model, metrics={"acc": 0.9})
-    ckpts.save(3, model=model, metrics={"acc": float("nan")})
+    with pytest.warns(torchkeep.NonFiniteCheckpointWarning, match=r"metrics \['acc'\]"):
+        ckpts.save(3, model=model, metrics={"acc": float("nan")})  # flagged, kept, never best
     assert [e.step for e in ckpts.list()] == [0, 2, 3]
     assert ckpts.best == tmp_path / "step-00000002"
 
@@ -148,6 +156,7 @@ def test_pruning_after_a_resume_sees_the_checkpoints_on_disk(tmp_path: Path) -> 
     first = torchkeep.Checkpointer(tmp_path, keep_best=1, keep_last=1, monitor="loss")
     first.save(0, model=model, metrics={"loss": 0.1})
     first.save(1, model=model, metrics={"loss": 0.5})
+    first.close()  # gives the run's writer lock up, as the end of the process would
     second = torchkeep.Checkpointer(tmp_path, keep_best=1, keep_last=1, monitor="loss")  # a new process
     second.save(2, model=model, metrics={"loss": 0.7})
     second.save(3, model=model, metrics={"loss": 0.6})
@@ -160,7 +169,7 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     ckpts.save(5, model=model, metrics={"v": 1.0})
     ckpts.save(5, model=model, metrics={"v": 2.0})
     assert [(e.step, e.metrics) for e in ckpts.list()] == [(5, {"v": 2.0})]
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".writer.lock"] == ["step-00000005"]
 
 
 def test_leftovers_of_interrupted_saves_are_cleaned_or_recovered(tmp_path: Path) -> None:
@@ -168,22 +177,28 @@ def test_leftovers_of_interrupted_saves_are_cleaned_or_recovered(tmp_path: Path)
     ckpts = torchkeep.Checkpointer(tmp_path)
     good = ckpts.save(1, model=model)
     (tmp_path / ".step-00000002.tmp-dead").mkdir()
-    (tmp_path / ".step-00000002.tmp-dead" / "tensors.safetensors").write_bytes(b"partial")
+    (tmp_path / ".step-00000002.tmp-dead" / "model.safetensors").write_bytes(b"partial")
     good.rename(tmp_path / ".step-00000001.old-beef")  # killed between the two renames of a replace
-    torchkeep.Checkpointer(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
-    assert torchkeep.Checkpointer(tmp_path).latest == good
+    ckpts.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    reader = torchkeep.Checkpointer(tmp_path)
+    assert reader.latest is None  # reading changes nothing, leftovers included
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    writer = torchkeep.Checkpointer(tmp_path)
+    writer.save(3, model=model)  # the writer lock's holder cleans up what dead writers left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".writer.lock", "step-00000001", "step-00000003"]
+    assert reader.list()[0].path == good
 
 
 def corrupt_flip(folder: Path) -> None:
-    path = folder / "tensors.safetensors"
+    path = folder / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
 def corrupt_truncate(folder: Path) -> None:
-    path = folder / "tensors.safetensors"
+    path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
 
 
@@ -388,7 +403,7 @@ def test_manifests_with_sha256_digests_still_verify(tmp_path: Path, model: torch
         manifest["files"][name] = {"size": record.size, "sha256": record.digest}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert torchkeep.Checkpointer(tmp_path).list(verify=True)[0].valid
-    with (folder / "tensors.safetensors").open("r+b") as f:
+    with (folder / "model.safetensors").open("r+b") as f:
         f.seek(-1, 2)
         last = f.read(1)
         f.seek(-1, 2)

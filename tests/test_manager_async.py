@@ -14,6 +14,9 @@ from torch import nn
 
 import torchkeep
 from conftest import TiedNet
+from torchkeep.run import checkpointer
+from torchkeep.run.commit import Committed
+from torchkeep.run.snapshot import Snapshot
 from torchkeep.tutorial import TheModelClass
 
 
@@ -40,10 +43,11 @@ def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path) -> None:
     with torchkeep.Checkpointer(tmp_path / "async", async_save=True) as ckpts:
         pending = ckpts.save(3, model=model, optimizer=opt, scheduler=sched)
         assert ckpts.wait() == pending
-    a, b = load_file(str(sync / "tensors.safetensors")), load_file(str(pending / "tensors.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for name in ("model.safetensors", "state.safetensors"):
+        a, b = load_file(str(sync / name)), load_file(str(pending / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
     assert json.loads((sync / "state.json").read_text()) == json.loads((pending / "state.json").read_text())
 
 
@@ -92,14 +96,14 @@ def test_a_failure_in_the_background_is_raised_by_the_next_call(
     ckpts = torchkeep.Checkpointer(tmp_path, async_save=True, keep_last=2)
     ckpts.save(1, model=model)
     ckpts.wait()
-    real_commit = torchkeep.Checkpointer._commit
+    real_commit = checkpointer.commit
 
-    def failing_commit(self: torchkeep.Checkpointer, step: int, *args: Any, **kwargs: Any) -> Path:
-        if step == 2:
+    def failing_commit(snapshot: Snapshot, **kwargs: Any) -> Committed:
+        if snapshot.step == 2:
             raise OSError(28, "No space left on device")
-        return real_commit(self, step, *args, **kwargs)
+        return real_commit(snapshot, **kwargs)
 
-    monkeypatch.setattr(torchkeep.Checkpointer, "_commit", failing_commit)
+    monkeypatch.setattr(checkpointer, "commit", failing_commit)
     ckpts.save(2, model=model)  # returns: the failure happens in the background
     with pytest.raises(torchkeep.AsyncSaveError, match=r"step 2 failed: .*No space left") as info:
         ckpts.save(3, model=model)
@@ -121,14 +125,14 @@ def test_one_save_in_flight_at_most(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     model, _, _ = _setup()
     release = threading.Event()
     started: list[int] = []
-    real_commit = torchkeep.Checkpointer._commit
+    real_commit = checkpointer.commit
 
-    def slow_commit(self: torchkeep.Checkpointer, step: int, *args: Any, **kwargs: Any) -> Path:
-        started.append(step)
+    def slow_commit(snapshot: Snapshot, **kwargs: Any) -> Committed:
+        started.append(snapshot.step)
         release.wait(timeout=30)
-        return real_commit(self, step, *args, **kwargs)
+        return real_commit(snapshot, **kwargs)
 
-    monkeypatch.setattr(torchkeep.Checkpointer, "_commit", slow_commit)
+    monkeypatch.setattr(checkpointer, "commit", slow_commit)
     ckpts = torchkeep.Checkpointer(tmp_path, async_save=True)
     ckpts.save(1, model=model)
     second = threading.Thread(target=ckpts.save, args=(2,), kwargs={"model": model})
@@ -163,8 +167,8 @@ def test_gpu_state_is_staged_in_pinned_buffers(tmp_path: Path) -> None:
     ckpts = torchkeep.Checkpointer(tmp_path, async_save=True)
     ckpts.save(1, model=model, optimizer=opt)
     buffers = ckpts._staging._buffers
-    assert all(b.is_pinned() for k, b in buffers.items() if k.startswith("model/"))  # GPU tensors
-    assert not any(b.is_pinned() for k, b in buffers.items() if k.startswith("rng/"))  # CPU ones
+    assert all(b.is_pinned() for k, b in buffers.items() if k.startswith("model.safetensors:"))  # GPU
+    assert not any(b.is_pinned() for k, b in buffers.items() if k.startswith("state.safetensors:rng/"))  # CPU
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.fill_(3)

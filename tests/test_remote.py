@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 import torchkeep
+import torchkeep.storage.fsspec_store
+import torchkeep.storage.local
 from conftest import S3Server, assert_state_equal
 from torchkeep.storage.remote import Remote, resolve
 
@@ -32,11 +34,13 @@ class Store:
     options: dict[str, str] | None
 
     def files(self) -> list[str]:
-        """Every stored file under the run, relative, sorted."""
+        """Every stored file under the run, relative, sorted (the writer's lock or lease aside)."""
         location = resolve(self.url, self.options)
         if isinstance(location, Path):
-            return sorted(p.relative_to(location).as_posix() for p in location.rglob("*") if p.is_file())
-        return sorted(location.files())
+            found = [p.relative_to(location).as_posix() for p in location.rglob("*") if p.is_file()]
+        else:
+            found = list(location.files())
+        return sorted(name for name in found if name not in (".writer.lock", ".writer-lease.json"))
 
     def location(self, relative: str) -> Remote | Path:
         location = resolve(self.url, self.options)
@@ -88,8 +92,9 @@ def test_save_list_restore_round_trip(store: Store) -> None:
     assert saved == _expected_path(store, "step-00000003")
     assert store.files() == [
         "step-00000003/manifest.json",
+        "step-00000003/model.safetensors",
         "step-00000003/state.json",
-        "step-00000003/tensors.safetensors",
+        "step-00000003/state.safetensors",
     ]
     [entry] = ckpts.list(verify=True)
     assert entry.valid
@@ -153,8 +158,8 @@ def test_a_save_that_dies_before_its_manifest_is_absent(
     ckpts.save(1, model=model)
     # die right before the commit, leaving whatever the save had written (no cleanup runs in a crash)
     died = RuntimeError("killed")
-    monkeypatch.setattr(torchkeep.storage.runstore.LocalRun, "abandon", lambda *a: None)
-    monkeypatch.setattr(torchkeep.storage.runstore.RemoteRun, "abandon", lambda *a: None)
+    monkeypatch.setattr(torchkeep.storage.local.LocalStore, "abandon", lambda *a: None)
+    monkeypatch.setattr(torchkeep.storage.fsspec_store.FsspecStore, "abandon", lambda *a: None)
     real_upload = Remote.upload
 
     def upload(self: Remote, local: Path) -> None:
@@ -164,14 +169,14 @@ def test_a_save_that_dies_before_its_manifest_is_absent(
 
     monkeypatch.setattr(Remote, "upload", upload)
     if store.kind == "file":
-        real_rename = torchkeep.storage.runstore.os.rename
+        real_rename = torchkeep.storage.local.os.rename
 
         def rename(src: Any, dst: Any) -> None:
             if Path(dst).name == "step-00000002":
                 raise died
             real_rename(src, dst)
 
-        monkeypatch.setattr(torchkeep.storage.runstore.os, "rename", rename)
+        monkeypatch.setattr(torchkeep.storage.local.os, "rename", rename)
     with pytest.raises(RuntimeError, match="killed"):
         ckpts.save(2, model=model)
     monkeypatch.undo()
@@ -185,7 +190,10 @@ def test_a_save_that_dies_before_its_manifest_is_absent(
     info = ckpts.restore(model=restored, restore_rng=False)
     assert info is not None
     assert info.step == 1
-    _checkpointer(store)  # ... and the next Checkpointer on the run removes it
+    _checkpointer(store, read_only=True).list()  # ... a reader leaves it alone ...
+    assert [name for name in store.files() if "step-00000002" in name] == leftovers
+    ckpts.close()
+    _checkpointer(store).save(3, model=model)  # ... and the next writer, holding the lock, removes it
     assert not [name for name in store.files() if "step-00000002" in name]
 
 
@@ -194,7 +202,7 @@ def test_a_corrupted_object_fails_verification_and_restore_falls_back(store: Sto
     ckpts = _checkpointer(store)
     ckpts.save(1, model=model)
     ckpts.save(2, model=model)
-    target = store.location("step-00000002/tensors.safetensors")
+    target = store.location("step-00000002/model.safetensors")
     if isinstance(target, Path):
         data = bytearray(target.read_bytes())
         data[-1] ^= 0xFF
@@ -277,4 +285,9 @@ def test_a_remote_restore_downloads_the_checkpoint_once(
     monkeypatch.setattr(Remote, "download", download)
     info = ckpts.restore(model=_setup()[0], restore_rng=False)
     assert info is not None
-    assert sorted(fetched) == ["manifest.json", "state.json", "tensors.safetensors"]  # verified and read once
+    assert sorted(fetched) == [  # verified and read once
+        "manifest.json",
+        "model.safetensors",
+        "state.json",
+        "state.safetensors",
+    ]

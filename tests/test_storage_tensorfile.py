@@ -145,3 +145,25 @@ def test_loading_straight_to_another_dtype(tmp_path: Path, suffix: str, mmap: bo
     assert loaded["out.weight"] is loaded["embed.weight"]  # still tied
     assert loaded["steps"].dtype == torch.int64
     assert loaded["mask"].dtype == torch.bool
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_writer_names_non_finite_tensors_as_it_hashes(
+    tmp_path: Path, dtype: torch.dtype, bad: float
+) -> None:
+    tensors = {
+        "clean": torch.ones(1000, dtype=dtype),
+        "bad": torch.zeros(4096, dtype=dtype),
+        "ids": torch.arange(3),
+    }
+    tensors["bad"][4000] = bad
+    fd = os.open(tmp_path / "t.safetensors", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        result = write_safetensors(fd, tensors, digest="xxh3_128", check_finite=True)
+    finally:
+        os.close(fd)
+    assert result.nonfinite == ["bad"]
+    assert result.digest == file_record(tmp_path / "t.safetensors").digest

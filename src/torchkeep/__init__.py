@@ -16,9 +16,12 @@ from torchkeep.data import ResumableSampler
 from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.errors import (
     AsyncSaveError,
+    CheckpointError,
     CheckpointMismatchError,
     CorruptFileError,
+    DistributedError,
     DistributedSaveError,
+    DoesNotFitError,
     ExportError,
     InvalidMetadataError,
     KeyMismatchError,
@@ -29,30 +32,35 @@ from torchkeep.errors import (
     ModelFileNotFoundError,
     NewerFormatError,
     NoMatchError,
+    NonFiniteCheckpointWarning,
     NotAModelError,
     NotAStateDictError,
     NoValidCheckpointError,
     PathIsDirectoryError,
     RngRestoreWarning,
+    RunLockedError,
     ShapeMismatch,
     TorchkeepError,
     TorchkeepWarning,
     UnknownFormatError,
     UnknownProtocolError,
+    UnreadableFileError,
+    UnsafeError,
     UnsafeFileError,
     UnserializableValueError,
     UnsupportedDtypeError,
     UnsupportedFormatError,
     UnsupportedSuffixError,
     UntrustedFileError,
+    UsageError,
     WeightsUnavailableError,
 )
 from torchkeep.formats import FileFormat, detect_format
 from torchkeep.heads import head_names, preprocessing, pretrained, replace_head
 from torchkeep.loading import LoadReport, load_into
-from torchkeep.manager import CheckpointEntry, Checkpointer
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
+from torchkeep.run import CheckpointEntry, Checkpointer
 from torchkeep.safety import Limits, ScanResult, scan
 from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
@@ -64,11 +72,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncSaveError",
     "CheckpointEntry",
+    "CheckpointError",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "Checkpointer",
     "CorruptFileError",
+    "DistributedError",
     "DistributedSaveError",
+    "DoesNotFitError",
     "EarlyStopping",
     "ExportError",
     "FileFormat",
@@ -85,11 +96,13 @@ __all__ = [
     "NewerFormatError",
     "NoMatchError",
     "NoValidCheckpointError",
+    "NonFiniteCheckpointWarning",
     "NotAModelError",
     "NotAStateDictError",
     "PathIsDirectoryError",
     "ResumableSampler",
     "RngRestoreWarning",
+    "RunLockedError",
     "ScanResult",
     "ShapeMismatch",
     "Stateful",
@@ -100,12 +113,15 @@ __all__ = [
     "TorchkeepWarning",
     "UnknownFormatError",
     "UnknownProtocolError",
+    "UnreadableFileError",
+    "UnsafeError",
     "UnsafeFileError",
     "UnserializableValueError",
     "UnsupportedDtypeError",
     "UnsupportedFormatError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
+    "UsageError",
     "WeightsDiff",
     "WeightsUnavailableError",
     "__version__",

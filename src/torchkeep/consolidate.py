@@ -12,23 +12,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from torchkeep.distributed import SHARDS, check_shard_metadata, load_shards
+from torchkeep.distributed import check_shard_metadata, load_shards
 from torchkeep.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedFormatError
-from torchkeep.runstate import TENSORS, read_state
-from torchkeep.storage.manifest import MANIFEST, verify_folder
-from torchkeep.storage.remote import Remote, StorageOptions, is_url, resolve, scratch_dir
-from torchkeep.weights import StateDict, load_weights, save_weights
+from torchkeep.run.layout import MANIFEST, SHARD_MODEL, SHARDS
+from torchkeep.run.reader import RunReader, is_run_folder
+from torchkeep.run.snapshot import model_weights
+from torchkeep.storage.base import open_store
+from torchkeep.storage.manifest import verify_folder
+from torchkeep.storage.remote import StorageOptions, is_url
+from torchkeep.weights import StateDict, save_weights
 
-__all__ = ["consolidate", "read_checkpoint_weights"]
+__all__ = ["consolidate", "is_checkpoint_folder", "read_checkpoint_weights"]
 
 logger = logging.getLogger(__name__)
 
-_MODEL = "model/"
 _DCP_METADATA = ".metadata"
 
 
@@ -49,28 +51,33 @@ def _dcp_weights(folder: Path, *, prefixes: tuple[str, ...]) -> StateDict:
     return {key[len(prefix) :]: value for key, value in tensors.items()}
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder, a run folder, or a DCP folder (weights inside)."""
+    return (path / MANIFEST).is_file() or (path / _DCP_METADATA).is_file() or is_run_folder(path)
+
+
 def read_checkpoint_weights(folder: Path) -> StateDict:
-    """The model's full tensors from a checkpoint folder (Checkpointer, sharded or not, or plain DCP).
+    """The model's full tensors from a checkpoint folder (Checkpointer, sharded or not, or plain DCP);
+    a run folder stands for its newest valid checkpoint.
 
     Raises:
         CorruptFileError: the folder fails its manifest.
         UnsafeFileError: DCP metadata that would run code.
         UnsupportedFormatError: not a checkpoint folder.
     """
+    if not (folder / MANIFEST).is_file() and is_run_folder(folder):
+        latest = RunReader(folder).latest()
+        if latest is None:
+            raise ModelFileNotFoundError(folder)
+        folder = Path(latest)
     if (folder / MANIFEST).is_file():
         verdict = verify_folder(folder)
         if not verdict.ok:
             raise CorruptFileError(folder, verdict.reason)
-    if (folder / SHARDS / _DCP_METADATA).is_file() and (folder / TENSORS).is_file():
-        return _dcp_weights(folder / SHARDS, prefixes=(_MODEL,))
-    if (folder / TENSORS).is_file():
-        state = read_state(folder)
-        tensors = load_weights(folder / TENSORS)
-        for alias, canonical in state["aliases"].items():
-            tensors[alias] = tensors[canonical]
-        return {key: tensors[f"{_MODEL}{key}"] for key in state["model"]}
+        weights = model_weights(folder)
+        return weights if weights is not None else _dcp_weights(folder / SHARDS, prefixes=(SHARD_MODEL,))
     if (folder / _DCP_METADATA).is_file():  # a DCP folder of another tool: its model's tensors, or all
-        return _dcp_weights(folder, prefixes=(_MODEL, "model.", "app.model.", ""))
+        return _dcp_weights(folder, prefixes=(SHARD_MODEL, "model.", "app.model.", ""))
     raise UnsupportedFormatError(
         folder,
         "a folder that is neither a torchkeep checkpoint nor a torch.distributed.checkpoint folder",
@@ -78,19 +85,11 @@ def read_checkpoint_weights(folder: Path) -> StateDict:
     )
 
 
-@contextlib.contextmanager
-def _local_folder(location: Path | Remote) -> Iterator[Path]:
-    if isinstance(location, Path):
-        if not location.exists():
-            raise ModelFileNotFoundError(location)
-        yield location
-        return
-    if not location.files():
-        raise ModelFileNotFoundError(location.url)
-    with scratch_dir() as scratch:
-        local = scratch / location.name
-        location.download_tree(local)
-        yield local
+def _local_folder(
+    checkpoint: str | os.PathLike[str], options: StorageOptions | None
+) -> contextlib.AbstractContextManager[Path]:
+    """The checkpoint folder itself (local), or a downloaded copy of it (a URL)."""
+    return open_store(checkpoint, options).fetch("", allow_folder=True)
 
 
 def consolidate(
@@ -105,7 +104,8 @@ def consolidate(
 
     Args:
         checkpoint (str | PathLike): a checkpoint folder written by
-            :class:`~torchkeep.Checkpointer` (by any number of ranks), or a
+            :class:`~torchkeep.Checkpointer` (by any number of ranks; a run
+            folder stands for its newest valid checkpoint), or a
             ``torch.distributed.checkpoint`` folder; a URL works too.
         out (str | PathLike): the file to write; ``.safetensors`` or
             ``.pt``/``.pth``/``.bin`` by suffix (a URL works too).
@@ -125,8 +125,7 @@ def consolidate(
     Example:
         >>> torchkeep.consolidate("runs/exp1/step-00000120", "model.safetensors")
     """
-    source = resolve(checkpoint, storage_options if is_url(checkpoint) else None)
-    with _local_folder(source) as folder:
+    with _local_folder(checkpoint, storage_options if is_url(checkpoint) else None) as folder:
         state = read_checkpoint_weights(folder)
     options = storage_options if is_url(out) else None
     written = save_weights(state, out, dtype=dtype, metadata=metadata, storage_options=options)

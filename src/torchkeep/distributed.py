@@ -33,10 +33,10 @@ from torch import nn
 from torchkeep.errors import CheckpointMismatchError, DistributedSaveError, UnsafeFileError, first_line
 
 __all__ = [
-    "SHARDS",
     "Coordinator",
     "check_shard_metadata",
     "is_sharded",
+    "load_sharded",
     "load_shards",
     "save_shards",
     "shard_files",
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SHARDS = "shards"  # the DCP folder inside a checkpoint folder
 _METADATA = ".metadata"
 _DTYPE = re.compile(r"^torch\.[a-z0-9_]+$")
 _DCP_GLOBALS = frozenset(
@@ -325,3 +324,76 @@ def load_shards(
             process_group=coordinator.group if active and coordinator else None,
             no_dist=not active,
         )
+
+
+def _tensor_refs(data: Any, found: set[str]) -> set[str]:
+    if isinstance(data, list):
+        for value in data:
+            _tensor_refs(value, found)
+    elif isinstance(data, dict):
+        if data.get("__tk__") == "tensor":
+            found.add(data["v"])
+        else:
+            for value in data.values():
+                _tensor_refs(value, found)
+    return found
+
+
+def load_sharded(
+    folder: Path,
+    state: dict[str, Any],
+    model: nn.Module | None,
+    optimizer: Any | None,
+    *,
+    strict: bool,
+    coordinator: Coordinator,
+) -> list[str]:
+    """Put a sharded checkpoint's model and optimizer state (``shards/``) into ``model`` / ``optimizer``.
+
+    ``state`` is the checkpoint's ``state.json``; the shards are resharded to this job. Returns
+    the names restored.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint does not fit the model (and optimizer).
+    """
+    from torchkeep.run.layout import SHARD_MODEL, SHARDS  # the run package imports this module
+    from torchkeep.serialize import flatten, unflatten
+
+    if model is None:
+        if optimizer is not None:
+            raise CheckpointMismatchError(
+                folder,
+                "optimizer",
+                "this checkpoint's optimizer state is keyed by the model's parameter names",
+                "pass model= too",
+            )
+        return []
+    saved_optim = state["parts"].get("optimizer")
+    if optimizer is not None and saved_optim is None:
+        raise CheckpointMismatchError(
+            folder, "optimizer", "the checkpoint holds no optimizer state", "restore without optimizer="
+        )
+    module = unwrap(model)
+    model_sd, optim_sd = sharded_state(module, optimizer)
+    template: dict[str, torch.Tensor] = {f"{SHARD_MODEL}{key}": value for key, value in model_sd.items()}
+    saved = {f"{SHARD_MODEL}{key}" for key in state["model"]}
+    if optimizer is not None and optim_sd is not None:
+        flatten(optim_sd, "optimizer", template)
+        saved |= _tensor_refs(saved_optim, set())
+    missing = sorted(set(template) - saved)
+    unexpected = sorted(
+        k for k in saved - set(template) if k.startswith(SHARD_MODEL) or optimizer is not None
+    )
+    if missing or (strict and unexpected):
+        raise CheckpointMismatchError(
+            folder,
+            "model",
+            f"missing from the checkpoint: {missing[:5]}; not in the model: {unexpected[:5]}",
+            "build the same model (and optimizer) as the run that saved it",
+        )
+    wanted = {key: template[key] for key in template if key in saved}
+    load_shards(wanted, folder / SHARDS, coordinator)
+    loaded_model = {key: template[f"{SHARD_MODEL}{key}"] for key in model_sd}
+    loaded_optim = unflatten(saved_optim, template) if optimizer is not None else None
+    apply_sharded(module, optimizer, loaded_model, loaded_optim, strict=strict)
+    return ["model"] + (["optimizer"] if optimizer is not None else [])

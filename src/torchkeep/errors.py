@@ -5,36 +5,43 @@ already catch, carries its facts as attributes, and says in its message what
 went wrong and what to do next::
 
     TorchkeepError
-    ├── ModelFileNotFoundError      (FileNotFoundError)
-    ├── PathIsDirectoryError        (IsADirectoryError)
-    ├── CorruptFileError            (ValueError)
-    ├── UnsupportedFormatError      (ValueError)
-    │   └── UnknownFormatError
-    ├── LimitExceededError          (ValueError)
-    ├── UnsupportedSuffixError      (ValueError)
-    ├── UnsupportedDtypeError       (TypeError)
-    ├── InvalidMetadataError        (TypeError)
-    ├── NotAStateDictError          (TypeError)
-    ├── NotAModelError              (TypeError)
-    ├── UnserializableValueError    (TypeError)
-    ├── MissingClassError           (ImportError)
-    ├── MissingExtraError           (ImportError)
-    ├── UnknownProtocolError        (ValueError)
-    ├── WeightsUnavailableError     (FileNotFoundError)
-    ├── KeyMismatchError            (RuntimeError)
-    ├── CheckpointMismatchError     (ValueError)
-    ├── NewerFormatError            (ValueError)
-    ├── NoValidCheckpointError      (FileNotFoundError)
-    ├── AsyncSaveError              (RuntimeError)
-    ├── DistributedSaveError        (RuntimeError)
-    ├── MissingMetricError          (KeyError)
-    ├── NoMatchError                (ValueError)
-    ├── ExportError                 (RuntimeError)
-    └── UnsafeFileError             (pickle.UnpicklingError)
-        (also importable as UntrustedFileError)
+    ├── UnreadableFileError              the file cannot be used as asked
+    │   ├── ModelFileNotFoundError       (FileNotFoundError)
+    │   ├── PathIsDirectoryError         (IsADirectoryError)
+    │   ├── WeightsUnavailableError      (FileNotFoundError)
+    │   ├── CorruptFileError             (ValueError)
+    │   ├── UnsupportedFormatError       (ValueError)
+    │   │   └── UnknownFormatError
+    │   ├── UnsupportedDtypeError        (TypeError)
+    │   ├── NotAStateDictError           (TypeError)
+    │   ├── NotAModelError               (TypeError)
+    │   └── MissingClassError            (ImportError)
+    ├── UnsafeError                      loading it would run code or exceed the limits
+    │   ├── UnsafeFileError              (pickle.UnpicklingError; also UntrustedFileError)
+    │   └── LimitExceededError           (ValueError)
+    ├── DoesNotFitError                  it does not fit the model / objects given
+    │   ├── KeyMismatchError             (RuntimeError)
+    │   ├── CheckpointMismatchError      (ValueError)
+    │   └── NoMatchError                 (ValueError)
+    ├── CheckpointError                  a checkpoint run's problem
+    │   ├── NoValidCheckpointError       (FileNotFoundError)
+    │   ├── NewerFormatError             (ValueError)
+    │   ├── AsyncSaveError               (RuntimeError)
+    │   ├── RunLockedError               (BlockingIOError)
+    │   └── MissingMetricError           (KeyError)
+    ├── DistributedError                 a rank of a distributed job failed
+    │   └── DistributedSaveError         (RuntimeError)
+    └── UsageError                       an argument or environment torchkeep cannot use
+        ├── UnsupportedSuffixError       (ValueError)
+        ├── InvalidMetadataError         (TypeError)
+        ├── UnserializableValueError     (TypeError)
+        ├── MissingExtraError            (ImportError)
+        ├── UnknownProtocolError         (ValueError)
+        └── ExportError                  (RuntimeError)
 
     TorchkeepWarning                (UserWarning)
-    └── RngRestoreWarning
+    ├── RngRestoreWarning
+    └── NonFiniteCheckpointWarning
 """
 
 from __future__ import annotations
@@ -46,9 +53,12 @@ from pathlib import Path
 
 __all__ = [
     "AsyncSaveError",
+    "CheckpointError",
     "CheckpointMismatchError",
     "CorruptFileError",
+    "DistributedError",
     "DistributedSaveError",
+    "DoesNotFitError",
     "ExportError",
     "InvalidMetadataError",
     "KeyMismatchError",
@@ -60,21 +70,26 @@ __all__ = [
     "NewerFormatError",
     "NoMatchError",
     "NoValidCheckpointError",
+    "NonFiniteCheckpointWarning",
     "NotAModelError",
     "NotAStateDictError",
     "PathIsDirectoryError",
     "RngRestoreWarning",
+    "RunLockedError",
     "ShapeMismatch",
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",
     "UnknownProtocolError",
+    "UnreadableFileError",
+    "UnsafeError",
     "UnsafeFileError",
     "UnserializableValueError",
     "UnsupportedDtypeError",
     "UnsupportedFormatError",
     "UnsupportedSuffixError",
     "UntrustedFileError",
+    "UsageError",
     "WeightsUnavailableError",
     "first_line",
 ]
@@ -106,7 +121,41 @@ class TorchkeepError(Exception):
     """
 
 
-class ModelFileNotFoundError(TorchkeepError, FileNotFoundError):
+class UnreadableFileError(TorchkeepError):
+    """Group: a file (or folder) could not be read as what was asked for: missing, damaged,
+    of an unknown format, or holding something else.
+
+    Example:
+        >>> try:
+        ...     torchkeep.load_weights(path)
+        ... except torchkeep.UnreadableFileError as err:  # any reason the file cannot be used
+        ...     print(err)
+    """
+
+
+class UnsafeError(TorchkeepError):
+    """Group: a file would run code, or asks for more than the limits allow; nothing was loaded."""
+
+
+class DoesNotFitError(TorchkeepError):
+    """Group: the file is fine but does not fit the model or objects given (keys, shapes, parts)."""
+
+
+class CheckpointError(TorchkeepError):
+    """Group: a problem of a checkpoint run: none valid, a newer format, a failed background
+    save, another writer holding the run, a missing metric."""
+
+
+class DistributedError(TorchkeepError):
+    """Group: a rank of a ``torch.distributed`` job failed; every rank raises it."""
+
+
+class UsageError(TorchkeepError):
+    """Group: an argument or an environment torchkeep cannot work with (a suffix, metadata,
+    a value that needs pickle, a missing extra, an unknown URL protocol, an export failure)."""
+
+
+class ModelFileNotFoundError(UnreadableFileError, FileNotFoundError):
     """The path to read does not exist.
 
     Attributes:
@@ -125,7 +174,7 @@ class ModelFileNotFoundError(TorchkeepError, FileNotFoundError):
         super().__init__(f"{path}: no such file.{hint} Check the path and the working directory.")
 
 
-class PathIsDirectoryError(TorchkeepError, IsADirectoryError):
+class PathIsDirectoryError(UnreadableFileError, IsADirectoryError):
     """A directory was given where a file was expected.
 
     Attributes:
@@ -140,7 +189,7 @@ class PathIsDirectoryError(TorchkeepError, IsADirectoryError):
         )
 
 
-class CorruptFileError(TorchkeepError, ValueError):
+class CorruptFileError(UnreadableFileError, ValueError):
     """The file has a known format but its content is damaged or incomplete.
 
     Attributes:
@@ -172,7 +221,7 @@ def _where(member: str | None, offset: int | None) -> str:
     return f" (at {', '.join(parts)})" if parts else ""
 
 
-class UnsupportedFormatError(TorchkeepError, ValueError):
+class UnsupportedFormatError(UnreadableFileError, ValueError):
     """The file is in a format torchkeep recognises but will not read safely.
 
     Attributes:
@@ -207,7 +256,7 @@ class UnknownFormatError(UnsupportedFormatError):
         Exception.__init__(self, f"{path} is not a model file (it looks like {detected}). {remedy}")
 
 
-class LimitExceededError(TorchkeepError, ValueError):
+class LimitExceededError(UnsafeError, ValueError):
     """A file asks for more than the reading limits allow (checked before allocating).
 
     Attributes:
@@ -232,7 +281,7 @@ class LimitExceededError(TorchkeepError, ValueError):
         )
 
 
-class UnsupportedSuffixError(TorchkeepError, ValueError):
+class UnsupportedSuffixError(UsageError, ValueError):
     """The file name's suffix does not say which format to write.
 
     Attributes:
@@ -253,7 +302,7 @@ class UnsupportedSuffixError(TorchkeepError, ValueError):
         )
 
 
-class UnsupportedDtypeError(TorchkeepError, TypeError):
+class UnsupportedDtypeError(UnreadableFileError, TypeError):
     """A tensor's dtype cannot be stored in the chosen format.
 
     Attributes:
@@ -271,7 +320,7 @@ class UnsupportedDtypeError(TorchkeepError, TypeError):
         )
 
 
-class InvalidMetadataError(TorchkeepError, TypeError):
+class InvalidMetadataError(UsageError, TypeError):
     """Metadata passed to a save is not a mapping of strings to strings.
 
     Attributes:
@@ -286,7 +335,7 @@ class InvalidMetadataError(TorchkeepError, TypeError):
         )
 
 
-class NotAStateDictError(TorchkeepError, TypeError):
+class NotAStateDictError(UnreadableFileError, TypeError):
     """The file holds something other than a state dict of tensors.
 
     Attributes:
@@ -310,7 +359,7 @@ class NotAStateDictError(TorchkeepError, TypeError):
         super().__init__(f"{where} {found}, not a state dict (a dict of str to Tensor); {hint}.")
 
 
-class NotAModelError(TorchkeepError, TypeError):
+class NotAModelError(UnreadableFileError, TypeError):
     """The file does not hold a whole model.
 
     Attributes:
@@ -325,7 +374,7 @@ class NotAModelError(TorchkeepError, TypeError):
         super().__init__(f"{path} holds {found}, not a whole model; {fix}.")
 
 
-class MissingClassError(TorchkeepError, ImportError):
+class MissingClassError(UnreadableFileError, ImportError):
     """A trusted pickle names a class or function that cannot be imported here.
 
     Attributes:
@@ -343,7 +392,7 @@ class MissingClassError(TorchkeepError, ImportError):
         )
 
 
-class MissingExtraError(TorchkeepError, ImportError):
+class MissingExtraError(UsageError, ImportError):
     """An optional dependency is not installed.
 
     Attributes:
@@ -357,7 +406,7 @@ class MissingExtraError(TorchkeepError, ImportError):
         super().__init__(f"this needs {package}, which is not installed; pip install 'torchkeep[{extra}]'")
 
 
-class UnknownProtocolError(TorchkeepError, ValueError):
+class UnknownProtocolError(UsageError, ValueError):
     """A URL whose protocol fsspec does not know (a typo, or a driver it has never heard of).
 
     Attributes:
@@ -375,7 +424,7 @@ class UnknownProtocolError(TorchkeepError, ValueError):
         )
 
 
-class WeightsUnavailableError(TorchkeepError, FileNotFoundError):
+class WeightsUnavailableError(UnreadableFileError, FileNotFoundError):
     """Pretrained weights are neither in the cache nor downloadable (e.g. offline).
 
     Attributes:
@@ -393,7 +442,7 @@ class WeightsUnavailableError(TorchkeepError, FileNotFoundError):
         )
 
 
-class UnserializableValueError(TorchkeepError, TypeError):
+class UnserializableValueError(UsageError, TypeError):
     """A checkpoint value has a type that a safe loader could not read back.
 
     Attributes:
@@ -430,7 +479,7 @@ class ShapeMismatch:
         return f"size mismatch for {self.key}: file {list(self.file_shape)}, model {list(self.model_shape)}"
 
 
-class KeyMismatchError(TorchkeepError, RuntimeError):
+class KeyMismatchError(DoesNotFitError, RuntimeError):
     """A state dict does not fit the model it is loaded into.
 
     Attributes:
@@ -476,7 +525,7 @@ class KeyMismatchError(TorchkeepError, RuntimeError):
         super().__init__("\n".join(lines))
 
 
-class CheckpointMismatchError(TorchkeepError, ValueError):
+class CheckpointMismatchError(DoesNotFitError, ValueError):
     """A checkpoint's content does not fit the objects passed to restore it.
 
     Attributes:
@@ -490,7 +539,7 @@ class CheckpointMismatchError(TorchkeepError, ValueError):
         super().__init__(f"{path}: the {part} does not fit: {reason}; {fix}.")
 
 
-class NewerFormatError(TorchkeepError, ValueError):
+class NewerFormatError(CheckpointError, ValueError):
     """A checkpoint was written by a newer torchkeep, in a format this version does not know.
 
     Attributes:
@@ -509,7 +558,7 @@ class NewerFormatError(TorchkeepError, ValueError):
         )
 
 
-class AsyncSaveError(TorchkeepError, RuntimeError):
+class AsyncSaveError(CheckpointError, RuntimeError):
     """A checkpoint written in the background (``async_save=True``) failed.
 
     Raised by the next call on the :class:`~torchkeep.Checkpointer` (``save``,
@@ -531,7 +580,7 @@ class AsyncSaveError(TorchkeepError, RuntimeError):
         )
 
 
-class DistributedSaveError(TorchkeepError, RuntimeError):
+class DistributedSaveError(DistributedError, RuntimeError):
     """A rank of a ``torch.distributed`` job failed during a checkpoint save.
 
     Raised on every rank, so all of them leave ``save()`` together; the
@@ -561,7 +610,7 @@ class DistributedSaveError(TorchkeepError, RuntimeError):
         )
 
 
-class NoValidCheckpointError(TorchkeepError, FileNotFoundError):
+class NoValidCheckpointError(CheckpointError, FileNotFoundError):
     """A run folder holds checkpoints, but none of them verifies.
 
     Attributes:
@@ -580,7 +629,30 @@ class NoValidCheckpointError(TorchkeepError, FileNotFoundError):
         )
 
 
-class MissingMetricError(TorchkeepError, KeyError):
+class RunLockedError(CheckpointError, BlockingIOError):
+    """Another writer holds the run folder: one Checkpointer writes to a run at a time.
+
+    Attributes:
+        directory: the run folder (or its URL).
+        holder: what the holder recorded about itself (``host``, ``pid``, ``since``).
+
+    Example:
+        >>> torchkeep.Checkpointer("runs/exp1")   # while a training process saves there
+        RunLockedError: runs/exp1 is being written by pid 4242 on host gpu-7 ...
+    """
+
+    def __init__(self, directory: Path | str, holder: dict[str, object]) -> None:
+        self.directory = directory
+        self.holder = dict(holder)
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+        super().__init__(
+            f"{directory} is being written by {who} (since {holder.get('since', '?')}); a run has one "
+            "writer at a time. Stop that process, or read the run without writing: "
+            "Checkpointer(..., read_only=True) or `torchkeep ls`."
+        )
+
+
+class MissingMetricError(CheckpointError, KeyError):
     """The metric to monitor is not among the metrics given.
 
     Attributes:
@@ -600,7 +672,7 @@ class MissingMetricError(TorchkeepError, KeyError):
         return str(self.args[0])
 
 
-class NoMatchError(TorchkeepError, ValueError):
+class NoMatchError(DoesNotFitError, ValueError):
     """A freeze/unfreeze/head target matches nothing in the model.
 
     Attributes:
@@ -616,7 +688,7 @@ class NoMatchError(TorchkeepError, ValueError):
         )
 
 
-class ExportError(TorchkeepError, RuntimeError):
+class ExportError(UsageError, RuntimeError):
     """``torch.export`` could not capture the model.
 
     Attributes:
@@ -633,7 +705,7 @@ class ExportError(TorchkeepError, RuntimeError):
         )
 
 
-class UnsafeFileError(TorchkeepError, pickle.UnpicklingError):
+class UnsafeFileError(UnsafeError, pickle.UnpicklingError):
     """Loading the file would import or call code, or it is built to fool readers.
 
     Attributes:
@@ -698,4 +770,12 @@ class RngRestoreWarning(TorchkeepWarning):
 
     Training then goes on with other random numbers than the original run
     would have drawn; the message says which generator and why.
+    """
+
+
+class NonFiniteCheckpointWarning(TorchkeepWarning):
+    """A checkpoint was saved with NaN or Inf in its model tensors or its monitored metric.
+
+    It is kept (training may want to inspect it) but flagged in its manifest,
+    shown as poisoned by ``torchkeep ls`` / ``verify``, and never ranked best.
     """

@@ -273,7 +273,8 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
 
     Args:
         obj (nn.Module | str | PathLike | Mapping[str, Tensor]): what to describe;
-            a Checkpointer checkpoint folder shows every tensor it holds.
+            a Checkpointer checkpoint folder (or run folder: its newest valid
+            checkpoint) shows the model's weights.
 
     Returns:
         A :class:`Summary`; ``print(summary)`` shows the table.
@@ -289,6 +290,11 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
     if isinstance(obj, Mapping):
         return Summary(_rows_from_tensors(to_state_dict(obj)), "state dict")
     path = Path(obj)
-    if path.is_dir() and (path / "tensors.safetensors").is_file():  # a Checkpointer checkpoint folder
-        return _summarize_file(path / "tensors.safetensors")
+    if path.is_dir():  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
+        from torchkeep.run.reader import model_file
+
+        single = model_file(path)
+        if single is not None:
+            return _summarize_file(single)  # only the header is read
+        return Summary(_rows_from_tensors(load_weights(path)), str(path))
     return _summarize_file(path)

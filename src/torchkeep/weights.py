@@ -25,7 +25,6 @@ from torchkeep.errors import (
     InvalidMetadataError,
     LimitExceededError,
     MissingClassError,
-    ModelFileNotFoundError,
     NotAStateDictError,
     UnsafeFileError,
     UnsupportedDtypeError,
@@ -42,8 +41,8 @@ from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.safety.aliases import ALIASES_KEY, check_aliases
 from torchkeep.safety.torchfile import METADATA_RECORD, read_metadata_record, torch_prefix
 from torchkeep.safety.ziparchive import ZipArchive
-from torchkeep.storage import atomic_target
-from torchkeep.storage.remote import Remote, StorageOptions, resolve, scratch_dir
+from torchkeep.storage import file_store
+from torchkeep.storage.remote import StorageOptions
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
@@ -217,21 +216,16 @@ def save_weights(
     Example:
         >>> torchkeep.save_weights(model, "model.safetensors")
     """
-    location = resolve(path, storage_options)
-    fmt = suffix_format(Path(location.name) if isinstance(location, Remote) else location)
+    store = file_store(path, storage_options)
+    target = store.public("")
+    fmt = suffix_format(target if isinstance(target, Path) else Path(target.rsplit("/", 1)[-1]))
     meta = _check_metadata(metadata)
     state = to_state_dict(model_or_state_dict)
     kept, aliases = compact_tensors(state, dtype)
-    if isinstance(location, Remote):
-        with scratch_dir() as scratch:
-            local = scratch / location.name
-            _write(local, fmt, state, kept, aliases, meta, durable=False)
-            location.upload(local)
-        logger.info("saved %d tensors to %s", len(state), location)
-        return location.url
-    _write(location, fmt, state, kept, aliases, meta, durable=durable)
-    logger.info("saved %d tensors to %s", len(state), location)
-    return location
+    with store.stage("", durable=durable) as tmp:
+        _write(tmp, fmt, state, kept, aliases, meta)
+    logger.info("saved %d tensors to %s", len(state), target)
+    return target
 
 
 def _write(
@@ -241,41 +235,36 @@ def _write(
     kept: StateDict,
     aliases: dict[str, str],
     meta: dict[str, str],
-    *,
-    durable: bool,
 ) -> None:
+    """Write the file at ``target`` (a fresh path the store makes the final file once complete)."""
     if fmt is FileFormat.SAFETENSORS:
-        _write_safetensors(target, kept, aliases, meta, durable=durable)
+        _write_safetensors(target, kept, aliases, meta)
     else:
         ordered = {key: kept[aliases.get(key, key)] for key in state}
-        _write_torch_zip(target, ordered, meta, durable=durable)
+        _write_torch_zip(target, ordered, meta)
 
 
-def _write_safetensors(
-    target: Path, kept: StateDict, aliases: dict[str, str], meta: dict[str, str], *, durable: bool
-) -> None:
+def _write_safetensors(target: Path, kept: StateDict, aliases: dict[str, str], meta: dict[str, str]) -> None:
     for key, t in kept.items():
         if str(t.dtype) not in _SAFETENSORS_TORCH_DTYPES:
             raise UnsupportedDtypeError(key, str(t.dtype))
     header_meta = {"format": "pt", **meta}
     if aliases:
         header_meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    with atomic_target(target, durable=durable) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_safetensors(fd, kept, header_meta)
-        finally:
-            os.close(fd)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_safetensors(fd, kept, header_meta)
+    finally:
+        os.close(fd)
 
 
-def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str], *, durable: bool) -> None:
-    with atomic_target(target, durable=durable) as tmp:
-        torch.save(state, tmp)
-        if meta:
-            # An extra zip record: torch.load ignores it, torchkeep reads it back.
-            with zipfile.ZipFile(tmp, "a") as archive:
-                prefix = archive.namelist()[0].split("/", 1)[0]
-                archive.writestr(f"{prefix}/{_PT_METADATA_RECORD}", json.dumps(meta, sort_keys=True))
+def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str]) -> None:
+    torch.save(state, target)  # the store's temporary path has the final name: so has the zip's root
+    if meta:
+        # An extra zip record: torch.load ignores it, torchkeep reads it back.
+        with zipfile.ZipFile(target, "a") as archive:
+            prefix = archive.namelist()[0].split("/", 1)[0]
+            archive.writestr(f"{prefix}/{_PT_METADATA_RECORD}", json.dumps(meta, sort_keys=True))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -454,16 +443,15 @@ def load_weights(
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
     """
-    location = resolve(path, storage_options)
-    if isinstance(location, Remote):
-        if not location.exists():
-            raise ModelFileNotFoundError(location.url)
-        with scratch_dir() as scratch:
-            local = scratch / location.name
-            location.download(local)
-            state = _read_weights(local, map_location, key, trust, mmap or False, limits)
-    else:
-        state = _read_weights(location, map_location, key, trust, mmap, limits)
+    store = file_store(path, storage_options)
+    with store.fetch("", allow_folder=True) as local:
+        from torchkeep.consolidate import is_checkpoint_folder, read_checkpoint_weights
+
+        if local.is_dir() and is_checkpoint_folder(local):  # or a run folder: its newest valid checkpoint
+            state = {k: v.to(map_location) for k, v in read_checkpoint_weights(local).items()}
+        else:
+            mapped = mmap if store.in_place else bool(mmap)  # a downloaded copy is read, then deleted
+            state = _read_weights(local, map_location, key, trust, mapped, limits)
     return state if dtype is None else cast_floating(state, dtype)
 
 

@@ -13,7 +13,15 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import (
+    CheckpointError,
+    DistributedError,
+    DoesNotFitError,
+    TorchkeepError,
+    UnreadableFileError,
+    UnsafeError,
+    UsageError,
+)
 
 __all__ = ["app", "main"]
 
@@ -26,13 +34,18 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-# library error -> exit code; the message itself already says what to do
+# library error -> exit code, by group (first match wins); the message itself says what to do.
+# 1 and 2 are the commands' own verdicts: `verify` found a damaged checkpoint, `diff` found
+# differences, `scan` found an unsafe file (2).
 EXIT_CODES: dict[type[BaseException], int] = {
-    FileNotFoundError: 3,
+    CheckpointError: 7,  # a run's problem: none valid, newer format, another writer, ...
+    DistributedError: 8,  # a rank of a distributed job failed
+    FileNotFoundError: 3,  # no such file or folder
     IsADirectoryError: 3,
-    ValueError: 4,  # damaged or unknown files
-    TypeError: 5,  # the file holds something else than asked for
-    RuntimeError: 6,  # keys do not match, export failed
+    UnreadableFileError: 4,  # damaged, unknown format, holds something else
+    UnsafeError: 5,  # would run code, or exceeds the limits
+    DoesNotFitError: 6,  # keys / shapes / parts do not fit the model
+    UsageError: 9,  # an argument or environment torchkeep cannot use
 }
 
 

@@ -39,9 +39,9 @@ from torchkeep.diff import diff
 from torchkeep.formats import detect_format
 from torchkeep.heads import replace_head
 from torchkeep.loading import load_into
-from torchkeep.manager import Checkpointer
 from torchkeep.models import save_model
 from torchkeep.modes import evaluating
+from torchkeep.run import Checkpointer
 from torchkeep.summary import summarize
 from torchkeep.transfer import freeze, param_groups
 from torchkeep.tutorial import TheModelClass, digits_dataset

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from torchkeep._table import format_bytes
-from torchkeep.manager import Checkpointer
+from torchkeep._table import format_bytes, print_table
+from torchkeep.run.reader import RunReader, rank
 from torchkeep.storage.remote import is_url
 
 __all__ = ["ls_command"]
@@ -30,12 +30,13 @@ def ls_command(
         raise FileNotFoundError(
             f"{run_dir}: no such run folder; pass the folder given to torchkeep.Checkpointer"
         )
+    entries = RunReader(run_dir).entries(verify=verify)  # reads only: safe while a writer saves
     if monitor is None:  # default to the metric the checkpoints share, if there is exactly one
-        names = {name for e in Checkpointer(run_dir).list() for name in e.metrics}
+        names = {name for e in entries for name in e.metrics}
         monitor = names.pop() if len(names) == 1 else None
-    checkpointer = Checkpointer(run_dir, monitor=monitor, mode=mode)
-    entries = checkpointer.list(verify=verify)
-    best, latest = checkpointer.best, checkpointer.latest
+    ranked = rank(entries, monitor, mode)
+    best = ranked[0].path if ranked else None
+    latest = next((e.path for e in reversed(entries) if e.valid), None)
     if as_json:
         rows = [
             {
@@ -47,6 +48,7 @@ def ls_command(
                 "metrics": e.metrics,
                 "valid": e.valid,
                 "reason": e.reason,
+                "nonfinite": e.nonfinite,
                 "best": e.path == best,
                 "latest": e.path == latest,
             }
@@ -58,29 +60,26 @@ def ls_command(
     if not entries:
         console.print(f"{run_dir}: no checkpoints yet")
         return
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("checkpoint", "step", "epoch", "created", "size", "metrics", "status"):
-        table.add_column(
-            column,
-            justify="right" if column in ("step", "size") else "left",
-            no_wrap=column in ("checkpoint", "step", "size"),
-            overflow="fold",
-        )
+    rows = []
     for e in entries:
         marks = [m for m, path in (("best", best), ("latest", latest)) if e.path == path]
-        status = "[green]valid[/]" if e.valid else f"[red]invalid: {e.reason}[/]"
+        status = Text("valid", style="green") if e.valid else Text(f"invalid: {e.reason}", style="red")
+        if e.poisoned:
+            status.append(f" (poisoned: NaN/Inf in {_nonfinite_text(e.nonfinite)})", style="yellow")
         if marks:
-            status += " [bold](" + ", ".join(marks) + ")[/]"
+            status.append(" (" + ", ".join(marks) + ")", style="bold")
         metrics = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.metrics.items()
         )
-        table.add_row(
-            e.name,
-            str(e.step),
-            "" if e.epoch is None else str(e.epoch),
-            e.created or "",
-            format_bytes(e.size),
-            metrics,
-            status,
-        )
-    console.print(table)
+        created = e.created or ""
+        epoch = "" if e.epoch is None else str(e.epoch)
+        rows.append([e.name, str(e.step), epoch, created, format_bytes(e.size), metrics, status])
+    # plain, parseable lines in a pipe; a rich table on a terminal; names never cut either way
+    columns = ("checkpoint", "step", "epoch", "created", "size", "metrics", "status")
+    print_table(columns, rows, right=(1, 4), whole=(0,))
+
+
+def _nonfinite_text(found: dict[str, list[str]]) -> str:
+    return "; ".join(
+        f"{kind} {', '.join(names[:3])}" + (" …" if len(names) > 3 else "") for kind, names in found.items()
+    )

@@ -58,8 +58,14 @@ _discarder: ThreadPoolExecutor | None = None
 
 
 def temp_name(target: Path) -> Path:
-    """A unique hidden name next to ``target`` that keeps its suffix (writers check it)."""
-    return target.with_name(f".{target.name}{TEMP_MARKER}{secrets.token_hex(4)}{target.suffix}")
+    """A fresh path with ``target``'s very name, in a hidden folder of its own next to it.
+
+    Writers see the final name: ``torch.save`` names a zip's root folder after
+    the file's stem, so the file keeps the root a direct save would give it.
+    """
+    folder = target.with_name(f".{target.name}{TEMP_MARKER}{secrets.token_hex(4)}")
+    folder.mkdir()
+    return folder / target.name
 
 
 @contextlib.contextmanager
@@ -91,7 +97,11 @@ def atomic_target(target: str | os.PathLike[str], *, durable: bool = True) -> It
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.parent.rmdir()
         raise
+    with contextlib.suppress(OSError):
+        tmp.parent.rmdir()
     if durable:
         fsync_dir(final.parent)
     if old is not None:
@@ -168,30 +178,54 @@ def _keep_aside(final: Path) -> Path | None:
 
 
 def discard(path: Path) -> None:
-    """Delete a file or folder that nothing refers to any more, on a background thread.
+    """Delete a file or folder now; the freeing of its data happens on a background thread.
 
-    Freeing a large file's pages takes as long as writing it on some systems;
-    callers first rename the path to a hidden name (so it is gone for readers
-    at once) and leave the freeing to this thread.
+    Freeing a large file's pages takes as long as writing it on some systems.
+    Every name is unlinked before this returns (nothing is left for a reader
+    or a listing to see), but each file is opened first: its last descriptor,
+    closed on the background thread, is what frees the data.
     """
+    if not os.path.lexists(path):
+        return
+    descriptors: list[int] = []
+    if path.is_dir() and not path.is_symlink():
+        for folder, _, files in os.walk(path, topdown=False):
+            for name in files:
+                _unlink_held(os.path.join(folder, name), descriptors)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if path.exists():  # something odd (permissions, a mount): the plain way
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_held(os.fspath(path), descriptors)
+    if descriptors:
+        _release_later(descriptors)
+
+
+def _unlink_held(file: str, descriptors: list[int]) -> None:
+    with contextlib.suppress(OSError):
+        descriptors.append(os.open(file, os.O_RDONLY | os.O_NOFOLLOW))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(file)
+
+
+def _release_later(descriptors: list[int]) -> None:
     global _discarder
     with _discard_lock:
         if _discarder is None:
             _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-discard")
-        _discarder.submit(_delete_quietly, path)
+        _discarder.submit(_close_all, descriptors)
 
 
 def wait_for_discards() -> None:
-    """Block until every path handed to :func:`discard` so far is deleted."""
+    """Block until the data of every path handed to :func:`discard` so far is freed."""
     with _discard_lock:
         pending = _discarder
     if pending is not None:
         pending.submit(lambda: None).result()
 
 
-def _delete_quietly(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
+def _close_all(descriptors: list[int]) -> None:
+    for fd in descriptors:
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.close(fd)

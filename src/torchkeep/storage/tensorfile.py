@@ -22,7 +22,7 @@ import queue
 import struct
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,10 +59,11 @@ _TORCH_TO_CODE = _codes()
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What was written: total bytes and, when asked for, the file's digest."""
+    """What was written: total bytes, the file's digest and the non-finite tensors, when asked for."""
 
     size: int
     digest: str | None
+    nonfinite: list[str] = field(default_factory=list)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -124,27 +125,53 @@ def _write_all(fd: int, batch: list[memoryview]) -> None:
             batch = [batch[0][written:], *batch[1:]]
 
 
-class _Hasher:
-    """A digest of a byte stream, computed on a second thread from the writer's own views."""
+def _finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/Inf, without a temporary of its size.
 
-    def __init__(self, algorithm: str) -> None:
-        self.digest = new_digest(algorithm)
+    ``min``/``max`` propagate NaN, and an infinity is an extreme: one reduction
+    pass, no allocation (``isfinite`` would make three full-size temporaries).
+    """
+    flat = t.reshape(-1)
+    try:
+        low, high = torch.aminmax(flat)
+    except (RuntimeError, NotImplementedError):  # dtypes without a reduction (float8): in slices
+        step = 1 << 20
+        parts = (flat[i : i + step] for i in range(0, flat.numel(), step))
+        return all(bool(part.float().isfinite().all()) for part in parts)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _nonfinite(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+    # the reductions release the GIL like the hashers, so they run beside the writes
+    return [name for name, t in tensors if t.is_floating_point() and t.numel() and not _finite(t)]
+
+
+class _Hasher:
+    """A digest of a byte stream (and a NaN/Inf check), computed on a second thread from the
+    writer's own memory."""
+
+    def __init__(self, algorithm: str | None, finite: list[tuple[str, torch.Tensor]]) -> None:
+        self.digest = new_digest(algorithm) if algorithm else None
+        self.nonfinite: list[str] = []
+        self._finite = finite
         self._queue: queue.Queue[list[memoryview] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="torchkeep-digest", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            for view in batch:
-                self.digest.update(view)
+            if self.digest is not None:
+                for view in batch:
+                    self.digest.update(view)
+        self.nonfinite = _nonfinite(self._finite)  # the bytes are hot in the cache by now
 
     def feed(self, batch: list[memoryview]) -> None:
         self._queue.put(batch)
 
-    def hexdigest(self) -> str:
+    def finish(self) -> str | None:
         self._queue.put(None)
         self._thread.join()
-        return str(self.digest.hexdigest())
+        return None if self.digest is None else str(self.digest.hexdigest())
 
 
 def write_safetensors(
@@ -154,6 +181,7 @@ def write_safetensors(
     *,
     digest: str | None = None,
     fsync: bool = False,
+    check_finite: bool = False,
 ) -> WriteResult:
     """Write ``tensors`` (contiguous CPU tensors) as a safetensors file to the open descriptor ``fd``.
 
@@ -165,13 +193,16 @@ def write_safetensors(
             this algorithm (``"xxh3_128"``, ``"sha256"``), in parallel.
         fsync (bool, default False): fsync ``fd`` once written (the hash
             finishes meanwhile).
+        check_finite (bool, default False): also list the floating-point
+            tensors holding NaN or Inf (on the hashing thread, beside the writes).
 
     Returns:
         A :class:`WriteResult`.
     """
     header, ordered = safetensors_layout(tensors, metadata)
     views = [memoryview(header), *(_byte_view(t) for t in ordered if t.numel())]
-    hasher = _Hasher(digest) if digest else None
+    finite = [(name, t) for name, t in tensors.items()] if check_finite else []
+    hasher = _Hasher(digest, finite) if digest or check_finite else None
     pending: list[memoryview] = []
     pending_size = 0
     try:
@@ -186,11 +217,12 @@ def write_safetensors(
         if fsync:
             os.fsync(fd)
     finally:
-        hexdigest = None
+        hexdigest, nonfinite = None, []
         if hasher is not None:
             hasher.feed(pending)
-            hexdigest = hasher.hexdigest()
-    return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest)
+            hexdigest = hasher.finish()
+            nonfinite = hasher.nonfinite
+    return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest, nonfinite)
 
 
 _READ_CHUNK = 64 << 20

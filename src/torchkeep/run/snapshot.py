@@ -1,18 +1,21 @@
-"""What a Checkpointer writes and reads back: a training state as tensors plus JSON.
+"""Capture and apply a training state: what goes into which file of a step folder.
 
 :func:`capture` takes a consistent snapshot of model, optimizer, scheduler,
 scaler, user stateful objects, extras and random states (per rank in a
-distributed job); :func:`apply_checkpoint` puts a checkpoint folder's state
-back into live objects after checking that everything fits. DTensor-sharded
-model and optimizer state travels through DCP (:mod:`torchkeep.distributed`),
-everything else through one safetensors file and ``state.json``.
+distributed job) as the files of a step folder (:attr:`Snapshot.files`);
+:func:`apply_checkpoint` puts a checkpoint folder's state back into live
+objects after checking that everything fits. The model's weights go to
+``model.safetensors`` under their own names, every other tensor to
+``state.safetensors``, everything else to ``state.json``; DTensor-sharded
+model and optimizer state travels through DCP (:mod:`torchkeep.distributed`).
+Adding a file to a step folder is a change here (and its name in
+:mod:`torchkeep.run.layout`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,26 +27,39 @@ from torch import nn
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
 from torchkeep.distributed import (
-    SHARDS,
     Coordinator,
-    apply_sharded,
     is_sharded,
-    load_shards,
+    load_sharded,
     sharded_state,
     unwrap,
 )
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
 from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.run.layout import (
+    FORMAT_VERSION,
+    MODEL,
+    MODEL_ALIASES,
+    SHARD_MODEL,
+    STATE,
+    STATE_TENSORS,
+    V1_MODEL,
+    V1_TENSORS,
+)
 from torchkeep.serialize import flatten, unflatten
-from torchkeep.weights import MapLocation, compact_tensors, to_state_dict
+from torchkeep.weights import MapLocation, compact_tensors, load_weights, to_state_dict
 
-__all__ = ["FORMAT_VERSION", "STATE", "TENSORS", "Snapshot", "apply_checkpoint", "capture", "metric_value"]
+__all__ = [
+    "JsonFile",
+    "Snapshot",
+    "TensorFile",
+    "apply_checkpoint",
+    "capture",
+    "model_weights",
+    "read_state",
+]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TENSORS = "tensors.safetensors"
-STATE = "state.json"
 _STATE_KEYS = {
     "step",
     "epoch",
@@ -60,15 +76,20 @@ _STATE_KEYS = {
 Stage = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def metric_value(value: Any) -> float | None:
-    """A metric as a float (tensors and NumPy scalars too); ``None`` for NaN or non-numbers."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().item() if value.numel() == 1 else None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+@dataclass(frozen=True)
+class TensorFile:
+    """A safetensors file of a step folder: its tensors, header metadata, and whether to check them."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    check_finite: bool = False
+
+
+@dataclass(frozen=True)
+class JsonFile:
+    """A JSON file of a step folder."""
+
+    data: dict[str, Any]
 
 
 @dataclass
@@ -79,17 +100,25 @@ class Snapshot:
         step: the step.
         epoch: the epoch, if given.
         metrics: the metrics, as floats (``None`` for non-numbers).
-        state: the JSON of ``state.json`` (rank 0; empty elsewhere).
-        tensors: the replicated tensors for ``tensors.safetensors`` (rank 0; empty elsewhere).
+        files: the files rank 0 writes, by name (empty on other ranks).
         shards: the DTensor-sharded tensors for DCP (every rank), or ``None``.
     """
 
     step: int
     epoch: int | None
     metrics: dict[str, float | None]
-    state: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    files: dict[str, TensorFile | JsonFile]
     shards: dict[str, torch.Tensor] | None
+
+    def staged_keys(self) -> set[str]:
+        """The staging-buffer keys this snapshot uses (see :func:`capture`'s ``stage``)."""
+        keys = {
+            f"{name}:{key}"
+            for name, f in self.files.items()
+            if isinstance(f, TensorFile)
+            for key in f.tensors
+        }
+        return keys | set(self.shards or ())
 
 
 def _stage_shards(shards: dict[str, Any], stage: Stage) -> dict[str, Any]:
@@ -134,8 +163,10 @@ def capture(
     """
     module = unwrap(model)
     main = coordinator.is_main
-    snap = Snapshot(step, epoch, metrics, {}, {}, None)
+    snap = Snapshot(step, epoch, metrics, {}, None)
     tensors: dict[str, torch.Tensor] = {}
+    model_tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
 
     def local() -> dict[str, Any]:
         """This rank's part; returns its random state."""
@@ -153,7 +184,7 @@ def capture(
             shard_tensors: dict[str, torch.Tensor] = {}
             model_sd, optim_sd = sharded_state(module, rest.pop("optimizer", None))
             for key, value in model_sd.items():
-                shard_tensors[f"model/{key}"] = value
+                shard_tensors[f"{SHARD_MODEL}{key}"] = value
             model_keys = list(model_sd)
             if optim_sd is not None:
                 parts["optimizer"] = flatten(optim_sd, "optimizer", shard_tensors)
@@ -161,35 +192,48 @@ def capture(
         else:
             model_keys = list(model_state)
             if main:
-                tensors.update({f"model/{key}": value for key, value in model_state.items()})
+                model_tensors.update(model_state)
         if main:  # replicated state: written once, by rank 0
             parts.update({name: flatten(obj.state_dict(), name, tensors) for name, obj in rest.items()})
-            snap.state = {
-                "step": step,
-                "epoch": epoch,
-                "metrics": metrics,
-                "extra": flatten(dict(extra or {}), "extra", tensors),
-                "model": model_keys,
-                "parts": parts,
-                "versions": {"torch": str(torch.__version__), "format": FORMAT_VERSION},
-            }
+            state.update(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "metrics": metrics,
+                    "extra": flatten(dict(extra or {}), "extra", tensors),
+                    "model": model_keys,
+                    "parts": parts,
+                    "versions": {"torch": str(torch.__version__), "format": FORMAT_VERSION},
+                }
+            )
             if sharded:
-                snap.state["sharded"] = True
+                state["sharded"] = True
         return rng
 
     # every rank must hear of a failure before any rank writes
     rng = coordinator.attempt(local, step=step, stage="snapshot")
     ranks = coordinator.gather(rng)
     if main:
-        kept, aliases = compact_tensors(tensors, None, stage=stage)
-        snap.state["rng"] = flatten(ranks[0], "rng", kept)
+
+        def staged(file: str) -> Stage | None:
+            return None if stage is None else (lambda key, t: stage(f"{file}:{key}", t))
+
+        kept_model, model_aliases = compact_tensors(model_tensors, None, stage=staged(MODEL))
+        kept, aliases = compact_tensors(tensors, None, stage=staged(STATE_TENSORS))
+        state["rng"] = flatten(ranks[0], "rng", kept)
         if coordinator.size > 1:
-            snap.state["world"] = {
+            state["world"] = {
                 "size": coordinator.size,
                 "rng": {str(r): flatten(ranks[r], f"rng@{r}", kept) for r in range(1, coordinator.size)},
             }
-        snap.state["aliases"] = aliases
-        snap.tensors = kept
+        state["aliases"] = aliases
+        if not state.get("sharded"):
+            model_meta = {"format": "pt"}
+            if model_aliases:
+                model_meta[MODEL_ALIASES] = json.dumps(model_aliases, sort_keys=True)
+            snap.files[MODEL] = TensorFile(kept_model, model_meta, check_finite=True)
+        snap.files[STATE_TENSORS] = TensorFile(kept, {"format": "pt"})
+        snap.files[STATE] = JsonFile(state)
     return snap
 
 
@@ -212,64 +256,30 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def _tensor_refs(data: Any, found: set[str]) -> set[str]:
-    if isinstance(data, list):
-        for value in data:
-            _tensor_refs(value, found)
-    elif isinstance(data, dict):
-        if data.get("__tk__") == "tensor":
-            found.add(data["v"])
-        else:
-            for value in data.values():
-                _tensor_refs(value, found)
-    return found
+def _read_tensors(
+    folder: Path, state: dict[str, Any], map_location: MapLocation
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """The model's weights (``None`` when sharded) and the other tensors, of either version."""
+    from safetensors.torch import load_file
+
+    device = str(torch.device(map_location))
+    v1 = (folder / V1_TENSORS).is_file()
+    tensors = load_file(str(folder / (V1_TENSORS if v1 else STATE_TENSORS)), device=device)
+    for alias, canonical in state["aliases"].items():
+        tensors[alias] = tensors[canonical]
+    if state.get("sharded"):
+        return None, tensors
+    if v1:
+        return {key: tensors[f"{V1_MODEL}{key}"] for key in state["model"]}, tensors
+    weights = load_weights(folder / MODEL, map_location=map_location)  # ties restored from its metadata
+    return {key: weights[key] for key in state["model"]}, tensors
 
 
-def _load_sharded(
-    folder: Path,
-    state: dict[str, Any],
-    model: nn.Module | None,
-    optimizer: Stateful | None,
-    *,
-    strict: bool,
-    coordinator: Coordinator,
-) -> list[str]:
-    if model is None:
-        if optimizer is not None:
-            raise CheckpointMismatchError(
-                folder,
-                "optimizer",
-                "this checkpoint's optimizer state is keyed by the model's parameter names",
-                "pass model= too",
-            )
-        return []
-    saved_optim = state["parts"].get("optimizer")
-    if optimizer is not None and saved_optim is None:
-        raise CheckpointMismatchError(
-            folder, "optimizer", "the checkpoint holds no optimizer state", "restore without optimizer="
-        )
-    module = unwrap(model)
-    model_sd, optim_sd = sharded_state(module, optimizer)
-    template: dict[str, torch.Tensor] = {f"model/{key}": value for key, value in model_sd.items()}
-    saved = {f"model/{key}" for key in state["model"]}
-    if optimizer is not None and optim_sd is not None:
-        flatten(optim_sd, "optimizer", template)
-        saved |= _tensor_refs(saved_optim, set())
-    missing = sorted(set(template) - saved)
-    unexpected = sorted(k for k in saved - set(template) if k.startswith("model/") or optimizer is not None)
-    if missing or (strict and unexpected):
-        raise CheckpointMismatchError(
-            folder,
-            "model",
-            f"missing from the checkpoint: {missing[:5]}; not in the model: {unexpected[:5]}",
-            "build the same model (and optimizer) as the run that saved it",
-        )
-    wanted = {key: template[key] for key in template if key in saved}
-    load_shards(wanted, folder / SHARDS, coordinator)
-    loaded_model = {key: template[f"model/{key}"] for key in model_sd}
-    loaded_optim = unflatten(saved_optim, template) if optimizer is not None else None
-    apply_sharded(module, optimizer, loaded_model, loaded_optim, strict=strict)
-    return ["model"] + (["optimizer"] if optimizer is not None else [])
+def model_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The model's weights of a verified step folder, tied ones restored; ``None`` when sharded."""
+    state = read_state(folder)
+    model_state, _ = _read_tensors(folder, state, "cpu")
+    return model_state
 
 
 def _restore_rngs(
@@ -313,16 +323,12 @@ def apply_checkpoint(
     Raises:
         CheckpointMismatchError, KeyMismatchError: it does not fit the objects given.
     """
-    from safetensors.torch import load_file
-
     state = read_state(folder)
-    tensors = load_file(str(folder / TENSORS), device=str(torch.device(map_location)))
-    for alias, canonical in state["aliases"].items():
-        tensors[alias] = tensors[canonical]
+    model_state, tensors = _read_tensors(folder, state, map_location)
     sharded = bool(state.get("sharded"))
     parts: dict[str, Any] = {}
-    if not sharded:
-        parts["model"] = {key: tensors[f"model/{key}"] for key in state["model"]}
+    if model_state is not None:
+        parts["model"] = model_state
     for name, data in state["parts"].items():
         if not (sharded and name == "optimizer"):  # a sharded optimizer's tensors are in the shards
             parts[name] = unflatten(data, tensors)
@@ -341,7 +347,7 @@ def apply_checkpoint(
                     f"the checkpoint holds no {name} state (it has: {', '.join(names)})",
                     f"restore without {name}=",
                 )
-        restored = _load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
+        restored = load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
         more, _ = apply_states(folder, parts, requested, strict=strict, available=sorted(names))
         restored += more
     else:
