@@ -60,7 +60,7 @@ def ls_command(
     if not entries:
         console.print(f"{run_dir}: no checkpoints yet")
         return
-    rows = []
+    table: list[list[str | Text]] = []
     for e in entries:
         marks = [m for m, path in (("best", best), ("latest", latest)) if e.path == path]
         status = Text("valid", style="green") if e.valid else Text(f"invalid: {e.reason}", style="red")
@@ -73,10 +73,10 @@ def ls_command(
         )
         created = e.created or ""
         epoch = "" if e.epoch is None else str(e.epoch)
-        rows.append([e.name, str(e.step), epoch, created, format_bytes(e.size), metrics, status])
+        table.append([e.name, str(e.step), epoch, created, format_bytes(e.size), metrics, status])
     # plain, parseable lines in a pipe; a rich table on a terminal; names never cut either way
     columns = ("checkpoint", "step", "epoch", "created", "size", "metrics", "status")
-    print_table(columns, rows, right=(1, 4), whole=(0,))
+    print_table(columns, table, right=(1, 4), whole=(0,))
 
 
 def _nonfinite_text(found: dict[str, list[str]]) -> str:
