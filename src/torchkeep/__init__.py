@@ -54,6 +54,7 @@ from torchkeep.manager import CheckpointEntry, Checkpointer
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
 from torchkeep.safety import Limits, ScanResult, scan
+from torchkeep.safety.opaque import Opaque
 from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
 from torchkeep.transfer import FreezeReport, freeze, param_groups, refresh_optimizer, trainable, unfreeze
@@ -87,6 +88,7 @@ __all__ = [
     "NoValidCheckpointError",
     "NotAModelError",
     "NotAStateDictError",
+    "Opaque",
     "PathIsDirectoryError",
     "ResumableSampler",
     "RngRestoreWarning",

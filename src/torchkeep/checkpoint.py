@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,13 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from torchkeep.errors import (
-    CheckpointMismatchError,
-    RngRestoreWarning,
-    TorchkeepError,
-    UnserializableValueError,
-    first_line,
-)
+from torchkeep.errors import UnserializableValueError
 from torchkeep.formats import FileFormat, suffix_format
-from torchkeep.layouts import Reading, Saved, read_checkpoint
-from torchkeep.layouts.optimizers import check_fits, choose
-from torchkeep.loading import LoadReport, load_into
-from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.layouts import Reading, read_checkpoint
+from torchkeep.layouts.optimizers import choose
+from torchkeep.loading import LoadReport
+from torchkeep.restoring import apply_states, restore_saved_rng
+from torchkeep.rng import capture_rng_state
 from torchkeep.safety import DEFAULT_LIMITS, Limits
 from torchkeep.safety.opaque import VALUE_TYPES
 from torchkeep.storage import atomic_target
@@ -235,97 +229,6 @@ def save_checkpoint(
     return target
 
 
-def _is_optimizer(name: str) -> bool:
-    return name == "optimizer" or name.startswith("optimizer[")
-
-
-def apply_states(
-    path: Path,
-    parts: Mapping[str, Any],
-    given: Mapping[str, Any],
-    *,
-    strict: bool,
-    available: list[str],
-    absent: Mapping[str, str] | None = None,
-) -> tuple[list[str], LoadReport | None]:
-    """Load saved states into the given objects, after checking that everything fits.
-
-    ``parts`` maps a name (``"model"``, ``"optimizer"``, ``"optimizer[1]"``, a
-    stateful's name) to its saved state (``None`` when absent); ``given``
-    maps names to the objects to restore (``None`` to skip). The model goes
-    through :func:`load_into`, the rest through ``load_state_dict``. Every
-    check that can fail runs before the first object changes: optimizer
-    states are compared with their optimizer by
-    :func:`torchkeep.layouts.optimizers.check_fits` (groups, hyper-parameters,
-    every state tensor's shape).
-
-    Args:
-        available: the checkpoint's entries, named when a part is absent.
-        absent: per part, why an entry that looks like it could not be used
-            (said instead of "holds no … state").
-
-    Returns:
-        The names restored, and the model's :class:`LoadReport` (if a model was given).
-    """
-    for name, obj in given.items():
-        if obj is not None and parts.get(name) is None:
-            why = (absent or {}).get(name.split("[")[0])
-            reason = (
-                f"the checkpoint holds no usable {name} state: {why}"
-                if why
-                else f"the checkpoint holds no {name} state (it has: {', '.join(available) or 'nothing'})"
-            )
-            raise CheckpointMismatchError(path, name, reason, f"restore without {name}=")
-    for name, obj in given.items():
-        if obj is not None and _is_optimizer(name):
-            check_fits(path, obj, parts[name], part=name)
-    restored: list[str] = []
-    report = None
-    if given.get("model") is not None:
-        report = load_into(given["model"], parts["model"], strict=strict)
-        restored.append("model")
-    for name, obj in given.items():
-        if name != "model" and obj is not None:
-            try:
-                obj.load_state_dict(parts[name])
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-                if isinstance(err, TorchkeepError):
-                    raise
-                raise CheckpointMismatchError(
-                    path,
-                    name,
-                    "its load_state_dict refused the saved state "
-                    f"({type(err).__name__}: {first_line(err)[:200]})",
-                    f"restore without {name}=, or build the {name} as the run that saved it did",
-                ) from err
-            restored.append(name)
-    return restored, report
-
-
-def _restore_rng(path: Path, saved: Saved) -> list[str]:
-    if saved.rng is None:
-        why = saved.absent.get("rng") or "; ".join(n for n in saved.skipped if "RNG" in n or "random" in n)
-        warnings.warn(
-            f"{path} holds no RNG state torchkeep can restore{f' ({why})' if why else ''}; "
-            "random streams were not restored",
-            RngRestoreWarning,
-            stacklevel=3,
-        )
-        return []
-    try:
-        restore_rng_state(saved.rng)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-        if isinstance(err, TorchkeepError):
-            raise
-        raise CheckpointMismatchError(
-            path,
-            "rng",
-            f"the saved RNG state cannot be restored ({type(err).__name__}: {first_line(err)[:200]})",
-            "pass restore_rng=False",
-        ) from err
-    return ["rng"]
-
-
 OpaqueMode = Literal["placeholder", "refuse"]
 
 
@@ -401,9 +304,10 @@ def load_checkpoint(
             placeholders, or a refusal of the whole file (``UnsafeFileError``,
             as ``torch.load(weights_only=True)``).
         rebuild (Collection[str], default ()): placeholders of these
-            well-known value types (any of :data:`~torchkeep.VALUE_TYPES`,
-            e.g. ``("argparse.Namespace", "pathlib.PosixPath",
-            "datetime.date")``, or ``torchkeep.VALUE_TYPES`` itself) are
+            well-known value types (any of
+            :data:`torchkeep.safety.opaque.VALUE_TYPES`, e.g.
+            ``("argparse.Namespace", "pathlib.PosixPath", "datetime.date")``,
+            or ``VALUE_TYPES`` itself) are
             rebuilt into real values by torchkeep's own code, never by the
             class the file names.
         limits (Limits, default Limits()): bounds on what the file may ask
@@ -429,7 +333,8 @@ def load_checkpoint(
         >>> start_epoch = info.epoch + 1
         >>> info = torchkeep.load_checkpoint("last.ckpt", model=m, optimizer=[opt_g, opt_d])
         >>> info.hyper_parameters["args"]           # an Opaque placeholder
-        >>> torchkeep.load_checkpoint("last.ckpt", model=m, rebuild=torchkeep.VALUE_TYPES)
+        >>> from torchkeep.safety.opaque import VALUE_TYPES
+        >>> torchkeep.load_checkpoint("last.ckpt", model=m, rebuild=VALUE_TYPES)
     """
     p = Path(path)
     if opaque not in ("placeholder", "refuse"):
@@ -461,7 +366,7 @@ def load_checkpoint(
         p, parts, objects, strict=strict, available=available, absent=saved.absent
     )
     if restore_rng:
-        restored += _restore_rng(p, saved)
+        restored += restore_saved_rng(p, saved)
     loss = saved.loss
     info = CheckpointInfo(
         path=p,
