@@ -79,7 +79,9 @@ class CheckpointInfo:
             ``hyper_parameters``, timm's and ImageNet's ``args`` and
             ``arch``, HF's ``training_args``. Objects that would need code
             to build are inert :class:`~torchkeep.Opaque` placeholders
-            unless rebuilt (``rebuild=``).
+            unless rebuilt (``rebuild=``). A config object saved whole
+            (Lightning with an omegaconf ``DictConfig``) is the one entry
+            ``"hyper_parameters"``.
         callbacks: Lightning callback states by callback key (ModelCheckpoint's
             ``best_model_score``, ``best_model_path`` …).
         loops: Lightning's loop state (``fit_loop`` …).

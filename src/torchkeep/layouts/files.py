@@ -130,7 +130,11 @@ def _lightning(path: Path, content: Mapping[str, Any], layout: str) -> Saved:
     saved.optimizers = [s for s in content.get("optimizer_states") or [] if s is not None]
     saved.schedulers = [s for s in content.get("lr_schedulers") or [] if s is not None]
     saved.epoch, saved.step = content.get("epoch"), content.get("global_step")
-    saved.hyper_parameters = _dict(content.get("hyper_parameters"))
+    hparams = content.get("hyper_parameters")
+    # a config object saved whole (omegaconf's DictConfig, a placeholder) keeps its own key
+    saved.hyper_parameters = (
+        _dict(hparams) if isinstance(hparams, Mapping) or hparams is None else {"hyper_parameters": hparams}
+    )
     for key in ("datamodule_hyper_parameters", "hparams_name", "datamodule_hparams_name", "hparams_type"):
         if key in content:
             saved.extra[key] = content[key]

@@ -90,8 +90,9 @@ class Opaque:
 def find_opaque(value: Any) -> Iterator[tuple[str, Opaque]]:
     """Every :class:`Opaque` in ``value``, outermost first, with where it is (``"['args'].lr"``).
 
-    ``value`` must be what the interpreter built (acyclic; ``check_structure``
-    has bounded its depth). Each container is visited once.
+    ``value`` must be what the interpreter built (``check_structure`` has
+    bounded its depth). Each container is visited once, so the references
+    back to a parent that omegaconf nodes hold end the walk there.
     """
     seen: set[int] = set()
     todo: list[tuple[str, Any]] = [("", value)]
@@ -254,7 +255,7 @@ def rebuild(value: Any, names: Collection[str]) -> Any:
     where something inside them changed; dict subclasses keep their type.
 
     Args:
-        value: what the interpreter built (acyclic, depth bounded).
+        value: what the interpreter built (depth bounded; cycles only through placeholders).
         names: dotted names from :data:`VALUE_TYPES`.
 
     Raises:
@@ -276,6 +277,7 @@ def _rebuild(value: Any, wanted: dict[str, Callable[[Opaque], Any]], done: dict[
         return done[key]
     result = value
     if isinstance(value, Opaque):
+        done[key] = value  # placeholders may refer back to themselves (omegaconf's _parent): stop there
         args = tuple(_rebuild(a, wanted, done) for a in value.args)
         state = _rebuild(value.state, wanted, done)
         if any(a is not b for a, b in zip(args, value.args, strict=True)) or state is not value.state:

@@ -805,8 +805,9 @@ def check_structure(value: Any, *, path: Path, limits: Limits, opaque: bool = Fa
     """Walk what a pickle built: only plain values, containers and tensors; no cycles; bounded depth.
 
     With ``opaque`` the :class:`Opaque` placeholders of opaque mode pass too
-    (and what they hold is walked like any container); the caller then
-    decides where they may be.
+    (what they hold is walked like any container, and a reference back to a
+    placeholder, such as an omegaconf node's ``_parent``, is no cycle error);
+    the caller then decides where they may be.
 
     Raises:
         UnsafeFileError: a leftover function or storage object, or a cycle.
@@ -829,6 +830,8 @@ def check_structure(value: Any, *, path: Path, limits: Limits, opaque: bool = Fa
                 _check_leaf(child, path)
             cid = id(child)
             if cid in on_path:
+                if opaque and type(child) is Opaque:
+                    continue  # a placeholder's state naming its parent (omegaconf nodes do): inert data
                 raise UnsafeFileError(
                     path, reason="builds a container that contains itself (a reference cycle)"
                 )
