@@ -260,3 +260,109 @@ def test_an_optimizer_state_torch_would_choke_on_is_a_mismatch(tmp_path: Path) -
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": {"param_groups": "x"}}, path)
     with pytest.raises(torchkeep.CheckpointMismatchError, match="param_groups"):
         torchkeep.load_checkpoint(path, model=model, optimizer=optimizer)
+
+
+def test_pytorch_examples_imagenet_layout(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make()
+    train(model, optimizer, scheduler, 2)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(
+        {
+            "epoch": 3,
+            "arch": "resnet18",
+            "state_dict": model.state_dict(),
+            "best_acc1": torch.tensor(71.5),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        path,
+    )
+    fresh, fresh_optimizer, fresh_scheduler = make()
+    info = torchkeep.load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert info.layout == "imagenet"
+    assert info.restored == ("model", "optimizer", "scheduler")
+    assert (info.epoch, info.metrics, info.hyper_parameters) == (3, {"best_acc1": 71.5}, {"arch": "resnet18"})
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    saved = optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[0][k], v) for k, v in fresh_optimizer.state_dict()["state"][0].items())
+
+
+def test_an_entry_named_optimizer_that_is_not_one_is_said_so(tmp_path: Path) -> None:
+    model, optimizer, _ = make()
+    path = tmp_path / "c.pth"
+    torch.save({"epoch": 1, "arch": "mlp", "state_dict": model.state_dict(), "optimizer": "adamw"}, path)
+    with pytest.raises(torchkeep.CheckpointMismatchError) as err:
+        torchkeep.load_checkpoint(path, model=model, optimizer=optimizer)
+    message = str(err.value)
+    assert "its entry 'optimizer' is 'adamw', not an optimizer state dict" in message
+    assert "holds no optimizer state (it has" not in message
+
+
+def test_a_bare_optimizer_state_file(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make()
+    train(model, optimizer, scheduler, 1)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    _, fresh, _ = make()
+    info = torchkeep.load_checkpoint(tmp_path / "optimizer.pt", optimizer=fresh)
+    assert (info.layout, info.restored) == ("optimizer", ("optimizer",))
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    with pytest.raises(torchkeep.CheckpointMismatchError, match="holds no model state"):
+        torchkeep.load_checkpoint(tmp_path / "optimizer.pt", model=model)
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.depth = 2
+
+
+def test_placeholders_only_in_hyper_parameter_entries(tmp_path: Path) -> None:
+    import argparse
+
+    model, _, _ = make()
+    allowed = tmp_path / "allowed.pt"
+    torch.save(
+        {"model_state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 1}, allowed
+    )
+    info = torchkeep.load_checkpoint(allowed, model=make()[0], rebuild=("argparse.Namespace",))
+    assert info.hyper_parameters == {"args": argparse.Namespace(lr=0.1)}
+    in_metrics = tmp_path / "in_metrics.pt"
+    torch.save({"model_state_dict": model.state_dict(), "metrics": {"cfg": _Config()}}, in_metrics)
+    fresh = make()[0]
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(torchkeep.UnsafeFileError, match="outside the hyper-parameter entries"):
+        torchkeep.load_checkpoint(in_metrics, model=fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    bare = tmp_path / "bare.pt"
+    torch.save(
+        {"weight": torch.ones(1), "args": argparse.Namespace(lr=0.1)}, bare
+    )  # a state dict: no entries
+    with pytest.raises(torchkeep.UnsafeFileError, match=r"argparse\.Namespace"):
+        torchkeep.load_checkpoint(bare)
+
+
+def test_omegaconf_hyper_parameters_are_placeholders(tmp_path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    model, _, _ = make()
+    config = omegaconf.OmegaConf.create({"lr": 0.1, "layers": [1, 2]})
+    path = tmp_path / "omega.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "pytorch-lightning_version": "2.6.6",
+            "hyper_parameters": config,
+            "hparams_type": type(config),
+        },
+        path,
+    )
+    fresh = make()[0]
+    info = torchkeep.load_checkpoint(path, model=fresh)
+    assert info.restored == ("model",)
+    assert isinstance(info.extra["hparams_type"], torchkeep.Opaque)
+    assert info.extra["hparams_type"].name == "omegaconf.dictconfig.DictConfig"
+    assert any(p.endswith("omegaconf.dictconfig.DictConfig") for p in info.placeholders)
+    whole = info.hyper_parameters["hyper_parameters"]
+    assert whole.name == "omegaconf.dictconfig.DictConfig"
+    assert "lr" in whole.state["_content"]

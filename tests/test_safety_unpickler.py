@@ -288,3 +288,112 @@ def test_counter_and_ordered_dict_builders_still_build(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
     torch.save(value, path)
     assert load_torch_file(path, limits=Limits()) == value
+
+
+# -- opaque mode: objects that need code become inert placeholders -------------------------------
+
+
+def run_opaque(data: bytes) -> Any:
+    unpickler = Unpickler(data, path=Path("x.pkl"), member=None, storages=None, limits=Limits(), opaque=True)
+    result = unpickler.run()
+    check_structure(result, path=Path("x.pkl"), limits=Limits(), opaque=True)
+    return result
+
+
+class _Custom:
+    def __init__(self) -> None:
+        self.width = 4
+        self.tags = ["a"]
+
+
+class _Calls:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("never printed",))
+
+
+def test_opaque_mode_records_newobj_build_and_reduce_as_plain_data() -> None:
+    import argparse
+    import datetime
+    import pathlib
+
+    from torchkeep.safety.opaque import Opaque
+
+    value = {
+        "ns": argparse.Namespace(lr=0.5),
+        "obj": _Custom(),
+        "path": pathlib.PurePosixPath("/a/b"),
+        "day": datetime.date(2023, 12, 31),
+        "call": _Calls(),
+    }
+    loaded = run_opaque(pickle.dumps(value, protocol=2))
+    assert all(isinstance(v, Opaque) for v in loaded.values())
+    assert (loaded["ns"].name, loaded["ns"].how, loaded["ns"].state) == (
+        "argparse.Namespace",
+        "new",
+        {"lr": 0.5},
+    )
+    assert loaded["obj"].name.endswith("_Custom")
+    assert loaded["obj"].state == {"width": 4, "tags": ["a"]}
+    assert (loaded["path"].how, loaded["path"].args) == ("call", ("/", "a", "b"))
+    assert loaded["day"].args == (bytes([7, 231, 12, 31]),)
+    assert (loaded["call"].name, loaded["call"].args) == ("builtins.print", ("never printed",))
+
+
+def test_opaque_placeholders_are_refused_by_every_other_reader() -> None:
+    data = pickle.dumps({"x": _Custom()}, protocol=2)
+    with pytest.raises(torchkeep.UnsafeFileError, match="_Custom"):
+        run(data)  # the default interpreter: refused, as before
+    unpickler = Unpickler(data, path=Path("x.pkl"), member=None, storages=None, limits=Limits(), opaque=True)
+    built = unpickler.run()
+    with pytest.raises(torchkeep.UnsafeFileError, match="Opaque"):
+        check_structure(built, path=Path("x.pkl"), limits=Limits())  # without opaque=True
+
+
+def test_opaque_mode_never_calls_the_result_of_a_call() -> None:
+    # getattr(print, "__call__")("x"): a call of something a call returned
+    data = PROTO + glob("builtins", "getattr") + glob("builtins", "print") + text("__call__") + b"\x86R"
+    data += text("x") + b"\x85R" + STOP
+    with pytest.raises(torchkeep.UnsafeFileError, match=r"by calling the result of builtins\.getattr"):
+        run_opaque(data)
+
+
+def test_opaque_mode_keeps_tensors_plain_and_refuses_placeholders_as_tensor_parts(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2), "cfg": _Custom()}, path)
+    loaded = load_torch_file(path, opaque=True)
+    assert torch.equal(loaded["w"], torch.ones(2))
+    with pytest.raises(torchkeep.UnsafeFileError, match="_Custom"):
+        torchkeep.load_weights(path)  # load_weights never uses opaque mode
+    result = torchkeep.scan(path)
+    assert result.verdict == "UNSAFE"
+
+
+def test_rebuild_takes_only_exactly_what_the_value_types_pickle() -> None:
+    import argparse
+    import datetime
+    import pathlib
+
+    from torchkeep.safety.opaque import VALUE_TYPES, Opaque, rebuild
+
+    stamp = datetime.datetime(2024, 2, 29, 13, 5, 7, 123456)
+    value = {
+        "ns": argparse.Namespace(when=stamp, where=pathlib.PurePosixPath("/x")),
+        "delta": datetime.timedelta(days=2, seconds=5),
+        "utc": datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc),
+    }
+    loaded = run_opaque(pickle.dumps(value, protocol=2))
+    rebuilt = rebuild(loaded, VALUE_TYPES)
+    assert rebuilt["ns"] == argparse.Namespace(when=stamp, where=pathlib.PurePosixPath("/x"))
+    assert rebuilt["delta"] == datetime.timedelta(days=2, seconds=5)
+    assert rebuilt["utc"] == datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    assert rebuild(loaded, ()) is loaded
+    forged = [
+        Opaque("pathlib.PosixPath", "call", ("/", Opaque("os.system", "call", ("id",)))),
+        Opaque("datetime.date", "call", (b"\x07\xe8\x02",)),
+        Opaque("datetime.date", "call", (b"\x07\xe8\x02\x30",)),  # February 48th
+        Opaque("argparse.Namespace", "new", (), state={1: "not a name"}),
+        Opaque("argparse.Namespace", "call", ("positional",)),
+    ]
+    assert all(isinstance(item, Opaque) for item in rebuild(forged, VALUE_TYPES))
+    with pytest.raises(ValueError, match=r"cannot rebuild builtins\.eval"):
+        rebuild(loaded, ("builtins.eval",))

@@ -62,6 +62,7 @@ from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
 from torchkeep.run import CheckpointEntry, Checkpointer
 from torchkeep.safety import Limits, ScanResult, scan
+from torchkeep.safety.opaque import Opaque
 from torchkeep.stopping import EarlyStopping
 from torchkeep.summary import Summary, SummaryRow, summarize
 from torchkeep.transfer import FreezeReport, freeze, param_groups, refresh_optimizer, trainable, unfreeze
@@ -99,6 +100,7 @@ __all__ = [
     "NonFiniteCheckpointWarning",
     "NotAModelError",
     "NotAStateDictError",
+    "Opaque",
     "PathIsDirectoryError",
     "ResumableSampler",
     "RngRestoreWarning",

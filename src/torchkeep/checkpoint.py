@@ -4,37 +4,34 @@
 (``epoch``, ``model_state_dict``, ``optimizer_state_dict``, ``loss``, …), built
 only from types that ``torch.load(path, weights_only=True)`` reads, so the file
 loads anywhere without allowlists. ``load_checkpoint`` reads those, hand-written
-ones, and Lightning ``.ckpt`` files.
+ones, and the files and folders other libraries write (Lightning, timm,
+pytorch/examples, HF Trainer, accelerate), recognised by
+:mod:`torchkeep.layouts`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from torchkeep.errors import (
-    CheckpointMismatchError,
-    NotAStateDictError,
-    RngRestoreWarning,
-    TorchkeepError,
-    UnserializableValueError,
-    first_line,
-)
-from torchkeep.formats import FileFormat, detect_format, suffix_format
-from torchkeep.loading import LoadReport, load_into
-from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.errors import UnserializableValueError
+from torchkeep.formats import FileFormat, suffix_format
+from torchkeep.layouts import Reading, read_checkpoint
+from torchkeep.layouts.optimizers import choose
+from torchkeep.loading import LoadReport
+from torchkeep.restoring import apply_states, restore_saved_rng
+from torchkeep.rng import capture_rng_state
 from torchkeep.safety import DEFAULT_LIMITS, Limits
-from torchkeep.safety.allowlist import brief
+from torchkeep.safety.opaque import VALUE_TYPES
 from torchkeep.storage import atomic_target
-from torchkeep.weights import MapLocation, load_weights, read_torch_file, to_state_dict
+from torchkeep.weights import MapLocation, to_state_dict
 
 __all__ = ["CheckpointInfo", "Stateful", "apply_states", "load_checkpoint", "save_checkpoint"]
 
@@ -65,16 +62,40 @@ class CheckpointInfo:
 
     Attributes:
         path: the checkpoint file or folder (a URL for a remote run).
-        epoch, step, loss: as saved (``None`` where absent).
-        metrics: saved metrics.
-        extra: saved user values.
-        restored: the parts restored, e.g. ``("model", "optimizer", "rng")``.
-        layout: ``"torchkeep"``, ``"classic"`` (hand-written), ``"lightning"`` or ``"weights"``.
+        epoch, step, loss: as saved (``None`` where absent); ``epoch`` is a
+            float for an HF Trainer checkpoint saved mid-epoch, ``step`` is
+            Lightning's ``global_step`` and HF's ``global_step``.
+        metrics: saved metrics (ImageNet-style files: ``best_acc1`` …).
+        extra: saved user values; for other libraries' layouts, the entries
+            torchkeep does not map (e.g. ``pytorch-lightning_version``,
+            timm's ``saver``, HF's whole ``trainer_state``).
+        restored: the parts restored, e.g. ``("model", "optimizer", "rng")``
+            (``"optimizer[1]"`` for the second of a list).
+        layout: ``"torchkeep"``, ``"classic"`` (hand-written), ``"lightning"``,
+            ``"timm"``, ``"imagenet"`` (pytorch/examples), ``"optimizer"`` (a
+            bare optimizer state), ``"hf-trainer"``, ``"accelerate"`` or ``"weights"``.
         model_report: what the model load did, when a model was given.
+        hyper_parameters: configuration saved with the weights: Lightning's
+            ``hyper_parameters``, timm's and ImageNet's ``args`` and
+            ``arch``, HF's ``training_args``. Objects that would need code
+            to build are inert :class:`~torchkeep.Opaque` placeholders
+            unless rebuilt (``rebuild=``). A config object saved whole
+            (Lightning with an omegaconf ``DictConfig``) is the one entry
+            ``"hyper_parameters"``.
+        callbacks: Lightning callback states by callback key (ModelCheckpoint's
+            ``best_model_score``, ``best_model_path`` …).
+        loops: Lightning's loop state (``fit_loop`` …).
+        best_metric, best_checkpoint: the best score and its checkpoint, from
+            Lightning's ModelCheckpoint, HF's ``trainer_state.json``
+            (``best_metric``, ``best_model_checkpoint``) or timm's saver.
+        log_history: HF Trainer's ``log_history``.
+        placeholders: where each placeholder is, e.g.
+            ``"hyper_parameters['args']: argparse.Namespace"``.
+        skipped: what the checkpoint holds that was not read or restored, and why.
     """
 
     path: Path | str
-    epoch: int | None = None
+    epoch: int | float | None = None
     step: int | None = None
     loss: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +103,14 @@ class CheckpointInfo:
     restored: tuple[str, ...] = ()
     layout: str = "torchkeep"
     model_report: LoadReport | None = None
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loops: dict[str, Any] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    log_history: list[Any] = field(default_factory=list)
+    placeholders: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
 
 def to_plain(value: Any, where: str) -> Any:
@@ -202,268 +231,163 @@ def save_checkpoint(
     return target
 
 
-def _layout(content: Mapping[str, Any]) -> str:
-    if "torchkeep" in content:
-        return "torchkeep"
-    if "optimizer_states" in content or "pytorch-lightning_version" in content:
-        return "lightning"
-    if "model_state_dict" in content:
-        return "classic"
-    return "weights"
-
-
-def _malformed(path: Path, layout: str, what: str, expected: str) -> NotAStateDictError:
-    return NotAStateDictError(
-        path,
-        f"a {layout} checkpoint whose {what}",
-        hint=f"a readable checkpoint has {expected}; the file was not written by save_checkpoint or "
-        "Lightning as it is (load its weights alone with torchkeep.load_weights(path, key=...))",
-    )
-
-
-def _check_layout(path: Path, content: Mapping[str, Any], layout: str) -> None:
-    """Refuse, before anything is restored, entries whose type no writer of ``layout`` produces.
-
-    Raises:
-        NotAStateDictError: e.g. Lightning ``optimizer_states`` that is not a
-            list, ``metrics`` that is not a dict, a ``loss`` of several values.
-    """
-    if layout == "lightning":
-        for name in ("optimizer_states", "lr_schedulers"):
-            value = content.get(name)
-            if value is not None and not (
-                isinstance(value, list | tuple) and all(v is None or isinstance(v, Mapping) for v in value)
-            ):
-                raise _malformed(
-                    path, layout, f"{name!r} is a {type(value).__name__}", "a list of dicts there"
-                )
-        names: tuple[str, ...] = ("state_dict", "native_amp_scaling_state")
-    elif layout == "weights":
-        names = ()
-    else:
-        names = ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict")
-    for name in (*names, "metrics", "extra"):
-        value = content.get(name)
-        if value is not None and not isinstance(value, Mapping):
-            raise _malformed(
-                path, layout, f"{name!r} is a {type(value).__name__}", f"a dict (or nothing) as {name!r}"
-            )
-    for name in ("epoch", "step", "global_step"):
-        value = content.get(name)
-        if value is not None and (type(value) is not int or not -(2**63) <= value < 2**63):
-            raise _malformed(path, layout, f"{name!r} is {brief(value)}", f"an int as {name!r}")
-    loss = content.get("loss")
-    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-        raise _malformed(path, layout, f"'loss' is a tensor of {loss.numel()} values", "one number as 'loss'")
-    if isinstance(loss, int | float) and not isinstance(loss, bool) and abs(loss) > 2.0**1023:
-        raise _malformed(path, layout, "'loss' is a number no float can hold", "one number as 'loss'")
-
-
-def _parts(content: Mapping[str, Any], layout: str) -> dict[str, Any]:
-    """The model/optimizer/scheduler/scaler states, whatever the layout calls them."""
-    if layout == "lightning":
-        optimizers = content.get("optimizer_states") or [None]
-        schedulers = content.get("lr_schedulers") or [None]
-        return {
-            "model": content.get("state_dict"),
-            "optimizer": optimizers[0],
-            "scheduler": schedulers[0],
-            "scaler": content.get("native_amp_scaling_state"),
-        }
-    if layout == "weights":
-        return {"model": content, "optimizer": None, "scheduler": None, "scaler": None}
-    return {
-        "model": content.get("model_state_dict"),
-        "optimizer": content.get("optimizer_state_dict"),
-        "scheduler": content.get("scheduler_state_dict"),
-        "scaler": content.get("scaler_state_dict"),
-    }
-
-
-def _check_optimizer(path: Path, optimizer: Any, saved: Mapping[str, Any]) -> None:
-    groups = optimizer.state_dict()["param_groups"]
-    saved_groups = saved.get("param_groups", [])
-    if not (
-        isinstance(saved_groups, list | tuple)
-        and all(
-            isinstance(g, Mapping) and isinstance(g.get("params", []), list | tuple) for g in saved_groups
-        )
-    ):
-        raise CheckpointMismatchError(
-            path,
-            "optimizer",
-            f"its param_groups is {brief(saved_groups)}, not a list of dicts with a list of params",
-            "restore without optimizer= (the saved optimizer state is not one torch writes)",
-        )
-    if len(groups) != len(saved_groups):
-        raise CheckpointMismatchError(
-            path,
-            "optimizer",
-            f"it has {len(saved_groups)} parameter group(s), the optimizer has {len(groups)}",
-            "build the optimizer with the same param groups as the run that saved it "
-            "(e.g. the same torchkeep.param_groups(...) call)",
-        )
-    for index, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
-        if len(group["params"]) != len(saved_group.get("params", [])):
-            raise CheckpointMismatchError(
-                path,
-                "optimizer",
-                f"parameter group {index} holds {len(saved_group.get('params', []))} parameters in the "
-                f"checkpoint and {len(group['params'])} in the optimizer",
-                "build the optimizer over the same parameters (same frozen/trainable split) as when saving",
-            )
-
-
-def apply_states(
-    path: Path,
-    parts: Mapping[str, Any],
-    given: Mapping[str, Any],
-    *,
-    strict: bool,
-    available: list[str],
-) -> tuple[list[str], LoadReport | None]:
-    """Load saved states into the given objects, after checking that everything fits.
-
-    ``parts`` maps a name (``"model"``, ``"optimizer"``, a stateful's name) to
-    its saved state (``None`` when absent); ``given`` maps names to the
-    objects to restore (``None`` to skip). The model goes through
-    :func:`load_into`, the rest through ``load_state_dict``. Every check that
-    can fail runs before the first object changes.
-
-    Returns:
-        The names restored, and the model's :class:`LoadReport` (if a model was given).
-    """
-    for name, obj in given.items():
-        if obj is not None and parts.get(name) is None:
-            raise CheckpointMismatchError(
-                path,
-                name,
-                f"the checkpoint holds no {name} state (it has: {', '.join(available)})",
-                f"restore without {name}=",
-            )
-    if given.get("optimizer") is not None:
-        _check_optimizer(path, given["optimizer"], parts["optimizer"])
-    restored: list[str] = []
-    report = None
-    if given.get("model") is not None:
-        report = load_into(given["model"], parts["model"], strict=strict)
-        restored.append("model")
-    for name, obj in given.items():
-        if name != "model" and obj is not None:
-            try:
-                obj.load_state_dict(parts[name])
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-                if isinstance(err, TorchkeepError):
-                    raise
-                raise CheckpointMismatchError(
-                    path,
-                    name,
-                    "its load_state_dict refused the saved state "
-                    f"({type(err).__name__}: {first_line(err)[:200]})",
-                    f"restore without {name}=, or build the {name} as the run that saved it did",
-                ) from err
-            restored.append(name)
-    return restored, report
+OpaqueMode = Literal["placeholder", "refuse"]
 
 
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
     model: nn.Module | None = None,
-    optimizer: Stateful | None = None,
-    scheduler: Stateful | None = None,
+    optimizer: Stateful | Sequence[Stateful] | None = None,
+    scheduler: Stateful | Sequence[Stateful] | None = None,
     scaler: Stateful | None = None,
+    optimizer_index: int | None = None,
+    scheduler_index: int | None = None,
     map_location: MapLocation = "cpu",
     restore_rng: bool = False,
     strict: bool = True,
     trust: bool = False,
+    opaque: OpaqueMode = "placeholder",
+    rebuild: Collection[str] = (),
     limits: Limits = DEFAULT_LIMITS,
 ) -> CheckpointInfo:
     """Restore a training checkpoint into the objects given.
 
     Reads files from :func:`save_checkpoint`, classic dicts saved by hand with
-    ``torch.save({...}, path)``, Lightning ``.ckpt`` files, and bare state
-    dicts. Everything is checked before anything is changed: a checkpoint
-    that does not fit leaves the model and optimizer as they were. The
-    optimizer's state moves to the device of the model's parameters.
+    ``torch.save({...}, path)``, Lightning ``.ckpt`` files, timm
+    ``CheckpointSaver`` and pytorch/examples ImageNet files (``state_dict``,
+    ``optimizer``, ``arch``, ``best_acc1``), bare optimizer states (HF's
+    ``optimizer.pt``), HF Trainer ``checkpoint-N/`` folders, accelerate
+    ``save_state()`` folders, and bare state dicts. Everything is checked
+    before anything is changed: a checkpoint that does not fit leaves the
+    model and optimizer as they were. The optimizer's state moves to the
+    device of the model's parameters.
+
+    Several optimizers (Lightning, accelerate): pass them as a list in the
+    order the run created them, or one with ``optimizer_index=``; a file
+    holding several states and one optimizer without an index is refused
+    with a listing of what it holds. Every saved state tensor is compared
+    with its parameter's shape first.
+
+    Hyper-parameters that would need code to build (``argparse.Namespace``,
+    paths, dates, dataclasses, enums, omegaconf configs in Lightning
+    ``hyper_parameters``, timm's ``args``, HF's ``training_args.bin``) make
+    ``torch.load(weights_only=True)`` refuse the whole file. With
+    ``opaque="placeholder"`` (the default) they come back as inert
+    :class:`~torchkeep.Opaque` placeholders showing the class and its data:
+    nothing is imported or called, whatever the file names (an
+    ``os.system`` "hyper-parameter" is a placeholder holding a string). The
+    default is safe because placeholders are only allowed in
+    hyper-parameter entries (:data:`~torchkeep.layouts.HYPER_PARAMETER_KEYS`),
+    never in weights, optimizer or scheduler state, which still refuse such
+    files (``UnsafeFileError``), as ``load_weights`` and ``torchkeep scan``
+    always do; refusing instead only pushes people to ``trust=True``, which
+    does run the file's code. ``info.placeholders`` lists each one.
 
     Args:
-        path (str | PathLike): the checkpoint.
+        path (str | PathLike): the checkpoint file or folder.
         model (nn.Module | None, default None): receives the weights.
-        optimizer, scheduler, scaler (Stateful | None, default None): receive
-            their states; the checkpoint must hold them.
+        optimizer (Stateful | Sequence[Stateful] | None, default None):
+            receives the optimizer state; a list receives one state each.
+        scheduler (Stateful | Sequence[Stateful] | None, default None): likewise.
+        scaler (Stateful | None, default None): the AMP grad scaler.
+        optimizer_index, scheduler_index (int | None, default None): which
+            saved state a single optimizer/scheduler receives when the
+            checkpoint holds several.
         map_location (str | torch.device, default "cpu"): where tensors are read to.
         restore_rng (bool, default False): restore Python/NumPy/torch/CUDA RNG
-            states saved with the checkpoint.
+            states saved with the checkpoint (HF's ``rng_state.pth`` and
+            accelerate's ``random_states_0.pkl`` too).
         strict (bool, default True): passed to :func:`load_into` for the model.
-        trust (bool, default False): allow unpickling any object (old
-            checkpoints holding NumPy scalars or custom classes). This runs
+        trust (bool, default False): allow unpickling any object. This runs
             code named in the file: only for files you trust.
+        opaque ("placeholder" | "refuse", default "placeholder"): what objects
+            needing code in hyper-parameter entries become: inert
+            placeholders, or a refusal of the whole file (``UnsafeFileError``,
+            as ``torch.load(weights_only=True)``).
+        rebuild (Collection[str], default ()): placeholders of these
+            well-known value types (any of
+            :data:`torchkeep.safety.opaque.VALUE_TYPES`, e.g.
+            ``("argparse.Namespace", "pathlib.PosixPath", "datetime.date")``,
+            or ``VALUE_TYPES`` itself) are
+            rebuilt into real values by torchkeep's own code, never by the
+            class the file names.
         limits (Limits, default Limits()): bounds on what the file may ask
             for, checked before allocating.
 
     Returns:
-        A :class:`CheckpointInfo` with epoch, step, loss, metrics and extra.
+        A :class:`CheckpointInfo` with progress, metrics, hyper-parameters and what was restored.
 
     Raises:
-        CheckpointMismatchError: the checkpoint lacks a part that was passed,
-            or the optimizer's parameter groups differ.
+        CheckpointMismatchError: the checkpoint lacks a part that was passed
+            (or holds an entry that looks like it but is not usable: said
+            so), an optimizer state does not fit (groups, hyper-parameters,
+            state shapes), or several optimizer states and no index.
         KeyMismatchError: the model does not fit the saved weights.
         NotAStateDictError: the file is not a checkpoint.
-        UnsafeFileError, LimitExceededError, CorruptFileError: as for
-            :func:`load_weights`.
+        UnsafeFileError: weights or states that need code to load (or any
+            such object, with ``opaque="refuse"``); nothing was unpickled.
+        LimitExceededError, CorruptFileError: as for :func:`load_weights`.
+        ValueError: ``rebuild`` names a type torchkeep cannot rebuild.
 
     Example:
         >>> info = torchkeep.load_checkpoint("ckpt.tar", model=model, optimizer=opt)
         >>> start_epoch = info.epoch + 1
+        >>> info = torchkeep.load_checkpoint("last.ckpt", model=m, optimizer=[opt_g, opt_d])
+        >>> info.hyper_parameters["args"]           # an Opaque placeholder
+        >>> from torchkeep.safety.opaque import VALUE_TYPES
+        >>> torchkeep.load_checkpoint("last.ckpt", model=m, rebuild=VALUE_TYPES)
     """
     p = Path(path)
-    if detect_format(p) in {FileFormat.SAFETENSORS, FileFormat.TORCH_EXPORT}:
-        content: object = load_weights(p, map_location=map_location, limits=limits)  # bare weights
-    else:
-        content = read_torch_file(p, map_location=map_location, trust=trust, limits=limits)
-    if not isinstance(content, Mapping):
-        raise NotAStateDictError(
-            p, f"a {type(content).__name__}", hint="pass a checkpoint file written by save_checkpoint"
+    if opaque not in ("placeholder", "refuse"):
+        raise ValueError(f"opaque={opaque!r}: pass 'placeholder' (the default) or 'refuse'")
+    rebuild_types = tuple(rebuild)
+    unknown = sorted(set(rebuild_types) - VALUE_TYPES)
+    if unknown:
+        raise ValueError(
+            f"rebuild= names {', '.join(unknown)}, which torchkeep cannot rebuild without running the "
+            f"file's code; it rebuilds {', '.join(sorted(VALUE_TYPES))} (or pass trust=True for a file "
+            "you trust)"
         )
-    layout = _layout(content)
-    _check_layout(p, content, layout)
-    parts = _parts(content, layout)
-    given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    restored, report = apply_states(p, parts, given, strict=strict, available=list(map(str, content)))
+    reading = Reading(map_location, trust, limits, opaque == "placeholder", rebuild_types)
+    given: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    saved = read_checkpoint(p, reading, {name for name, obj in given.items() if obj is not None} | {"rng"})
+    parts: dict[str, Any] = {"model": saved.model, "scaler": saved.scaler}
+    objects: dict[str, Any] = {"model": model}
+    for part, obj, index, states in (
+        ("optimizer", optimizer, optimizer_index, saved.optimizers),
+        ("scheduler", scheduler, scheduler_index, saved.schedulers),
+    ):
+        if obj is None:
+            continue
+        for name, one, state in choose(p, part, obj, states, index):
+            objects[name], parts[name] = one, state
+    objects["scaler"] = scaler
+    available = saved.entries
+    restored, report = apply_states(
+        p, parts, objects, strict=strict, available=available, absent=saved.absent
+    )
     if restore_rng:
-        if "rng_state" in content:
-            rng = content["rng_state"]
-            try:
-                if not isinstance(rng, Mapping):
-                    raise TypeError(f"the RNG state is a {type(rng).__name__}")
-                restore_rng_state(dict(rng))
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-                if isinstance(err, TorchkeepError):
-                    raise
-                raise CheckpointMismatchError(
-                    p,
-                    "rng",
-                    f"the saved RNG state cannot be restored ({type(err).__name__}: {first_line(err)[:200]})",
-                    "pass restore_rng=False",
-                ) from err
-            restored.append("rng")
-        else:
-            warnings.warn(
-                f"{p} holds no RNG state; random streams were not restored", RngRestoreWarning, stacklevel=2
-            )
-    step = content.get("global_step") if layout == "lightning" else content.get("step")
-    loss = content.get("loss")
+        restored += restore_saved_rng(p, saved)
+    loss = saved.loss
     info = CheckpointInfo(
         path=p,
-        epoch=content.get("epoch"),
-        step=step,
+        epoch=saved.epoch,
+        step=saved.step,
         loss=_loss_value(loss) if isinstance(loss, float | int | torch.Tensor) else None,
-        metrics=dict(content.get("metrics") or {}),
-        extra=dict(content.get("extra") or {}),
+        metrics=saved.metrics,
+        extra=saved.extra,
         restored=tuple(restored),
-        layout=layout,
+        layout=saved.layout,
         model_report=report,
+        hyper_parameters=saved.hyper_parameters,
+        callbacks=saved.callbacks,
+        loops=saved.loops,
+        best_metric=saved.best_metric,
+        best_checkpoint=saved.best_checkpoint,
+        log_history=saved.log_history,
+        placeholders=tuple(saved.placeholders),
+        skipped=tuple(saved.skipped),
     )
     logger.info("restored %s from %s (epoch %s)", ", ".join(restored) or "nothing", p, info.epoch)
     return info

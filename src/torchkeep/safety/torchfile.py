@@ -267,6 +267,7 @@ def load_torch_file(
     map_location: str | torch.device | None = "cpu",
     mmap: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    opaque: bool = False,
 ) -> Any:
     """What ``torch.load(path, weights_only=True)`` returns, built without unpickling.
 
@@ -278,6 +279,10 @@ def load_torch_file(
             (zip format only): returns at once, pages are read on first use,
             and CRCs are not checked.
         limits (Limits): bounds checked before anything is allocated.
+        opaque (bool, default False): objects outside the allowlist become
+            inert :class:`~torchkeep.safety.opaque.Opaque` placeholders
+            instead of a refusal; the caller must decide where they may be
+            (``load_checkpoint`` allows them only in hyper-parameter entries).
 
     Raises:
         UnsafeFileError: the file imports or calls something outside the
@@ -292,9 +297,18 @@ def load_torch_file(
         head = f.read(4)
         if head == b"PK\x03\x04":
             return _load_zip(
-                p, f, size, device=_device_of(map_location), mmap=mmap, limits=limits, meta=False
+                p,
+                f,
+                size,
+                device=_device_of(map_location),
+                mmap=mmap,
+                limits=limits,
+                meta=False,
+                opaque=opaque,
             )
-        return _load_legacy(p, f, size, device=_device_of(map_location), limits=limits, meta=False)
+        return _load_legacy(
+            p, f, size, device=_device_of(map_location), limits=limits, meta=False, opaque=opaque
+        )
 
 
 def torch_prefix(archive: ZipArchive) -> str:
@@ -360,6 +374,7 @@ def _load_zip(
     limits: Limits,
     meta: bool,
     collect: Collector | None = None,
+    opaque: bool = False,
 ) -> Any:
     archive = ZipArchive(path, f, size, limits=limits)
     prefix = torch_prefix(archive)
@@ -428,13 +443,14 @@ def _load_zip(
         limits=limits,
         collect=collect is not None,
         stored_size=pickle_member.compressed_size,
+        opaque=opaque,
     )
     try:
         if arena is not None and device is not None and device.type != "cpu":
             arena.finish()  # storages are copied to the device as they are met: they must be complete
         result = unpickler.run()
         if not unpickler.findings:  # with findings (collect mode) the result holds placeholders
-            check_structure(result, path=path, limits=limits)
+            check_structure(result, path=path, limits=limits, opaque=opaque)
     except BaseException:
         if arena is not None:
             arena.finish(abort=True)
@@ -456,15 +472,26 @@ def _load_legacy(
     limits: Limits,
     meta: bool,
     collect: Collector | None = None,
+    opaque: bool = False,
 ) -> Any:
     if size == 0:
         raise CorruptFileError(path, "the file is empty (0 bytes)")
     if isinstance(f, io.BytesIO):
         return _read_legacy(
-            path, f.getbuffer(), f, size, device=device, limits=limits, meta=meta, collect=collect
+            path,
+            f.getbuffer(),
+            f,
+            size,
+            device=device,
+            limits=limits,
+            meta=meta,
+            collect=collect,
+            opaque=opaque,
         )
     with mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ) as mm:
-        return _read_legacy(path, mm, f, size, device=device, limits=limits, meta=meta, collect=collect)
+        return _read_legacy(
+            path, mm, f, size, device=device, limits=limits, meta=meta, collect=collect, opaque=opaque
+        )
 
 
 def _read_legacy(
@@ -477,6 +504,7 @@ def _read_legacy(
     limits: Limits,
     meta: bool,
     collect: Collector | None,
+    opaque: bool = False,
 ) -> Any:
     def run(unpickler: Unpickler) -> Any:
         try:
@@ -525,6 +553,7 @@ def _read_legacy(
         limits=limits,
         tensor_limits=TensorLimits(limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes),
         collect=collect is not None,
+        opaque=opaque,
     )
     first_result = run(first)
     keys, data_start = small(first.end)
@@ -571,13 +600,20 @@ def _read_legacy(
 
     if meta:
         if not first.findings:
-            check_structure(first_result, path=path, limits=limits)
+            check_structure(first_result, path=path, limits=limits, opaque=opaque)
         return None  # pass 1 checked every reference and the data layout; nothing more to see
     second = Unpickler(
-        mm, path=path, member=None, start=pos, storages=load, limits=limits, tensor_limits=tensor_limits
+        mm,
+        path=path,
+        member=None,
+        start=pos,
+        storages=load,
+        limits=limits,
+        tensor_limits=tensor_limits,
+        opaque=opaque,
     )
     result = second.run(allow_trailing=True)
-    check_structure(result, path=path, limits=limits)
+    check_structure(result, path=path, limits=limits, opaque=opaque)
     return result
 
 

@@ -15,6 +15,14 @@ other opcode is refused.
 In *collect* mode (used by ``torchkeep scan``) a refused import or call is
 recorded as a :class:`Finding` and replaced by a placeholder, so one pass
 lists everything a file would import or call.
+
+In *opaque* mode (used only by ``load_checkpoint`` for hyper-parameter
+entries) a name outside the allowlist becomes an inert
+:class:`~torchkeep.safety.opaque.Opaque`, and REDUCE, NEWOBJ, BUILD,
+SETITEMS and APPENDS on it record their arguments in it as plain data;
+nothing named is imported or called. The caller decides where such
+placeholders may be (:func:`check_structure` with ``opaque=True`` only lets
+them through; every other reader refuses them).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from torchkeep.safety.allowlist import (
     note_hash,
 )
 from torchkeep.safety.limits import BUILD_ALLOWANCE, Limits
+from torchkeep.safety.opaque import Opaque
 
 __all__ = ["Finding", "Placeholder", "StorageLoader", "Unpickler", "check_structure"]
 
@@ -87,6 +96,8 @@ class Unpickler:
         stored_size: the bytes the pickle takes in the file (its compressed
             size when it is a deflated zip member); default: all of ``data``
             after ``start``.
+        opaque: build an inert :class:`Opaque` for what the allowlist lacks
+            instead of refusing (not with ``collect``).
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class Unpickler:
         collect: bool = False,
         tensor_limits: TensorLimits | None = None,
         stored_size: int | None = None,
+        opaque: bool = False,
     ) -> None:
         self._data = data
         self._path = path
@@ -109,6 +121,7 @@ class Unpickler:
         self._storages = storages
         self._limits = limits
         self._collect = collect
+        self._opaque = opaque and not collect
         self._tensor_limits = tensor_limits or TensorLimits(
             limits.max_numel, limits.max_tensors, max_bytes=limits.max_bytes
         )
@@ -437,6 +450,13 @@ class Unpickler:
                     for item in items:
                         self._insert_key(target, item)
                         target.add(item)
+                elif (code == 0x81 or code == 0x92) and self._opaque:  # NEWOBJ, NEWOBJ_EX
+                    kwargs = stack.pop() if code == 0x92 else None
+                    args = stack.pop()
+                    stack[-1] = self._new_opaque(stack[-1], args, kwargs)
+                    built += 96
+                    if built > budget:
+                        raise self._over_budget(built, stored)
                 elif self._collect and code in _OBJECT_OPS:
                     stack, pos = self._collect_object(code, stack, marks, pos, frame_end)
                 else:
@@ -590,6 +610,10 @@ class Unpickler:
         if len(items) % 2:
             raise self._corrupt("SETITEMS with an odd number of values")
         target = stack[-1]
+        if type(target) is Opaque and self._opaque and target.how != "name":
+            if target.items is None:
+                target.items = {}
+            target = target.items
         if type(target) not in (dict, OrderedDict):
             if isinstance(target, Placeholder) and self._collect:
                 return
@@ -602,6 +626,10 @@ class Unpickler:
 
     def _append(self, stack: list[Any], items: list[Any]) -> None:
         target = stack[-1]
+        if type(target) is Opaque and self._opaque and target.how != "name":
+            if target.list_items is None:
+                target.list_items = []
+            target = target.list_items
         if type(target) is not list:
             if isinstance(target, Placeholder) and self._collect:
                 return
@@ -620,6 +648,8 @@ class Unpickler:
         if self._collect:
             self._record("import", dotted)
             return Placeholder(dotted)
+        if self._opaque:
+            return Opaque(dotted)
         raise self._refuse(
             f"would import {dotted}, which is not on torchkeep's allowlist", globals_=(dotted,)
         )
@@ -644,6 +674,8 @@ class Unpickler:
                     self._record("call", f"{func.name}: {err}")
                     return Placeholder(func.name)
                 raise self._refuse(f"calls {func.name} with arguments torchkeep refuses: {err}") from None
+        if type(func) is Opaque and self._opaque:
+            return self._new_opaque(func, args, None, how="call")
         label = func.name if isinstance(func, Placeholder | TypeMarker | StorageType) else type(func).__name__
         if self._collect:
             self._record("call", f"{label}(…)")
@@ -667,11 +699,25 @@ class Unpickler:
             return
         if isinstance(target, torch.Tensor) and (state is None or state == {}):
             return
+        if type(target) is Opaque and self._opaque and target.how != "name":
+            if target.state is not None or state is None:
+                raise self._refuse(f"sets the state of one {target.name} twice, or to None")
+            target.state = state
+            return
         if self._collect:
             label = target.name if isinstance(target, Placeholder) else type(target).__name__
             self._record("call", f"{label}.__setstate__(…)")
             return
         raise self._refuse(f"sets the state of a {type(target).__name__}, which torch.save never does")
+
+    def _new_opaque(self, cls: Any, args: Any, kwargs: Any, *, how: str = "new") -> Opaque:
+        """Opaque mode: record ``cls(*args)`` (REDUCE) or ``cls.__new__(cls, *args, **kwargs)`` (NEWOBJ)."""
+        if type(cls) is not Opaque or cls.how != "name":
+            what = f"the result of {cls.name}(…)" if type(cls) is Opaque else type(cls).__name__
+            raise self._refuse(f"makes an object by calling {what}, which no pickled class does")
+        if type(args) is not tuple or not (kwargs is None or type(kwargs) is dict):
+            raise self._corrupt("an object made without an argument tuple (or keyword dict)")
+        return Opaque(cls.name, how, args, kwargs)
 
     def _persistent(self, pid: Any) -> Any:
         if self._storages is None:
@@ -755,8 +801,13 @@ def _opcode_label(code: int) -> str:
     return f"0x{code:02x} (not a pickle opcode)"
 
 
-def check_structure(value: Any, *, path: Path, limits: Limits) -> None:
+def check_structure(value: Any, *, path: Path, limits: Limits, opaque: bool = False) -> None:
     """Walk what a pickle built: only plain values, containers and tensors; no cycles; bounded depth.
+
+    With ``opaque`` the :class:`Opaque` placeholders of opaque mode pass too
+    (what they hold is walked like any container, and a reference back to a
+    placeholder, such as an omegaconf node's ``_parent``, is no cycle error);
+    the caller then decides where they may be.
 
     Raises:
         UnsafeFileError: a leftover function or storage object, or a cycle.
@@ -764,7 +815,7 @@ def check_structure(value: Any, *, path: Path, limits: Limits) -> None:
     """
     # Depth-first with one iterator per level: memory is O(max_depth) whatever the
     # number of references, and each container is entered once.
-    if not _is_container(value):
+    if not _is_container(value, opaque):
         _check_leaf(value, path)
         return
     done: set[int] = set()
@@ -775,10 +826,12 @@ def check_structure(value: Any, *, path: Path, limits: Limits) -> None:
         for child in children:
             if isinstance(child, torch.Tensor) or is_plain_value(child):
                 continue
-            if not _is_container(child):
+            if not _is_container(child, opaque):
                 _check_leaf(child, path)
             cid = id(child)
             if cid in on_path:
+                if opaque and type(child) is Opaque:
+                    continue  # a placeholder's state naming its parent (omegaconf nodes do): inert data
                 raise UnsafeFileError(
                     path, reason="builds a container that contains itself (a reference cycle)"
                 )
@@ -797,11 +850,13 @@ def check_structure(value: Any, *, path: Path, limits: Limits) -> None:
             done.add(id(obj))
 
 
-def _is_container(value: Any) -> bool:
-    return isinstance(value, dict | list | tuple | set | frozenset)
+def _is_container(value: Any, opaque: bool) -> bool:
+    return isinstance(value, dict | list | tuple | set | frozenset) or (opaque and type(value) is Opaque)
 
 
 def _children(obj: Any) -> Iterator[Any]:
+    if type(obj) is Opaque:
+        return obj.parts()
     if isinstance(obj, dict):
         return itertools.chain(obj.keys(), obj.values(), getattr(obj, "__dict__", {}).values())
     return iter(obj)
