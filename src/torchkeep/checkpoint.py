@@ -33,7 +33,7 @@ from torchkeep.safety.opaque import VALUE_TYPES
 from torchkeep.storage import atomic_target
 from torchkeep.weights import MapLocation, to_state_dict
 
-__all__ = ["CheckpointInfo", "Stateful", "apply_states", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointInfo", "Stateful", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.checkpoint import CheckpointInfo, Stateful, apply_states
+from torchkeep.checkpoint import CheckpointInfo, Stateful
 from torchkeep.distributed import (
     Coordinator,
     is_sharded,
@@ -34,6 +34,7 @@ from torchkeep.distributed import (
     unwrap,
 )
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
+from torchkeep.restoring import apply_states
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.run.layout import (
     FORMAT_VERSION,
