@@ -30,6 +30,7 @@ went wrong and what to do next::
     ├── MissingMetricError          (KeyError)
     ├── NoMatchError                (ValueError)
     ├── ExportError                 (RuntimeError)
+    ├── InvalidShardSizeError       (ValueError)
     └── UnsafeFileError             (pickle.UnpicklingError)
         (also importable as UntrustedFileError)
 
@@ -51,6 +52,7 @@ __all__ = [
     "DistributedSaveError",
     "ExportError",
     "InvalidMetadataError",
+    "InvalidShardSizeError",
     "KeyMismatchError",
     "LimitExceededError",
     "MissingClassError",
@@ -699,3 +701,22 @@ class RngRestoreWarning(TorchkeepWarning):
     Training then goes on with other random numbers than the original run
     would have drawn; the message says which generator and why.
     """
+
+
+class InvalidShardSizeError(TorchkeepError, ValueError):
+    """``max_shard_size`` is not a size ``save_weights`` can split by.
+
+    Attributes:
+        value: what was passed.
+
+    Example:
+        >>> torchkeep.save_weights(model, "out/", max_shard_size="5GB")  # not "5 gigs"
+    """
+
+    def __init__(self, value: object, reason: str) -> None:
+        self.value = value
+        super().__init__(
+            f"max_shard_size={value!r} is not a shard size: {reason}; pass a number of bytes or text "
+            "like '5GB', '500MB', '50KB' (1000-based, as Hugging Face counts) or '2GiB', '512MiB' "
+            "(1024-based)."
+        )
