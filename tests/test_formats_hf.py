@@ -241,7 +241,7 @@ def test_a_shard_linked_outside_the_folder_is_refused(sharded: Path, tmp_path: P
 def test_a_missing_shard_is_named(sharded: Path, tmp_path: Path) -> None:
     folder = copy_of(sharded, tmp_path)
     (folder / "model-00003-of-00003.safetensors").unlink()
-    with pytest.raises(torchkeep.CorruptFileError, match="model-00003-of-00003.safetensors.*missing") as info:
+    with pytest.raises(torchkeep.CorruptFileError, match=r"00003-of-00003.safetensors.*missing") as info:
         torchkeep.load_weights(folder)
     assert info.value.member == "model-00003-of-00003.safetensors"
 
@@ -254,7 +254,7 @@ def test_a_key_in_the_wrong_shard(sharded: Path, tmp_path: Path) -> None:
         return data
 
     edit_index(folder, change)
-    with pytest.raises(torchkeep.CorruptFileError, match="transformer.wte.weight") as info:
+    with pytest.raises(torchkeep.CorruptFileError, match=r"transformer.wte.weight") as info:
         torchkeep.load_weights(folder)
     assert "model-0000" in str(info.value)
 
@@ -272,7 +272,7 @@ def test_a_bin_shard_with_extra_tensors(tmp_path: Path) -> None:
     state = {"a": torch.ones(2), "b": torch.zeros(3)}
     index = write_bin_shards(state, tmp_path, per_shard=1)
     torch.save({"b": torch.zeros(3), "extra": torch.ones(1)}, tmp_path / "pytorch_model-00002-of-00002.bin")
-    with pytest.raises(torchkeep.CorruptFileError, match="'extra'.*does not list"):
+    with pytest.raises(torchkeep.CorruptFileError, match=r"'extra'.*does not list"):
         torchkeep.load_weights(index)
 
 
@@ -311,7 +311,7 @@ def test_a_shard_that_is_a_pickle_with_a_payload_is_refused_by_the_shard_reader(
     shard = folder / "model-00002-of-00003.safetensors"
     keys = read_index(folder / "model.safetensors.index.json").keys_in(shard)
     torch.save({**{k: torch.ones(1) for k in keys}, "hook": Payload()}, shard)
-    with pytest.raises(torchkeep.UnsafeFileError, match="posix.system") as info:
+    with pytest.raises(torchkeep.UnsafeFileError, match=r"posix.system") as info:
         torchkeep.load_weights(folder)
     assert info.value.path == shard
     shutil.copy(sharded / shard.name, shard)
@@ -330,13 +330,16 @@ def test_cli_inspect_diff_convert_on_folders(
 ) -> None:
     code, out, _ = run_cli(["inspect", str(sharded), "--limit", "2"], capsys)
     assert code == 0
-    assert "3 shards" in out and "28 tensors" in out
+    assert "3 shards" in out
+    assert "28 tensors" in out
     code, out, _ = run_cli(["diff", str(sharded), str(single / "model.safetensors")], capsys)
-    assert code == 0 and "28 equal, 0 changed" in out
+    assert code == 0
+    assert "28 equal, 0 changed" in out
     code, out, _ = run_cli(
         ["convert", str(sharded / "model.safetensors.index.json"), str(tmp_path / "one.pt")], capsys
     )
-    assert code == 0 and "wrote 28 tensors" in out
+    assert code == 0
+    assert "wrote 28 tensors" in out
     assert torchkeep.diff(tmp_path / "one.pt", sharded).identical
 
 
@@ -349,7 +352,8 @@ def test_cli_scan_skips_config_and_readme(sharded: Path, capsys: pytest.CaptureF
         assert f"SKIPPED {sharded / name}" in out
     code, out, _ = run_cli(["scan", "--json", str(sharded)], capsys)
     verdicts = {Path(r["path"]).name: r["verdict"] for r in json.loads(out)}
-    assert verdicts["config.json"] == "SKIPPED" and verdicts["model-00001-of-00003.safetensors"] == "SAFE"
+    assert verdicts["config.json"] == "SKIPPED"
+    assert verdicts["model-00001-of-00003.safetensors"] == "SAFE"
 
 
 def test_cli_scan_still_scans_a_pickle_named_like_a_config(
@@ -359,8 +363,10 @@ def test_cli_scan_still_scans_a_pickle_named_like_a_config(
     (tmp_path / "notes.txt").write_text("hello")
     code, out, _ = run_cli(["scan", str(tmp_path)], capsys)
     assert code == 1
-    assert "UNSAFE" in out and "posix.system" in out
+    assert "UNSAFE" in out
+    assert "posix.system" in out
     assert f"SKIPPED {tmp_path / 'notes.txt'}" in out
     (tmp_path / "config.json").unlink()
     code, out, _ = run_cli(["scan", str(tmp_path)], capsys)
-    assert code == 2 and "no model files found" in out
+    assert code == 2
+    assert "no model files found" in out

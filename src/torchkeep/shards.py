@@ -4,9 +4,9 @@
 layout is the one ``save_pretrained`` writes, so ``from_pretrained(folder)``
 and :func:`~torchkeep.load_weights` both read it:
 
-- ``folder/`` or ``folder/model.safetensors.index.json``: safetensors shards
-  ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``;
-- ``folder/pytorch_model.bin.index.json``: ``torch.save`` shards
+- ``folder/`` (or ``folder/model.safetensors[.index.json]``): safetensors
+  shards ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``;
+- ``folder/pytorch_model.bin[.index.json]``: ``torch.save`` shards
   ``pytorch_model-0000k-of-0000n.bin`` + ``pytorch_model.bin.index.json``.
 
 Everything that fits in one shard is one ``model.safetensors`` (or
@@ -39,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from torchkeep.errors import InvalidShardSizeError, UnsupportedSuffixError
+from torchkeep.errors import InvalidShardSizeError
 from torchkeep.formats.base import FileFormat
 from torchkeep.formats.hf import (
     ENTRY_POINTS,
@@ -135,14 +135,11 @@ def plan_shards(kept: StateDict, max_bytes: int) -> list[list[str]]:
 
 
 def _layout(location: Path) -> tuple[Path, FileFormat]:
-    if location.name in (SAFE_INDEX, TORCH_INDEX):
-        return (
-            location.parent,
-            FileFormat.SAFETENSORS if location.name == SAFE_INDEX else FileFormat.TORCH_ZIP,
-        )
-    if location.suffix and not location.is_dir():
-        raise UnsupportedSuffixError(location, [SAFE_INDEX, TORCH_INDEX, "(a folder)"], what="shards")
-    return location, FileFormat.SAFETENSORS
+    """The folder and the format: an entry-point name (``.../pytorch_model.bin.index.json``) picks both."""
+    if location.name in ENTRY_POINTS:
+        torch_format = location.name.startswith("pytorch_model")
+        return location.parent, FileFormat.TORCH_ZIP if torch_format else FileFormat.SAFETENSORS
+    return location, FileFormat.SAFETENSORS  # any other name is the folder (``bert-v1.5/`` too)
 
 
 def _live_names(folder: Path) -> set[str]:
@@ -194,11 +191,10 @@ def save_shards(
 
     Raises:
         InvalidShardSizeError: ``max_shard_size`` is not a positive size.
-        UnsupportedSuffixError: ``location`` is a file name that is not an index name.
     """
     max_bytes = parse_shard_size(max_shard_size)
     if isinstance(location, Remote):
-        is_index = location.name in (SAFE_INDEX, TORCH_INDEX)
+        is_index = location.name in ENTRY_POINTS
         remote = (
             Remote(location.fs, posixpath.dirname(location.path), posixpath.dirname(location.url))
             if is_index

@@ -211,9 +211,9 @@ def save_weights(
             sharded checkpoint instead, shards of at most this many bytes
             (``"5GB"``, ``"500MB"``, ``"50KB"``: 1000-based as Hugging Face
             counts; ``"2GiB"``: 1024-based). ``path`` is then the folder
-            (safetensors shards), or the index path inside it naming the
-            format (``model.safetensors.index.json`` or
-            ``pytorch_model.bin.index.json``). Shards are written first and
+            (safetensors shards), or a Hugging Face file name inside it
+            naming the format (``model.safetensors[.index.json]`` or
+            ``pytorch_model.bin[.index.json]`` for ``.bin`` shards). Shards are written first and
             the index last, so a crash never leaves a broken save; see
             :mod:`torchkeep.shards`.
 
