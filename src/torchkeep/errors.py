@@ -37,6 +37,7 @@ went wrong and what to do next::
         ├── UnserializableValueError     (TypeError)
         ├── MissingExtraError            (ImportError)
         ├── UnknownProtocolError         (ValueError)
+        ├── InvalidShardSizeError        (ValueError)
         └── ExportError                  (RuntimeError)
 
     TorchkeepWarning                (UserWarning)
@@ -61,6 +62,7 @@ __all__ = [
     "DoesNotFitError",
     "ExportError",
     "InvalidMetadataError",
+    "InvalidShardSizeError",
     "KeyMismatchError",
     "LimitExceededError",
     "MissingClassError",
@@ -779,3 +781,22 @@ class NonFiniteCheckpointWarning(TorchkeepWarning):
     It is kept (training may want to inspect it) but flagged in its manifest,
     shown as poisoned by ``torchkeep ls`` / ``verify``, and never ranked best.
     """
+
+
+class InvalidShardSizeError(UsageError, ValueError):
+    """``max_shard_size`` is not a size ``save_weights`` can split by.
+
+    Attributes:
+        value: what was passed.
+
+    Example:
+        >>> torchkeep.save_weights(model, "out/", max_shard_size="5GB")  # not "5 gigs"
+    """
+
+    def __init__(self, value: object, reason: str) -> None:
+        self.value = value
+        super().__init__(
+            f"max_shard_size={value!r} is not a shard size: {reason}; pass a number of bytes or text "
+            "like '5GB', '500MB', '50KB' (1000-based, as Hugging Face counts) or '2GiB', '512MiB' "
+            "(1024-based)."
+        )

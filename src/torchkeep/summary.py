@@ -13,6 +13,7 @@ from torch import nn
 
 from torchkeep._table import format_bytes, format_table
 from torchkeep.formats import FileFormat, detect_format, read_safetensors_header
+from torchkeep.formats.hf import check_shard_names, find_hf_weights
 from torchkeep.weights import (
     extract_state_dict,
     load_weights,
@@ -274,7 +275,8 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
     Args:
         obj (nn.Module | str | PathLike | Mapping[str, Tensor]): what to describe;
             a Checkpointer checkpoint folder (or run folder: its newest valid
-            checkpoint) shows the model's weights.
+            checkpoint) shows the model's weights, a Hugging Face model folder or
+            shard index every tensor of every shard.
 
     Returns:
         A :class:`Summary`; ``print(summary)`` shows the table.
@@ -290,6 +292,17 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
     if isinstance(obj, Mapping):
         return Summary(_rows_from_tensors(to_state_dict(obj)), "state dict")
     path = Path(obj)
+    hf = find_hf_weights(path)
+    if hf is not None:  # a Hugging Face folder or shard index: each file as one, checked against the index
+        parts = [_summarize_file(f) for f in hf.files]
+        for f, part in zip(hf.files, parts, strict=True):
+            if hf.index is not None:
+                check_shard_names(hf.index, f, (r.name for r in part.rows))
+        rows = tuple(r for part in parts for r in part.rows)
+        fmt = hf.description if hf.index is not None else parts[0].file_format
+        size = sum(part.file_size or 0 for part in parts)
+        meta = {**parts[0].metadata, **hf.metadata_text()}
+        return Summary(rows, str(path), file_format=fmt, file_size=size, metadata=meta)
     if path.is_dir():  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
         from torchkeep.run.reader import model_file
 

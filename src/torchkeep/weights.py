@@ -37,12 +37,14 @@ from torchkeep.formats import (
     read_safetensors_header,
     suffix_format,
 )
+from torchkeep.formats.hf import find_hf_weights, read_hf_weights
 from torchkeep.safety import DEFAULT_LIMITS, Limits, load_torch_file, scan
 from torchkeep.safety.aliases import ALIASES_KEY, check_aliases
 from torchkeep.safety.torchfile import METADATA_RECORD, read_metadata_record, torch_prefix
 from torchkeep.safety.ziparchive import ZipArchive
-from torchkeep.storage import file_store
-from torchkeep.storage.remote import StorageOptions
+from torchkeep.shards import parse_shard_size, save_shards
+from torchkeep.storage import atomic_target, file_store
+from torchkeep.storage.remote import StorageOptions, resolve
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
@@ -180,6 +182,7 @@ def save_weights(
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
     storage_options: StorageOptions | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path | str:
     """Save a model's weights (parameters and buffers) to one file, atomically.
 
@@ -203,11 +206,21 @@ def save_weights(
         durable (bool, default True): fsync before the file replaces ``path``.
         storage_options (Mapping | None, default None): options of the fsspec
             filesystem for a URL (credentials, ``endpoint_url``, …).
+        max_shard_size (int | str | None, default None): write a Hugging Face
+            sharded checkpoint instead, shards of at most this many bytes
+            (``"5GB"``, ``"500MB"``, ``"50KB"``: 1000-based as Hugging Face
+            counts; ``"2GiB"``: 1024-based). ``path`` is then the folder
+            (safetensors shards), or a Hugging Face file name inside it
+            naming the format (``model.safetensors[.index.json]`` or
+            ``pytorch_model.bin[.index.json]`` for ``.bin`` shards). Shards are written first and
+            the index last, so a crash never leaves a broken save; see
+            :mod:`torchkeep.shards`.
 
     Returns:
-        The path written (the URL, for a URL).
+        The path written (the URL, for a URL; the folder, for shards).
 
     Raises:
+        InvalidShardSizeError: ``max_shard_size`` is not a positive size.
         UnsupportedSuffixError: the suffix names no known format.
         NotAStateDictError: the input is not a module or a dict of tensors.
         UnsupportedDtypeError: safetensors cannot store a tensor's dtype.
@@ -215,7 +228,23 @@ def save_weights(
 
     Example:
         >>> torchkeep.save_weights(model, "model.safetensors")
+        >>> torchkeep.save_weights(model, "gpt2-out/", max_shard_size="5GB")
     """
+    if max_shard_size is not None:  # a Hugging Face sharded folder: shards.py owns that layout
+        parse_shard_size(max_shard_size)  # before any work, as the suffix check is for one file
+        meta = _check_metadata(metadata)
+        state = to_state_dict(model_or_state_dict)
+        kept, aliases = compact_tensors(state, dtype)
+        return save_shards(
+            resolve(path, storage_options),
+            state,
+            kept,
+            aliases,
+            meta,
+            max_shard_size=max_shard_size,
+            durable=durable,
+            write=_write_file,
+        )
     store = file_store(path, storage_options)
     target = store.public("")
     fmt = suffix_format(target if isinstance(target, Path) else Path(target.rsplit("/", 1)[-1]))
@@ -226,6 +255,21 @@ def save_weights(
         _write(tmp, fmt, state, kept, aliases, meta)
     logger.info("saved %d tensors to %s", len(state), target)
     return target
+
+
+def _write_file(
+    target: Path,
+    fmt: FileFormat,
+    state: StateDict,
+    kept: StateDict,
+    aliases: dict[str, str],
+    meta: dict[str, str],
+    *,
+    durable: bool,
+) -> None:
+    """:func:`_write` as one whole file at ``target``: complete or absent (what a shard needs)."""
+    with atomic_target(target, durable=durable) as tmp:
+        _write(tmp, fmt, state, kept, aliases, meta)
 
 
 def _write(
@@ -398,11 +442,16 @@ def load_weights(
     Reads safetensors, ``torch.save`` files (zip and legacy) holding a state
     dict or a checkpoint dict (the weights are found under ``state_dict``,
     ``model_state_dict`` or ``model``, or under ``key``), Hugging Face
-    ``pytorch_model.bin`` files, and the weights of a ``.pt2`` program.
+    ``pytorch_model.bin`` files, Hugging Face model folders and sharded
+    checkpoints (``model.safetensors.index.json`` + shards, or the ``.bin``
+    ones: each shard read and checked as a single file is, the index
+    checked strictly), and the weights of a ``.pt2`` program.
 
     Args:
-        path (str | PathLike): the file, or a URL (``s3://…``, any fsspec
-            protocol: downloaded to a local scratch file, then read).
+        path (str | PathLike): the file, a Hugging Face model folder (or PEFT
+            adapter folder), a shard index (``*.index.json``), or a URL
+            (``s3://…``, any fsspec protocol: downloaded to a local scratch
+            file, then read).
         map_location (str | torch.device, default "cpu"): where the tensors
             go. The default loads files saved on a GPU on any machine.
         key (str | None, default None): the entry of a checkpoint dict that
@@ -472,6 +521,11 @@ def cast_floating(state: StateDict, dtype: torch.dtype) -> StateDict:
 def _read_weights(
     p: Path, map_location: MapLocation, key: str | None, trust: bool, mmap: bool | None, limits: Limits
 ) -> StateDict:
+    hf = find_hf_weights(p, limits=limits)  # a Hugging Face folder or shard index: each file read as below
+    if hf is not None:
+        return read_hf_weights(
+            hf, lambda f, lim: _read_weights(f, map_location, key, trust, mmap, lim), limits=limits
+        )
     fmt = detect_format(p)
     if fmt is FileFormat.SAFETENSORS:
         header = read_safetensors_header(p, limits=limits)

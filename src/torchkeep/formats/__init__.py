@@ -9,6 +9,9 @@ module owns its layout's bytes:
 - ``pickles``: the legacy ``torch.save`` prefix, raw pickles, and the probe
   that refuses files which also run as a pickle;
 - ``numpy``: ``.npy`` headers, parsed by pattern;
+- ``hf``: Hugging Face model folders and sharded checkpoints (which files
+  hold the weights, the strict shard-index check; each shard is then read
+  as a single file is);
 - zip archives are classified by their members in ``detect.zip_kind``
   (``torch.save`` zip, ``torch.export`` program, ``.npz``).
 
