@@ -29,8 +29,10 @@ import torch
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnknownFormatError, UnsupportedFormatError
 from torchkeep.safety.allowlist import StorageRef, StorageType, TensorLimits
 from torchkeep.safety.crc import crc32
+from torchkeep.safety.findings import Finding
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
-from torchkeep.safety.unpickler import Finding, Unpickler, check_structure
+from torchkeep.safety.structure import check_structure
+from torchkeep.safety.unpickler import Unpickler
 from torchkeep.safety.ziparchive import ZipArchive, ZipMember
 
 __all__ = [
