@@ -55,7 +55,7 @@ from torchkeep.safety.limits import BUILD_ALLOWANCE, Limits
 from torchkeep.safety.opaque import Opaque
 from torchkeep.safety.opcodes import MAX_PROTOCOL, OBJECT_OPS, STRING_OPS, U32, WIDTH_FORMAT, opcode_label
 
-__all__ = ["StorageLoader", "Unpickler"]
+__all__ = ["Collector", "StorageLoader", "Unpickler"]
 
 # (key, dtype, numel, location, view) -> the storage; view is (view_key, offset, size) in legacy files
 StorageLoader = Callable[[str, StorageType, int, str, tuple[str, int, int] | None], StorageRef]
@@ -751,3 +751,7 @@ def _cost(value: Any) -> int:
 
 class _Truncated(Exception):
     """An opcode's argument runs past the end of the data or frame."""
+
+
+# what receives each interpreter after it ran in collect mode (also when it stopped on an error)
+Collector = Callable[[Unpickler], None]
