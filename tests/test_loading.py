@@ -10,7 +10,7 @@ from torch import nn
 
 import torchkeep
 from conftest import TiedNet
-from torchkeep.loading import match_keys
+from torchkeep.matching import match_keys
 from torchkeep.tutorial import TheModelClass
 
 

@@ -23,7 +23,8 @@ from _hostile import PROTO, STOP, call, glob, text, torch_zip, tup
 from torchkeep.safety import Limits, load_torch_file
 from torchkeep.safety.allowlist import Refusal, brief, check_keys
 from torchkeep.safety.limits import MAX_SAME_HASH
-from torchkeep.safety.unpickler import Unpickler, check_structure
+from torchkeep.safety.structure import check_structure
+from torchkeep.safety.unpickler import Unpickler
 
 MODULUS = sys.hash_info.modulus
 

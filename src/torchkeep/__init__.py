@@ -58,7 +58,8 @@ from torchkeep.errors import (
 )
 from torchkeep.formats import FileFormat, detect_format
 from torchkeep.heads import head_names, preprocessing, pretrained, replace_head
-from torchkeep.loading import LoadReport, load_into
+from torchkeep.load_report import LoadReport
+from torchkeep.loading import load_into
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
 from torchkeep.run import CheckpointEntry, Checkpointer

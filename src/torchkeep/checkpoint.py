@@ -25,7 +25,7 @@ from torchkeep.errors import UnserializableValueError
 from torchkeep.formats import FileFormat, suffix_format
 from torchkeep.layouts import Reading, read_checkpoint
 from torchkeep.layouts.optimizers import choose
-from torchkeep.loading import LoadReport
+from torchkeep.load_report import LoadReport
 from torchkeep.restoring import apply_states, restore_saved_rng
 from torchkeep.rng import capture_rng_state
 from torchkeep.safety import DEFAULT_LIMITS, Limits

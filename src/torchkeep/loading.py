@@ -18,232 +18,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from torchkeep._adapters import ADAPTER_CONFIG, adapter_file_keys, find_adapter
-from torchkeep._table import format_table
 from torchkeep.errors import KeyMismatchError, ShapeMismatch
+from torchkeep.load_report import LoadReport
+from torchkeep.matching import Rename, apply_rename, match_keys
 from torchkeep.safety import DEFAULT_LIMITS, Limits
 from torchkeep.storage.remote import StorageOptions
 from torchkeep.weights import load_weights, to_state_dict
 
-__all__ = ["LoadReport", "Rename", "load_into", "match_keys", "tied_keys"]
+__all__ = ["load_into", "tied_keys"]
 
 logger = logging.getLogger(__name__)
-
-Rename = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str]
-
-# Path segments that wrappers insert: DataParallel/DDP and torch.compile.
-_WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod"})
-_REPORT_ROWS = 40
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What :func:`load_into` did.
-
-    Attributes:
-        loaded: model keys that received a tensor from the file.
-        missing: model keys the file lacks; they keep the model's values.
-        unexpected: file keys with no place in the model; ignored.
-        mismatched: keys skipped because the shapes differ (``skip_mismatched=True``).
-        renamed: ``file key -> model key`` for every key loaded under another name.
-        cast: model keys whose tensor was converted to the model's dtype.
-        source: where the state dict came from.
-        tied: ``model key -> model key`` for keys the file lacks that share
-            their tensor with a loaded one (tied weights): filled through it.
-        adapter: the PEFT adapter loaded, when the file is an adapter; then
-            ``missing`` lists the adapter's keys only.
-        base_kept: with ``adapter``, the model's keys outside the adapter that
-            the file lacks (the base model's weights, kept as they are).
-    """
-
-    loaded: tuple[str, ...]
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: tuple[ShapeMismatch, ...] = ()
-    renamed: dict[str, str] = field(default_factory=dict)
-    cast: tuple[str, ...] = ()
-    source: str = "state dict"
-    tied: dict[str, str] = field(default_factory=dict)
-    adapter: str | None = None
-    base_kept: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when every model key was loaded and every file key was used."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data, e.g. for JSON."""
-        return {
-            "source": self.source,
-            "loaded": list(self.loaded),
-            "missing": list(self.missing),
-            "unexpected": list(self.unexpected),
-            "mismatched": [
-                {"key": m.key, "file_shape": list(m.file_shape), "model_shape": list(m.model_shape)}
-                for m in self.mismatched
-            ],
-            "renamed": dict(self.renamed),
-            "cast": list(self.cast),
-            "tied": dict(self.tied),
-            "adapter": self.adapter,
-            "base_kept": list(self.base_kept),
-        }
-
-    def headline(self) -> str:
-        """One line: how many tensors were loaded and what was left out."""
-        filled = len(self.loaded) + len(self.tied)
-        total = filled + len(self.missing) + len(self.mismatched)
-        if self.adapter is None:
-            parts = [f"loaded {filled}/{total} tensors from {self.source}"]
-        else:
-            parts = [f"adapter {self.adapter!r}: {filled} of {total} keys loaded from {self.source}"]
-        for count, what in (
-            (len(self.tied), "through a tied twin"),
-            (len(self.base_kept), "base-model tensors kept (not in an adapter file)"),
-            (len(self.renamed), "renamed"),
-            (len(self.missing), "missing (kept the model's)"),
-            (len(self.mismatched), "shape-mismatched (kept the model's)"),
-            (len(self.unexpected), "unexpected (ignored)"),
-            (len(self.cast), "cast to the model's dtype"),
-        ):
-            if count:
-                parts.append(f"{count} {what}")
-        return ", ".join(parts)
-
-    def __str__(self) -> str:
-        rows: list[tuple[str, str, str]] = []
-        rows += _renamed_rows(self.renamed)
-        rows += [
-            ("tied", k, f"shares its tensor with {src}; filled through it") for k, src in self.tied.items()
-        ]
-        rows += [("missing", k, "not in the file; kept the model's value") for k in self.missing]
-        rows += [
-            ("mismatched", m.key, f"file {list(m.file_shape)}, model {list(m.model_shape)}; kept the model's")
-            for m in self.mismatched
-        ]
-        rows += [("unexpected", k, "not in the model; ignored") for k in self.unexpected]
-        rows += [("cast", k, "converted to the model's dtype") for k in self.cast]
-        if not rows:
-            return self.headline() + "; every key matched"
-        shown = rows[:_REPORT_ROWS]
-        text = self.headline() + "\n" + format_table(("status", "key", "detail"), shown)
-        if len(rows) > _REPORT_ROWS:
-            text += f"\n… {len(rows) - _REPORT_ROWS} more rows (see .to_dict())"
-        return text
-
-
-def _rename_rule(src: str, dst: str) -> str | None:
-    if src.endswith("." + dst):
-        return f"dropped prefix {src[: -len(dst)]!r}"
-    if dst.endswith("." + src):
-        return f"added prefix {dst[: -len(src)]!r}"
-    return None
-
-
-def _renamed_rows(renamed: Mapping[str, str]) -> list[tuple[str, str, str]]:
-    """Renames grouped by rule (one row for 300 keys that lost ``module.``), the rest one by one."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    rows = []
-    for src, dst in renamed.items():
-        rule = _rename_rule(src, dst)
-        if rule is None:
-            rows.append(("renamed", dst, f"from {src}"))
-        else:
-            groups.setdefault(rule, []).append((src, dst))
-    for rule, pairs in groups.items():
-        src, dst = pairs[0]
-        label = dst if len(pairs) == 1 else f"{len(pairs)} keys"
-        rows.append(("renamed", label, f"{rule} (e.g. {src} -> {dst})"))
-    return rows
-
-
-def _apply_rename(keys: Iterable[str], rename: Rename | None) -> dict[str, str]:
-    """``original -> renamed`` for every key."""
-    keys = list(keys)
-    if rename is None:
-        return {k: k for k in keys}
-    if callable(rename):
-        return {k: rename(k) for k in keys}
-    if isinstance(rename, Mapping):
-        return {k: rename.get(k, k) for k in keys}
-    compiled = [(re.compile(pattern), repl) for pattern, repl in rename]
-
-    def sub(key: str) -> str:
-        for pattern, repl in compiled:
-            key = pattern.sub(repl, key)
-        return key
-
-    return {k: sub(k) for k in keys}
-
-
-def _without_wrappers(key: str) -> str:
-    return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-def _first_segment(key: str) -> str | None:
-    head, dot, _ = key.partition(".")
-    return head if dot else None
-
-
-def _unique_index(keys: Iterable[str], norm: Callable[[str], str]) -> dict[str, str]:
-    """``norm(key) -> key`` for the normalized forms that only one key has."""
-    counts = Counter(norm(k) for k in keys)
-    return {norm(k): k for k in keys if counts[norm(k)] == 1}
-
-
-def match_keys(source: Sequence[str], target: Sequence[str]) -> dict[str, str]:
-    """Pair file keys with model keys: ``file key -> model key``.
-
-    Keys equal on both sides pair first. The rest pair when they are equal
-    after dropping the wrapper segments ``module.`` and ``_orig_mod.`` (in any
-    number and on either side), and then when the remaining file keys all
-    carry one extra leading segment (Lightning's ``model.``) or all lack one
-    that the model has. A pairing is only made when it is unambiguous.
-    """
-    targets = set(target)
-    pairs = {k: k for k in source if k in targets}
-
-    def pair_by(norm: Callable[[str], str], norm_target: Callable[[str], str], *, minimum: int = 1) -> None:
-        free_src = [k for k in source if k not in pairs]
-        taken = set(pairs.values())
-        free_dst = [k for k in target if k not in taken]
-        index = _unique_index(free_dst, norm_target)
-        src_index = _unique_index(free_src, norm)
-        found = {s: index[n] for n, s in src_index.items() if n in index}
-        if len(found) >= minimum:
-            pairs.update(found)
-
-    pair_by(_without_wrappers, _without_wrappers)
-    free_src = [k for k in source if k not in pairs]
-    if free_src:
-        # one leading segment too many (file) or too few (file), judged by the common case
-        heads = Counter(_first_segment(k) for k in free_src)
-        head, count = heads.most_common(1)[0]
-        if head is not None and head not in _WRAPPER_SEGMENTS:
-            cut = len(head) + 1
-            pair_by(
-                lambda k: k[cut:] if k.startswith(head + ".") else "\0" + k,
-                lambda k: k,
-                minimum=max(1, count // 2),
-            )
-        taken = set(pairs.values())
-        free_dst = [k for k in target if k not in taken]
-        dst_heads = Counter(_first_segment(k) for k in free_dst)
-        if dst_heads:
-            dst_head, dst_count = dst_heads.most_common(1)[0]
-            if dst_head is not None and dst_head not in _WRAPPER_SEGMENTS:
-                pair_by(lambda k: f"{dst_head}.{k}", lambda k: k, minimum=max(1, dst_count // 2))
-    return pairs
 
 
 def _hint(
@@ -417,7 +208,7 @@ def load_into(
         source = path_or_state_dict if adapter is None else adapter.weights
         source_name = os.fspath(source)
         state = load_weights(source, trust=trust, limits=limits, storage_options=storage_options)
-    renamed_by_user = _apply_rename(state, rename)
+    renamed_by_user = apply_rename(state, rename)
     original_name = {renamed_by_user[k]: k for k in state}
 
     model_state = model.state_dict()

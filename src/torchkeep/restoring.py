@@ -13,7 +13,8 @@ from typing import Any
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning, TorchkeepError, first_line
 from torchkeep.layouts import Saved
 from torchkeep.layouts.optimizers import check_fits
-from torchkeep.loading import LoadReport, load_into
+from torchkeep.load_report import LoadReport
+from torchkeep.loading import load_into
 from torchkeep.rng import restore_rng_state
 
 __all__ = ["apply_states", "restore_saved_rng"]

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import IO, BinaryIO, cast
 
-from torchkeep.safety.torchfile import LEGACY_PREFIX
+from torchkeep.safety.legacy import LEGACY_PREFIX
 
 __all__ = ["LEGACY_PREFIX", "is_legacy", "looks_like_pickle", "runs_as_pickle"]
 

@@ -30,10 +30,11 @@ from torchkeep.formats import detect as detection
 from torchkeep.formats import numpy as npy_format
 from torchkeep.formats import safetensors as st_format
 from torchkeep.formats.base import FileFormat
+from torchkeep.safety.findings import Finding
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.pt2 import scan_pt2
 from torchkeep.safety.torchfile import scan_torch_stream
-from torchkeep.safety.unpickler import Finding, Unpickler
+from torchkeep.safety.unpickler import Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
 
 __all__ = ["ScanResult", "Verdict", "scan"]

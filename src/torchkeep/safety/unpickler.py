@@ -13,7 +13,7 @@ Dict and set keys are checked for hash flooding as they are inserted. Any
 other opcode is refused.
 
 In *collect* mode (used by ``torchkeep scan``) a refused import or call is
-recorded as a :class:`Finding` and replaced by a placeholder, so one pass
+recorded as a :class:`~torchkeep.safety.findings.Finding` and replaced by a placeholder, so one pass
 lists everything a file would import or call.
 
 In *opaque* mode (used only by ``load_checkpoint`` for hyper-parameter
@@ -21,18 +21,15 @@ entries) a name outside the allowlist becomes an inert
 :class:`~torchkeep.safety.opaque.Opaque`, and REDUCE, NEWOBJ, BUILD,
 SETITEMS and APPENDS on it record their arguments in it as plain data;
 nothing named is imported or called. The caller decides where such
-placeholders may be (:func:`check_structure` with ``opaque=True`` only lets
+placeholders may be (:func:`~torchkeep.safety.structure.check_structure` with ``opaque=True`` only lets
 them through; every other reader refuses them).
 """
 
 from __future__ import annotations
 
-import itertools
-import pickletools
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,36 +47,18 @@ from torchkeep.safety.allowlist import (
     TensorLimits,
     TypeMarker,
     brief,
-    is_plain_value,
     key_hash,
     note_hash,
 )
+from torchkeep.safety.findings import Finding, Placeholder
 from torchkeep.safety.limits import BUILD_ALLOWANCE, Limits
 from torchkeep.safety.opaque import Opaque
+from torchkeep.safety.opcodes import MAX_PROTOCOL, OBJECT_OPS, STRING_OPS, U32, WIDTH_FORMAT, opcode_label
 
-__all__ = ["Finding", "Placeholder", "StorageLoader", "Unpickler", "check_structure"]
+__all__ = ["Collector", "StorageLoader", "Unpickler"]
 
 # (key, dtype, numel, location, view) -> the storage; view is (view_key, offset, size) in legacy files
 StorageLoader = Callable[[str, StorageType, int, str, tuple[str, int, int] | None], StorageRef]
-
-_MAX_PROTOCOL = 5
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something a pickle would import or call that is not on the allowlist."""
-
-    kind: str  # "import", "call", "opcode" or "value"
-    detail: str
-    member: str | None
-    offset: int
-
-
-@dataclass(frozen=True)
-class Placeholder:
-    """Stands in (in collect mode) for an object the file would have made by running code."""
-
-    name: str
 
 
 class Unpickler:
@@ -156,7 +135,7 @@ class Unpickler:
         )
 
     def _opcode(self) -> str:
-        return _opcode_label(self._data[self._at]) if self._at < len(self._data) else "none"
+        return opcode_label(self._data[self._at]) if self._at < len(self._data) else "none"
 
     def _limit(self, limit: str, value: int, maximum: int) -> LimitExceededError:
         where = f"member {self._member!r}" if self._member else "the pickle"
@@ -181,7 +160,7 @@ class Unpickler:
         data = self._data
         size = len(data)
         unpack = struct.unpack_from
-        u32 = _U32.unpack_from
+        u32 = U32.unpack_from
         lim = self._limits
         max_string, max_depth = lim.max_string, lim.max_depth
         region = size - self._start
@@ -304,12 +283,12 @@ class Unpickler:
                 elif code == 0x4A:  # BININT
                     stack.append(unpack("<i", data, pos)[0])
                     pos += 4
-                elif code in _STRING_OPS:
-                    width, kind = _STRING_OPS[code]
+                elif code in STRING_OPS:
+                    width, kind = STRING_OPS[code]
                     if width == 1:
                         n = data[pos]
                     else:
-                        (n,) = unpack(_WIDTH_FORMAT[width], data, pos)
+                        (n,) = unpack(WIDTH_FORMAT[width], data, pos)
                     pos += abs(width)
                     if n < 0 or n > max_string:
                         raise self._limit("max_string", n, max_string)
@@ -389,7 +368,7 @@ class Unpickler:
                     stack.append(int.from_bytes(data[pos : pos + n], "little", signed=True))
                     pos += n
                 elif code == 0x80:  # PROTO
-                    if data[pos] > _MAX_PROTOCOL:
+                    if data[pos] > MAX_PROTOCOL:
                         raise self._corrupt(f"unknown pickle protocol {data[pos]}")
                     pos += 1
                 elif code == 0x95:  # FRAME
@@ -457,11 +436,11 @@ class Unpickler:
                     built += 96
                     if built > budget:
                         raise self._over_budget(built, stored)
-                elif self._collect and code in _OBJECT_OPS:
+                elif self._collect and code in OBJECT_OPS:
                     stack, pos = self._collect_object(code, stack, marks, pos, frame_end)
                 else:
                     raise self._refuse(
-                        f"uses pickle opcode {_opcode_label(code)}, which torch.save never writes"
+                        f"uses pickle opcode {opcode_label(code)}, which torch.save never writes"
                     )
                 if pos > frame_end:
                     raise _Truncated
@@ -514,7 +493,7 @@ class Unpickler:
             if isinstance(cls, Placeholder | TypeMarker | StorageType | Builder)
             else type(cls).__name__
         )
-        self._record("call", f"{label}.__new__(…) ({_opcode_label(code)})")
+        self._record("call", f"{label}.__new__(…) ({opcode_label(code)})")
         stack.append(Placeholder(label))
         return stack, pos
 
@@ -774,98 +753,5 @@ class _Truncated(Exception):
     """An opcode's argument runs past the end of the data or frame."""
 
 
-# opcode -> (width of the length field, what to build)
-_STRING_OPS: dict[int, tuple[int, str]] = {
-    0x8C: (1, "str"),  # SHORT_BINUNICODE
-    0x58: (4, "str"),  # BINUNICODE
-    0x8D: (8, "str"),  # BINUNICODE8
-    0x55: (1, "str"),  # SHORT_BINSTRING (Python 2 str)
-    0x54: (-4, "str"),  # BINSTRING (signed length)
-    0x43: (1, "bytes"),  # SHORT_BINBYTES
-    0x42: (4, "bytes"),  # BINBYTES
-    0x8E: (8, "bytes"),  # BINBYTES8
-    0x96: (8, "bytearray"),  # BYTEARRAY8
-}
-_WIDTH_FORMAT = {4: "<I", -4: "<i", 8: "<Q"}
-# opcodes that make arbitrary objects: refused; in collect mode noted and stepped over
-_OBJECT_OPS = {0x81, 0x92, 0x6F, 0x69}  # NEWOBJ, NEWOBJ_EX, OBJ, INST
-_U32 = struct.Struct("<I")
-
-
-def _opcode_label(code: int) -> str:
-    if code < 0:
-        return "none"
-    for op in pickletools.opcodes:
-        if op.code == chr(code):
-            return op.name
-    return f"0x{code:02x} (not a pickle opcode)"
-
-
-def check_structure(value: Any, *, path: Path, limits: Limits, opaque: bool = False) -> None:
-    """Walk what a pickle built: only plain values, containers and tensors; no cycles; bounded depth.
-
-    With ``opaque`` the :class:`Opaque` placeholders of opaque mode pass too
-    (what they hold is walked like any container, and a reference back to a
-    placeholder, such as an omegaconf node's ``_parent``, is no cycle error);
-    the caller then decides where they may be.
-
-    Raises:
-        UnsafeFileError: a leftover function or storage object, or a cycle.
-        LimitExceededError: nesting deeper than ``limits.max_depth``.
-    """
-    # Depth-first with one iterator per level: memory is O(max_depth) whatever the
-    # number of references, and each container is entered once.
-    if not _is_container(value, opaque):
-        _check_leaf(value, path)
-        return
-    done: set[int] = set()
-    on_path = {id(value)}
-    stack: list[tuple[Any, Iterator[Any]]] = [(value, _children(value))]
-    while stack:
-        obj, children = stack[-1]
-        for child in children:
-            if isinstance(child, torch.Tensor) or is_plain_value(child):
-                continue
-            if not _is_container(child, opaque):
-                _check_leaf(child, path)
-            cid = id(child)
-            if cid in on_path:
-                if opaque and type(child) is Opaque:
-                    continue  # a placeholder's state naming its parent (omegaconf nodes do): inert data
-                raise UnsafeFileError(
-                    path, reason="builds a container that contains itself (a reference cycle)"
-                )
-            if cid in done:
-                continue
-            if len(stack) >= limits.max_depth:
-                raise LimitExceededError(
-                    path, "max_depth", len(stack) + 1, limits.max_depth, what="the nesting of values"
-                )
-            on_path.add(cid)
-            stack.append((child, _children(child)))
-            break
-        else:
-            stack.pop()
-            on_path.discard(id(obj))
-            done.add(id(obj))
-
-
-def _is_container(value: Any, opaque: bool) -> bool:
-    return isinstance(value, dict | list | tuple | set | frozenset) or (opaque and type(value) is Opaque)
-
-
-def _children(obj: Any) -> Iterator[Any]:
-    if type(obj) is Opaque:
-        return obj.parts()
-    if isinstance(obj, dict):
-        return itertools.chain(obj.keys(), obj.values(), getattr(obj, "__dict__", {}).values())
-    return iter(obj)
-
-
-def _check_leaf(obj: Any, path: Path) -> None:
-    if isinstance(obj, torch.Tensor) or is_plain_value(obj):
-        return
-    what = obj.name if isinstance(obj, Builder | TypeMarker | StorageType) else type(obj).__name__
-    raise UnsafeFileError(
-        path, reason=f"holds a {what} object itself rather than data built from it (not a tensor file)"
-    )
+# what receives each interpreter after it ran in collect mode (also when it stopped on an error)
+Collector = Callable[[Unpickler], None]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from torchkeep.errors import CorruptFileError
+from torchkeep.safety.findings import Finding
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.pt2.members import FIXED, SAMPLE_INPUTS
-from torchkeep.safety.unpickler import Finding
 
 __all__ = ["VettedProgram", "build_archive", "load_vetted"]
 

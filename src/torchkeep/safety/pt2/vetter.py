@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnsafeFileError
+from torchkeep.safety.findings import Finding
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.pt2.members import (
     CONSTANT,
@@ -38,7 +39,7 @@ from torchkeep.safety.pt2.members import (
 )
 from torchkeep.safety.pt2.rebuild import VettedProgram, build_archive
 from torchkeep.safety.pt2.schema import FQN, check_payload_config, check_program
-from torchkeep.safety.unpickler import Finding, Unpickler
+from torchkeep.safety.unpickler import Unpickler
 from torchkeep.safety.ziparchive import ZipArchive
 
 __all__ = ["scan_pt2", "vet_pt2"]

@@ -1,0 +1,140 @@
+"""Errors of the group :class:`UsageError`: an argument or environment torchkeep cannot use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torchkeep.errors._base import UsageError, first_line
+
+__all__ = [
+    "ExportError",
+    "InvalidMetadataError",
+    "InvalidShardSizeError",
+    "MissingExtraError",
+    "UnknownProtocolError",
+    "UnserializableValueError",
+    "UnsupportedSuffixError",
+]
+
+
+class UnsupportedSuffixError(UsageError, ValueError):
+    """The file name's suffix does not say which format to write.
+
+    Attributes:
+        path: the path.
+        suffix: its suffix.
+        supported: the suffixes that would work.
+    """
+
+    def __init__(self, path: Path, supported: Sequence[str], *, what: str = "weights") -> None:
+        self.path = path
+        self.suffix = path.suffix
+        self.supported = tuple(supported)
+        shown = repr(self.suffix) if self.suffix else "no suffix"
+        super().__init__(
+            f"cannot tell which format to write {what} to {path}: {shown} is not one of "
+            f"{', '.join(self.supported)}; rename the target to end in one of those "
+            f"(e.g. {path.with_suffix(self.supported[0]).name})."
+        )
+
+
+class InvalidMetadataError(UsageError, TypeError):
+    """Metadata passed to a save is not a mapping of strings to strings.
+
+    Attributes:
+        key: the offending key.
+    """
+
+    def __init__(self, key: object, reason: str) -> None:
+        self.key = key
+        super().__init__(
+            f"metadata entry {key!r}: {reason}; metadata must map str to str "
+            "(convert numbers with str() and structures with json.dumps())."
+        )
+
+
+class UnserializableValueError(UsageError, TypeError):
+    """A checkpoint value has a type that a safe loader could not read back.
+
+    Attributes:
+        where: where the value sits (e.g. ``extra['config']['cls']``).
+        type_name: its type.
+    """
+
+    def __init__(self, where: str, type_name: str) -> None:
+        self.where = where
+        self.type_name = type_name
+        super().__init__(
+            f"{where} is a {type_name}, which torch.load(weights_only=True) cannot read back; "
+            "store plain values instead (None, bool, int, float, str, tensors, and lists, "
+            "tuples and dicts of them), e.g. a dataclass as dataclasses.asdict(obj)."
+        )
+
+
+class MissingExtraError(UsageError, ImportError):
+    """An optional dependency is not installed.
+
+    Attributes:
+        package: the missing package.
+        extra: the torchkeep extra that installs it.
+    """
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(f"this needs {package}, which is not installed; pip install 'torchkeep[{extra}]'")
+
+
+class UnknownProtocolError(UsageError, ValueError):
+    """A URL whose protocol fsspec does not know (a typo, or a driver it has never heard of).
+
+    Attributes:
+        url: the URL.
+        protocol: its protocol, e.g. ``"s4"``.
+    """
+
+    def __init__(self, url: str, protocol: str) -> None:
+        self.url = url
+        self.protocol = protocol
+        super().__init__(
+            f"{url}: fsspec knows no protocol {protocol!r}. Check the spelling (s3://, gs://, az://, "
+            "memory://, file://); `python -c 'import fsspec; print(fsspec.available_protocols())'` lists "
+            "the known ones."
+        )
+
+
+class ExportError(UsageError, RuntimeError):
+    """``torch.export`` could not capture the model.
+
+    Attributes:
+        model_name: the model's class name.
+    """
+
+    def __init__(self, model_name: str, cause: BaseException) -> None:
+        self.model_name = model_name
+        first = first_line(cause)
+        super().__init__(
+            f"torch.export could not capture {model_name}: {first}. Check that example_inputs "
+            "match what forward() takes, pass dynamic_shapes=... for sizes that vary, or save "
+            "the weights with save_weights() and rebuild the model in code."
+        )
+
+
+class InvalidShardSizeError(UsageError, ValueError):
+    """``max_shard_size`` is not a size ``save_weights`` can split by.
+
+    Attributes:
+        value: what was passed.
+
+    Example:
+        >>> torchkeep.save_weights(model, "out/", max_shard_size="5GB")  # not "5 gigs"
+    """
+
+    def __init__(self, value: object, reason: str) -> None:
+        self.value = value
+        super().__init__(
+            f"max_shard_size={value!r} is not a shard size: {reason}; pass a number of bytes or text "
+            "like '5GB', '500MB', '50KB' (1000-based, as Hugging Face counts) or '2GiB', '512MiB' "
+            "(1024-based)."
+        )

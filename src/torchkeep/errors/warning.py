@@ -1,0 +1,29 @@
+"""torchkeep's warnings: :class:`TorchkeepWarning` and its subclasses."""
+
+from __future__ import annotations
+
+__all__ = [
+    "NonFiniteCheckpointWarning",
+    "RngRestoreWarning",
+    "TorchkeepWarning",
+]
+
+
+class TorchkeepWarning(UserWarning):
+    """Base class of torchkeep's warnings."""
+
+
+class RngRestoreWarning(TorchkeepWarning):
+    """A saved random-number-generator state could not be restored (fully).
+
+    Training then goes on with other random numbers than the original run
+    would have drawn; the message says which generator and why.
+    """
+
+
+class NonFiniteCheckpointWarning(TorchkeepWarning):
+    """A checkpoint was saved with NaN or Inf in its model tensors or its monitored metric.
+
+    It is kept (training may want to inspect it) but flagged in its manifest,
+    shown as poisoned by ``torchkeep ls`` / ``verify``, and never ranked best.
+    """
