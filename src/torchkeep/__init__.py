@@ -4,6 +4,21 @@ Safe by default (no file runs code on load), crash-safe (a file is either
 whole or absent), and compatible with plain ``torch.save`` / ``torch.load``
 and safetensors.
 
+Where each job lives (one owner per on-disk layout and per decision):
+
+- ``weights.py`` / ``loading.py`` (+ ``matching``, ``load_report``, ``_adapters``): state dicts
+  in and out of files and models; ``shards.py`` writes Hugging Face shards;
+- ``models.py``: whole models (``.pt2``); ``checkpoint.py`` + ``layouts/`` + ``restoring.py``:
+  single-file checkpoints and the layouts other libraries write;
+- ``formats/``: the one sniffer (``detect``) and one module per format (safetensors, pickles,
+  numpy, Hugging Face folders and indexes);
+- ``safety/``: the readers that decide "safe" (strict zip, allowlist unpickler, ``.pt2``
+  vetting, limits) and ``scan``, which reuses them;
+- ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, the tensor
+  file writer; ``run/``: everything about a Checkpointer run folder (layout, reader,
+  retention, snapshot, commit, restore, checkpointer);
+- ``errors/``: the error tree, one module per group; ``cli/``: one module per command.
+
 Example:
     >>> import torchkeep
     >>> torchkeep.save_weights(model, "model.safetensors")
