@@ -79,7 +79,10 @@ def time_in_fresh_process(
 
 
 def run(big_mib: int, small_mib: int, repeat: int, baseline: Path | None) -> None:
-    cases = {"(a) ~1 GiB / 100 tensors": (big_mib, 100), "(b) ~100 MiB / 2000 tensors": (small_mib, 2000)}
+    cases = {
+        f"(a) {big_mib} MiB / 100 tensors": (big_mib, 100),
+        f"(b) {small_mib} MiB / 2000 tensors": (small_mib, 2000),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for title, (mib, count) in cases.items():
             state = make_state(mib, count)
