@@ -14,50 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import pathlib
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-ARMED = False
-VIOLATIONS: list[str] = []
-_SPAWN_EVENTS = {
-    "os.system",
-    "os.exec",
-    "os.posix_spawn",
-    "os.spawn",
-    "os.fork",
-    "os.forkpty",
-    "subprocess.Popen",
-    "exec",
-    "compile",
-    "ctypes.dlopen",
-    "pty.spawn",
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_known_modules: set[str] = set()
-
-
-def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if not ARMED:
-        return
-    if event in _SPAWN_EVENTS:
-        VIOLATIONS.append(f"{event}: {str(args)[:120]}")
-    elif event == "import" and args and args[0] not in _known_modules:
-        VIOLATIONS.append(f"import of {args[0]}")
-    elif event == "open" and len(args) >= 3:
-        path, mode, flags = args[0], args[1], args[2]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE_FLAGS
-        )
-        if writing:
-            VIOLATIONS.append(f"open for writing: {path}")
+import _hostile_worker as audit  # the one audit hook of the hostile tests
 
 
 def main() -> None:
-    global ARMED
     import torch
     from torch import nn
 
@@ -97,12 +63,12 @@ def main() -> None:
             warm,
         )
         load(warm, True)
-        _known_modules.update(sys.modules)
-        sys.addaudithook(_hook)
-        ARMED = True
+        audit._known_modules.update(sys.modules)
+        sys.addaudithook(audit._hook)
+        audit.ARMED = True
         results = [load(Path(case["path"]), case["model"] == "tiny") for case in cases]
-        ARMED = False
-    print(json.dumps({"results": results, "violations": VIOLATIONS}))
+        audit.ARMED = False
+    print(json.dumps({"results": results, "violations": audit.VIOLATIONS}))
 
 
 if __name__ == "__main__":

@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import torchkeep
+from conftest import TiedNet
 
 V1 = Path(__file__).parent / "data" / "v1_run"
-
-
-class TiedNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 4)
-        self.out = nn.Linear(4, 10, bias=False)
-        self.out.weight = self.embed.weight
 
 
 @pytest.fixture
