@@ -13,7 +13,7 @@ from torchkeep import errors
 
 
 def test_all_is_sorted_and_complete() -> None:
-    assert torchkeep.__all__ == sorted(torchkeep.__all__)
+    assert torchkeep.__all__ == sorted(torchkeep.__all__, key=_isort_key)  # ruff's RUF022 order
     public = {
         name
         for name, value in vars(torchkeep).items()

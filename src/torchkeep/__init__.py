@@ -17,6 +17,8 @@ Where each job lives (one owner per on-disk layout and per decision):
 - ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, the tensor
   file writer; ``run/``: everything about a Checkpointer run folder (layout, reader,
   retention, snapshot, commit, restore, checkpointer);
+- ``ema.py``: ``EMA``, a moving average of a model's weights that checkpoints as a Stateful;
+  ``averaging.py``: ``average``, weighted averages of weights files (soups, SWA), one source at a time;
 - ``errors/``: the error tree, one module per group; ``cli/``: one module per command.
 
 Example:
@@ -25,10 +27,12 @@ Example:
     >>> report = torchkeep.load_into(model, "model.safetensors")
 """
 
+from torchkeep.averaging import average
 from torchkeep.checkpoint import CheckpointInfo, Stateful, load_checkpoint, save_checkpoint
 from torchkeep.consolidate import consolidate
 from torchkeep.data import ResumableSampler
 from torchkeep.diff import TensorChange, WeightsDiff, diff
+from torchkeep.ema import EMA
 from torchkeep.errors import (
     AsyncSaveError,
     CheckpointError,
@@ -38,6 +42,8 @@ from torchkeep.errors import (
     DistributedSaveError,
     DoesNotFitError,
     ExportError,
+    IncompatibleSourcesError,
+    InvalidArgumentError,
     InvalidMetadataError,
     InvalidShardSizeError,
     KeyMismatchError,
@@ -88,6 +94,7 @@ from torchkeep.weights import load_weights, read_metadata, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "AsyncSaveError",
     "CheckpointEntry",
     "CheckpointError",
@@ -102,6 +109,8 @@ __all__ = [
     "ExportError",
     "FileFormat",
     "FreezeReport",
+    "IncompatibleSourcesError",
+    "InvalidArgumentError",
     "InvalidMetadataError",
     "InvalidShardSizeError",
     "KeyMismatchError",
@@ -145,6 +154,7 @@ __all__ = [
     "WeightsDiff",
     "WeightsUnavailableError",
     "__version__",
+    "average",
     "consolidate",
     "detect_format",
     "diff",

@@ -78,11 +78,16 @@ _SAFETENSORS_TORCH_DTYPES = {
 def to_state_dict(obj: nn.Module | Mapping[str, Any]) -> StateDict:
     """The state dict of a module, or a mapping checked to be ``str -> Tensor``.
 
+    An object that stands for a model's weights without being the model (a
+    :class:`torchkeep.EMA`) gives its ``model_state_dict()``.
+
     Raises:
         NotAStateDictError: ``obj`` is neither a module nor a mapping of tensors.
     """
     if isinstance(obj, nn.Module):
         return dict(obj.state_dict())
+    if not isinstance(obj, Mapping) and callable(getattr(obj, "model_state_dict", None)):
+        obj = obj.model_state_dict()
     if not isinstance(obj, Mapping):
         raise NotAStateDictError(None, f"a {type(obj).__name__}")
     for key, value in obj.items():

@@ -58,11 +58,12 @@ def exit_code(err: BaseException) -> int:
 
 
 def _register() -> None:
-    from torchkeep.cli import convert, demo, diff, inspect, ls, scan, verify
+    from torchkeep.cli import average, convert, demo, diff, inspect, ls, scan, verify
 
     app.command("inspect")(inspect.inspect_command)
     app.command("diff")(diff.diff_command)
     app.command("convert")(convert.convert_command)
+    app.command("average")(average.average_command)
     app.command("ls")(ls.ls_command)
     app.command("verify")(verify.verify_command)
     app.command("scan")(scan.scan_command)

@@ -22,6 +22,7 @@ went wrong and what to do next::
     ├── DoesNotFitError                  it does not fit the model / objects given
     │   ├── KeyMismatchError             (RuntimeError)
     │   ├── CheckpointMismatchError      (ValueError)
+    │   ├── IncompatibleSourcesError     (ValueError)
     │   └── NoMatchError                 (ValueError)
     ├── CheckpointError                  a checkpoint run's problem
     │   ├── NoValidCheckpointError       (FileNotFoundError)
@@ -33,6 +34,7 @@ went wrong and what to do next::
     │   └── DistributedSaveError         (RuntimeError)
     └── UsageError                       an argument or environment torchkeep cannot use
         ├── UnsupportedSuffixError       (ValueError)
+        ├── InvalidArgumentError         (ValueError)
         ├── InvalidMetadataError         (TypeError)
         ├── UnserializableValueError     (TypeError)
         ├── MissingExtraError            (ImportError)
@@ -62,6 +64,7 @@ from torchkeep.errors._base import (
 from torchkeep.errors.distributed import DistributedSaveError
 from torchkeep.errors.fit import (
     CheckpointMismatchError,
+    IncompatibleSourcesError,
     KeyMismatchError,
     NoMatchError,
     ShapeMismatch,
@@ -92,6 +95,7 @@ from torchkeep.errors.unsafe import (
 )
 from torchkeep.errors.usage import (
     ExportError,
+    InvalidArgumentError,
     InvalidMetadataError,
     InvalidShardSizeError,
     MissingExtraError,
@@ -114,6 +118,8 @@ __all__ = [
     "DistributedSaveError",
     "DoesNotFitError",
     "ExportError",
+    "IncompatibleSourcesError",
+    "InvalidArgumentError",
     "InvalidMetadataError",
     "InvalidShardSizeError",
     "KeyMismatchError",

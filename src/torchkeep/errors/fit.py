@@ -10,6 +10,7 @@ from torchkeep.errors._base import _LIST_LIMIT, DoesNotFitError, _short_list
 
 __all__ = [
     "CheckpointMismatchError",
+    "IncompatibleSourcesError",
     "KeyMismatchError",
     "NoMatchError",
     "ShapeMismatch",
@@ -108,4 +109,32 @@ class NoMatchError(DoesNotFitError, ValueError):
             f"target {target!r} selects nothing: {reason}; pass a submodule name from "
             "model.named_modules(), a glob over model.named_parameters() names (e.g. 'layer4.*'), "
             "a module type, or a submodule"
+        )
+
+
+class IncompatibleSourcesError(DoesNotFitError, ValueError):
+    """Two state dicts to be averaged do not hold the same tensors (keys, shapes or dtypes differ).
+
+    Attributes:
+        key: the first key that differs.
+        reference: the first source, which the others must match.
+        source: the source that differs from it.
+        reason: how they differ at ``key``.
+
+    Example:
+        >>> try:
+        ...     torchkeep.average(["a.safetensors", "b.safetensors"], "soup.safetensors")
+        ... except torchkeep.IncompatibleSourcesError as err:
+        ...     print(err.key, err.source)
+    """
+
+    def __init__(self, *, key: str, reference: str, source: str, reason: str) -> None:
+        self.key = key
+        self.reference = reference
+        self.source = source
+        self.reason = reason
+        super().__init__(
+            f"cannot average {source} with {reference}: {key!r} {reason}; average only weights of one "
+            "architecture (fine-tunes of one model, checkpoints of one run), stored in one dtype "
+            "(`torchkeep convert --dtype` casts a file)."
         )

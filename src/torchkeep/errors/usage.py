@@ -9,6 +9,7 @@ from torchkeep.errors._base import UsageError, first_line
 
 __all__ = [
     "ExportError",
+    "InvalidArgumentError",
     "InvalidMetadataError",
     "InvalidShardSizeError",
     "MissingExtraError",
@@ -138,3 +139,20 @@ class InvalidShardSizeError(UsageError, ValueError):
             "like '5GB', '500MB', '50KB' (1000-based, as Hugging Face counts) or '2GiB', '512MiB' "
             "(1024-based)."
         )
+
+
+class InvalidArgumentError(UsageError, ValueError):
+    """An argument has a value torchkeep cannot use (out of range, the wrong kind, empty).
+
+    Attributes:
+        argument: the argument's name, e.g. ``"decay"``.
+        value: what was passed.
+
+    Example:
+        >>> torchkeep.EMA(model, decay=0.999)  # not decay=999 or decay=1.0
+    """
+
+    def __init__(self, argument: str, value: object, reason: str, fix: str) -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument}={value!r} {reason}; {fix}.")
