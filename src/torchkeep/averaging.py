@@ -131,6 +131,31 @@ def _accumulator(value: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
     return torch.zeros(value.shape, dtype=dtype, device=value.device)
 
 
+def _add(
+    state: StateDict,
+    share: float,
+    *,
+    skip: Mapping[str, str],
+    sums: dict[str, torch.Tensor],
+    kept: StateDict | None,
+    dtype: torch.dtype,
+) -> None:
+    """Add ``share * state`` into ``sums``; copy the tensors not averaged into ``kept`` (if given)."""
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in skip:
+                continue
+            if not (value.is_floating_point() or value.is_complex()):
+                if kept is not None:
+                    kept[key] = value.clone()
+                continue
+            if key not in sums:
+                sums[key] = _accumulator(value, dtype)
+            if share > 0:  # so that a weight-0 source holding inf or NaN leaves no trace
+                # add_ casts in its kernel, except from float8, which torch does not promote
+                sums[key].add_(value if value.dtype.itemsize > 1 else value.to(sums[key].dtype), alpha=share)
+
+
 def average(
     sources: Sequence[Source],
     out: str | os.PathLike[str] | None = None,
@@ -224,24 +249,16 @@ def average(
         else:
             _check_like(reference, state, names[0], names[index])
             _check_ties(ties, state, names[0], names[index])
-        share = shares[index]
-        with torch.no_grad():
-            for key, value in state.items():
-                if key in ties:
-                    continue
-                if not (value.is_floating_point() or value.is_complex()):
-                    if index == heaviest:
-                        kept[key] = value.clone()
-                    continue
-                if key not in sums:
-                    sums[key] = _accumulator(value, accumulate_dtype)
-                if share > 0:  # so that a weight-0 source holding inf or NaN leaves no trace
-                    # add_ casts in its kernel, except from float8, which torch does not promote
-                    sums[key].add_(
-                        value if value.dtype.itemsize > 1 else value.to(sums[key].dtype), alpha=share
-                    )
-        logger.info("added %s (weight %.4g), %d of %d", names[index], share, index + 1, len(sources))
-        del state
+        _add(
+            state,
+            shares[index],
+            skip=ties,
+            sums=sums,
+            kept=kept if index == heaviest else None,
+            dtype=accumulate_dtype,
+        )
+        logger.info("added %s (weight %.4g), %d of %d", names[index], shares[index], index + 1, len(sources))
+        del state  # before the next source is read: one source in memory at a time
     result: StateDict = {}
     for key, (_, dtype) in reference.items():
         if key in ties:
