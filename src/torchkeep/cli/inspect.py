@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from torchkeep._table import format_bytes, print_table, rich_table
+from torchkeep.stats import STATS_HEADERS, STATS_RIGHT, stats_cells, tensor_stats
 from torchkeep.summary import Summary, summarize
 
 __all__ = ["inspect_command", "summary_table"]
@@ -48,12 +49,22 @@ def inspect_command(
     path: Path = typer.Argument(..., help="A weights, checkpoint or model file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     limit: int = typer.Option(200, "--limit", help="Show at most this many tensors (the totals count all)."),
+    stats: bool = typer.Option(
+        False, "--stats", help="Read the values: min / max / mean / std and NaN / Inf counts per tensor."
+    ),
 ) -> None:
     """Show the tensors in a file: names, shapes, dtypes, sizes, format and metadata.
+
+    With --stats, read every value once, a chunk at a time (memory stays small whatever the
+    file's size), and show each tensor's min / max / mean / std over its finite values and
+    its NaN / Inf counts.
 
     Piped or redirected, the table is plain text, one tensor per line with every name whole
     (``torchkeep inspect m.pt | grep running_mean``).
     """
+    if stats:
+        _print_stats(path, as_json=as_json, limit=limit)
+        return
     summary = summarize(path)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
@@ -66,3 +77,21 @@ def inspect_command(
     if more is not None:
         typer.echo(more)
     typer.echo(summary.totals_line())
+
+
+def _print_stats(path: Path, *, as_json: bool, limit: int) -> None:
+    report = tensor_stats(path)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    typer.echo(f"{path}  {report.file_format}")
+    rows: list[list[str | Text]] = []
+    for row in report.rows[:limit]:
+        cells: list[str | Text] = list(stats_cells(row))
+        if not row.finite:  # red on a terminal; plain text (same cells) in a pipe
+            cells[7:9] = [Text(str(c), style="bold red") for c in cells[7:9]]
+        rows.append(cells)
+    print_table(STATS_HEADERS, rows, right=STATS_RIGHT)
+    if len(report.rows) > limit:
+        typer.echo(f"… {len(report.rows) - limit} more (pass --limit {len(report.rows)} to see all)")
+    typer.echo(report.totals_line())
