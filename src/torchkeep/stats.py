@@ -378,6 +378,11 @@ def _checked_shard(index: Any, file: Path, rows: Iterator[TensorStats]) -> Itera
 
 
 def _sources(path: Path, limit: int) -> tuple[str, Iterator[TensorStats]]:
+    from torchkeep.run.reader import model_file
+
+    single = model_file(path) if path.is_dir() else None
+    if single is not None:  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
+        return f"torchkeep checkpoint {single.parent.name}", _safetensors_stats(single, limit)
     hf = find_hf_weights(path)
     if hf is not None:  # each shard as a single file, its names checked against the index
 
@@ -388,12 +393,7 @@ def _sources(path: Path, limit: int) -> tuple[str, Iterator[TensorStats]]:
 
         fmt = hf.description if hf.index is not None else detect_format(hf.files[0]).value
         return fmt, shards()
-    if path.is_dir():  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
-        from torchkeep.run.reader import model_file
-
-        single = model_file(path)
-        if single is not None:
-            return f"torchkeep checkpoint {single.parent.name}", _safetensors_stats(single, limit)
+    if path.is_dir():  # a sharded or version-1 checkpoint: read whole, as load_weights does
         return "torchkeep checkpoint", _tensor_stats_from_memory(load_weights(path), limit)
     return _file_stats(path, limit)
 
