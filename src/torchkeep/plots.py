@@ -137,6 +137,12 @@ def draw_metrics(
         for ax in axes:
             ax.axvline(best.step, color=_BEST, lw=1.2, ls="--", zorder=1)
     axes[-1].set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    if 0 < len(entries) <= 12:  # few checkpoints: a tick at each one's step
+        axes[-1].set_xticks([e.step for e in entries])
+    else:
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     for ax in axes:
         ax.grid(True, alpha=0.3)
     _figure_legend(fig, axes)
@@ -196,10 +202,11 @@ def _metric_panel(
             [latest.step],
             [value_of[latest.step]],
             "o",
-            ms=12,
+            ms=20,
             mfc="none",
             mec="#2ca02c",
             mew=2,
+            zorder=6,  # a ring around the best's star when the latest is the best
             label=f"latest: {latest.name}",
         )
     if best is not None and best.step in value_of:
