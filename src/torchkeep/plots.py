@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from torchkeep.errors import MissingExtraError, UnsupportedSuffixError
 from torchkeep.run.reader import CheckpointEntry, RunReader, metric_value, rank
@@ -41,12 +41,12 @@ def _canvas() -> Any:
     return FigureCanvasAgg
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, *, layout: Literal["constrained"] | None = None) -> Figure:
     """A new figure on the Agg canvas: no display, no global pyplot state."""
     canvas = _canvas()
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
     canvas(fig)
     return fig
 
@@ -346,8 +346,8 @@ def draw_changes(
     axis = _scale(changes, scale)
     drawn = [c for c in changes if c.status != "not_float"]
     rows = max(1, len(drawn))
-    height = min(max(3.0, 0.17 * rows + 2.0), 30.0)
-    fig = _figure(10.0, height)
+    height = min(max(2.6, 0.17 * rows + 1.6), 30.0)
+    fig = _figure(10.0, height, layout="constrained")  # room for the title lines and the legend
     ax = fig.subplots()
     measured = [(i, c.relative) for i, c in enumerate(drawn) if c.status == "changed" and c.relative]
     top = max((r for _, r in measured), default=1.0)
@@ -408,9 +408,6 @@ def draw_changes(
     head = title or "How far each tensor moved from A to B"
     lines = [head, *([subtitle] if subtitle else []), tally]
     fig.suptitle("\n".join(lines), fontsize=10)
-    # room above the axes for the title's lines (and the top scale of a tall picture), in inches
-    room = 0.17 * len(lines) + (0.3 if rows > 40 else 0.05)
-    fig.tight_layout(rect=(0, 0, 1, 1 - room / height))
     return fig
 
 
