@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 20
 
 Number = int | float
+Source = nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -398,9 +399,6 @@ def _sources(path: Path, limit: int) -> tuple[str, Iterator[TensorStats]]:
     return _file_stats(path, limit)
 
 
-Source = nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tensor]
-
-
 def iter_stats(source: Source, *, chunk: int = CHUNK_ELEMENTS) -> tuple[str, Iterator[TensorStats]]:
     """The format of ``source`` and a lazy iterator of its tensors' :class:`TensorStats`.
 
@@ -460,7 +458,7 @@ class TensorChange:
 
     Attributes:
         key: the tensor's name.
-        status: ``"changed"``, ``"unchanged"`` (bitwise equal), ``"from_zero"``
+        status: ``"changed"``, ``"unchanged"`` (equal values), ``"from_zero"``
             (A is all zeros, B is not), ``"nonfinite"`` (NaN/Inf on a side),
             ``"shape"`` (the shapes differ: a replaced head), ``"only_a"``,
             ``"only_b"``, or ``"not_float"`` (integer and bool tensors, e.g.
@@ -493,6 +491,8 @@ def _measured(key: str, a: torch.Tensor, b: torch.Tensor, limit: int) -> TensorC
     norm_a, norm_diff = _norms(a, b, limit)
     if not (math.isfinite(norm_a) and math.isfinite(norm_diff)):
         return TensorChange(key, "nonfinite", None, norm_a, norm_diff)
+    if norm_diff == 0.0:  # the same values in another dtype (or -0.0 for 0.0)
+        return TensorChange(key, "unchanged", 0.0, norm_a, norm_diff)
     if norm_a == 0.0:
         return TensorChange(key, "from_zero", None, norm_a, norm_diff)
     return TensorChange(key, "changed", norm_diff / norm_a, norm_a, norm_diff)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from torchkeep._table import format_bytes, print_table, rich_table
-from torchkeep.stats import STATS_HEADERS, STATS_RIGHT, stats_cells, tensor_stats
+from torchkeep._table import format_bytes, is_terminal, print_table, rich_table
+from torchkeep.stats import STATS_HEADERS, STATS_RIGHT, StatsReport, TensorStats, iter_stats, stats_cells
 from torchkeep.summary import Summary, summarize
 
 __all__ = ["inspect_command", "summary_table"]
@@ -79,8 +82,23 @@ def inspect_command(
     typer.echo(summary.totals_line())
 
 
+def _read_stats(path: Path) -> StatsReport:
+    """The stats of ``path``; on a terminal, with a spinner naming the tensors read so far (on stderr)."""
+    fmt, rows = iter_stats(path)
+    if not is_terminal(sys.stderr):
+        return StatsReport(tuple(rows), str(path), fmt)
+    done: list[TensorStats] = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"reading {path}", total=None)
+        for row in rows:
+            done.append(row)
+            progress.update(task, description=f"reading {path}: {len(done)} tensors, last {row.name}")
+    return StatsReport(tuple(done), str(path), fmt)
+
+
 def _print_stats(path: Path, *, as_json: bool, limit: int) -> None:
-    report = tensor_stats(path)
+    report = _read_stats(path)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
