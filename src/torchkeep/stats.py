@@ -272,7 +272,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def chunks(t: torch.Tensor, limit: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
-    """Views of ``t`` of at most ``limit`` elements (or one row of the last dimension) covering it once."""
+    """Views of ``t`` of at most ``limit`` elements each, covering every element once (any strides)."""
     if t.dim() == 0 or t.numel() <= limit:
         yield t
         return
@@ -310,8 +310,9 @@ def _tensor_stats_from_memory(state: Mapping[str, torch.Tensor], limit: int) -> 
 def _safetensors_stats(path: Path, limit: int) -> Iterator[TensorStats]:
     """Stats of a safetensors file's tensors, read with positioned reads into one reused buffer."""
     header = read_safetensors_header(path)  # checked: ranges tile the data, sizes match the shapes
-    widest = max((_itemsize(info) or 1 for info in header.tensors), default=1)
-    buffer = bytearray(limit * widest)
+    # one buffer for every chunk: as large as the largest chunk of the largest item size
+    largest = max((min(limit, math.prod(i.shape)) * (_itemsize(i) or 1) for i in header.tensors), default=1)
+    buffer = bytearray(max(largest, 1))
     view = memoryview(buffer)
     fd = os.open(path, os.O_RDONLY)
     try:
