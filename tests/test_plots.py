@@ -78,9 +78,9 @@ def test_metrics_picture_marks_best_latest_kept_and_poisoned(tmp_path: Path) -> 
     assert "metric NaN/Inf" in labels
     assert "checkpoint (kept in the run)" in labels
     axes = fig.axes
-    assert [ax.get_ylabel() for ax in axes] == ["val_loss", "train_loss", "val_acc"]
+    assert [ax.get_title(loc="left") for ax in axes] == ["val_loss", "train_loss", "val_acc"]
     assert axes[-1].get_xlabel() == "step"
-    assert fig.get_suptitle().startswith("run: 5 checkpoints, steps 30 to 80")
+    assert fig.legends[0].get_title().get_text() == "run: 5 checkpoints, steps 30 to 80"
     line = axes[0].get_lines()[0]  # the metric's own line: finite values only, every kept step
     assert list(line.get_xdata()) == [30, 50, 60, 70]
     assert list(line.get_ydata()) == pytest.approx([0.3, 0.4, 0.35, 0.38])

@@ -118,7 +118,7 @@ def draw_metrics(
     """
     names = _metric_names(entries)
     panels = max(1, len(names))
-    fig = _figure(9.0, 1.9 * panels + 1.6)
+    fig = _figure(9.0, 1.9 * panels + 1.4, layout="constrained")  # title, legend, panels: no overlaps
     axes: list[Axes] = list(fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0])
     ranked = rank(entries, monitor, mode)
     best = ranked[0] if ranked else None
@@ -139,13 +139,14 @@ def draw_metrics(
     axes[-1].set_xlabel("step")
     from matplotlib.ticker import MaxNLocator
 
-    if 0 < len(entries) <= 12:  # few checkpoints: a tick at each one's step
+    if not entries:
+        axes[-1].set_xticks([])
+    elif len(entries) <= 12:  # few checkpoints: a tick at each one's step
         axes[-1].set_xticks([e.step for e in entries])
     else:
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    _figure_legend(fig, axes)
     steps = [e.step for e in entries]
     span = f", steps {min(steps)} to {max(steps)}" if steps else ""
     title = f"{name + ': ' if name else ''}{len(entries)} checkpoint{'s' if len(entries) != 1 else ''}{span}"
@@ -154,8 +155,7 @@ def draw_metrics(
         note = f"\n(no valid, finite checkpoint carries {monitor!r}: no best marked)"
     elif monitor is None and len(names) > 1:
         note = "\n(pass monitor / --monitor to mark the best checkpoint)"
-    fig.suptitle(title + note, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.93 if panels > 1 else 0.86))
+    _figure_legend(fig, axes, title + note)
     return fig
 
 
@@ -168,15 +168,11 @@ def _metric_panel(
     best_label: str = "best",
 ) -> None:
     if name is None:  # no metrics saved: still show which checkpoints the run holds
-        ax.plot(
-            [e.step for e in entries],
-            [0] * len(entries),
-            "o",
-            color=_LINE,
-            label="checkpoint (kept in the run)",
-        )
+        if entries:
+            steps = [e.step for e in entries]
+            ax.plot(steps, [0] * len(steps), "o", color=_LINE, label="checkpoint (kept in the run)")
         ax.set_yticks([])
-        ax.set_ylabel("checkpoints")
+        ax.set_title("checkpoints", loc="left", fontsize=10)
         text = "no metrics saved with these checkpoints" if entries else "no checkpoints yet"
         ax.text(0.5, 0.75, text, transform=ax.transAxes, ha="center", va="center", color="#555555")
         return
@@ -221,26 +217,34 @@ def _metric_panel(
             zorder=5,
             label=best_label,
         )
-    ax.set_ylabel(name)
+    ax.set_title(name, loc="left", fontsize=10)  # across, not up the side: long names stay readable
+    ax.margins(y=0.12)  # room for the star, the ring and the NaN crosses at the ends
 
 
-def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
-    """One legend for the whole figure, above the panels: each label once."""
+def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str) -> None:
+    """The title, and under it one legend for the whole figure (each label once), above the panels.
+
+    One box above the panels, as the constrained layout does not stack a suptitle and an
+    outside legend (they would overlap).
+    """
     seen: dict[str, Any] = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         for handle, label in zip(handles, labels, strict=True):
             seen.setdefault(label, handle)
-    if seen:
-        fig.legend(
-            list(seen.values()),
-            list(seen),
-            loc="upper center",
-            ncol=min(3, len(seen)),
-            bbox_to_anchor=(0.5, 0.955 if len(axes) > 1 else 0.9),
-            fontsize=9,
-            frameon=False,
-        )
+    if not seen:
+        fig.suptitle(title, fontsize=12)
+        return
+    fig.legend(
+        list(seen.values()),
+        list(seen),
+        loc="outside upper center",
+        ncol=min(3, len(seen)),
+        fontsize=9,
+        frameon=False,
+        title=title,
+        title_fontsize=12,
+    )
 
 
 def plot_metrics(
