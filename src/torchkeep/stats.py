@@ -4,8 +4,9 @@
 elements at a time, so its memory stays at the chunk size whatever the file's
 size: safetensors data (also in Hugging Face folders and checkpoint folders)
 comes in with positioned reads into one reused buffer; a ``torch.save`` zip
-is memory-mapped by torchkeep's own reader (nothing unpickled), and each
-chunk of a tensor is converted on its own. Means and standard deviations
+is memory-mapped by torchkeep's own reader (nothing unpickled). Each chunk
+is converted into one reused float64 buffer, so nothing is allocated per
+chunk and the memory used is the same for any file. Means and standard deviations
 are accumulated in float64 (chunk results combined with Chan's formula), so
 a billion float16 values give the same answer as one float64 pass.
 
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,10 +199,19 @@ def stats_cells(row: TensorStats) -> list[str]:
     ]
 
 
-class _Moments:
-    """Running count / mean / sum of squared deviations, min, max, NaN and Inf counts."""
+# integer dtypes whose min/max torch computes natively (exactly); the others go through float64
+_NATIVE_MINMAX = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-    def __init__(self) -> None:
+
+class _Moments:
+    """Running count / mean / sum of squared deviations, min, max, NaN and Inf counts.
+
+    ``scratch`` is a float64 buffer at least as long as the longest chunk: each chunk is
+    converted into it, so reading a file allocates no new memory per chunk.
+    """
+
+    def __init__(self, scratch: torch.Tensor) -> None:
+        self.scratch = scratch
         self.count = 0
         self.mean = 0.0
         self.m2 = 0.0
@@ -217,7 +227,10 @@ class _Moments:
             self.nan += int(torch.isnan(chunk).sum())
             self.inf += int(torch.isinf(chunk).sum())
             return
-        values = chunk.double()
+        values = self.scratch[: chunk.numel()].view(chunk.shape)
+        values.copy_(chunk)
+        low: Number
+        high: Number
         if chunk.is_floating_point():
             low_t, high_t = torch.aminmax(values)  # NaN propagates: finite ends mean all finite
             if not (math.isfinite(float(low_t)) and math.isfinite(float(high_t))):
@@ -230,13 +243,12 @@ class _Moments:
                 if not values.numel():
                     return
                 low_t, high_t = torch.aminmax(values)
-            low: Number = float(low_t)
-            high: Number = float(high_t)
-        elif chunk.dtype == torch.uint64:  # above 2**63 only as float64
-            low_t, high_t = torch.aminmax(values)
             low, high = float(low_t), float(high_t)
-        else:  # integers and bool: exact in int64
-            low_t, high_t = torch.aminmax(chunk.long() if chunk.dtype != torch.int64 else chunk)
+        elif chunk.dtype in _NATIVE_MINMAX:  # exact, also for int64 beyond 2**53
+            low_t, high_t = torch.aminmax(chunk)
+            low, high = int(low_t), int(high_t)
+        else:  # uint16 / uint32: exact in float64; uint64 above 2**53 only approximately
+            low_t, high_t = torch.aminmax(values)
             low, high = int(low_t), int(high_t)
         self.low = low if self.low is None else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
@@ -286,8 +298,13 @@ def chunks(t: torch.Tensor, limit: int = CHUNK_ELEMENTS) -> Iterator[torch.Tenso
         yield t[i : i + rows]
 
 
-def _stats_of(name: str, t: torch.Tensor, limit: int) -> TensorStats:
-    moments = _Moments()
+def _scratch(numels: Iterable[int], limit: int) -> torch.Tensor:
+    """The float64 buffer chunks are converted into: as long as the longest chunk needed."""
+    return torch.empty(max((min(limit, n) for n in numels), default=0), dtype=torch.float64)
+
+
+def _stats_of(name: str, t: torch.Tensor, limit: int, scratch: torch.Tensor) -> TensorStats:
+    moments = _Moments(scratch)
     for chunk in chunks(t.detach(), limit):
         moments.add(chunk.cpu())
     return moments.result(name, t.dtype, tuple(t.shape))
@@ -295,6 +312,7 @@ def _stats_of(name: str, t: torch.Tensor, limit: int) -> TensorStats:
 
 def _tensor_stats_from_memory(state: Mapping[str, torch.Tensor], limit: int) -> Iterator[TensorStats]:
     """Stats of tensors already at hand (or mapped), tied ones computed once."""
+    scratch = _scratch((t.numel() for t in state.values()), limit)
     seen: dict[tuple[Any, ...], TensorStats] = {}
     for name, t in state.items():
         identity = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -302,7 +320,7 @@ def _tensor_stats_from_memory(state: Mapping[str, torch.Tensor], limit: int) -> 
         if first is not None:
             yield dataclasses.replace(first, name=name, tied_to=first.name)
             continue
-        row = _stats_of(name, t, limit)
+        row = _stats_of(name, t, limit, scratch)
         seen[identity] = row
         yield row
 
@@ -314,10 +332,11 @@ def _safetensors_stats(path: Path, limit: int) -> Iterator[TensorStats]:
     largest = max((min(limit, math.prod(i.shape)) * (_itemsize(i) or 1) for i in header.tensors), default=1)
     buffer = bytearray(max(largest, 1))
     view = memoryview(buffer)
+    scratch = _scratch((math.prod(i.shape) for i in header.tensors), limit)
     fd = os.open(path, os.O_RDONLY)
     try:
         for info in header.tensors:
-            yield _safetensors_tensor(fd, path, header.data_start, info, view, limit)
+            yield _safetensors_tensor(fd, path, header.data_start, info, view, limit, scratch)
     finally:
         os.close(fd)
 
@@ -330,7 +349,7 @@ def _itemsize(info: TensorInfo) -> int | None:
 
 
 def _safetensors_tensor(
-    fd: int, path: Path, base: int, info: TensorInfo, view: memoryview, limit: int
+    fd: int, path: Path, base: int, info: TensorInfo, view: memoryview, limit: int, scratch: torch.Tensor
 ) -> TensorStats:
     dtype = getattr(torch, info.dtype.removeprefix("torch."), None)
     size = _itemsize(info)
@@ -338,7 +357,7 @@ def _safetensors_tensor(
     if not isinstance(dtype, torch.dtype) or size is None:
         note = f"{_dtype_name(info.dtype)} is packed or unknown to this torch: values not read"
         return TensorStats(info.name, _dtype_name(info.dtype), info.shape, numel, *(None,) * 4, note=note)
-    moments = _Moments()
+    moments = _Moments(scratch)
     done = 0
     while done < numel:
         count = min(limit, numel - done)
