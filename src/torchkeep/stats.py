@@ -5,8 +5,8 @@ elements at a time, so its memory stays at the chunk size whatever the file's
 size: safetensors data (also in Hugging Face folders and checkpoint folders)
 comes in with positioned reads into one reused buffer; a ``torch.save`` zip
 is memory-mapped by torchkeep's own reader (nothing unpickled). Each chunk
-is converted into one reused float64 buffer, so nothing is allocated per
-chunk and the memory used is the same for any file. Means and standard deviations
+is converted into one reused float64 buffer (only a chunk holding NaN/Inf
+needs a mask too), so the memory used is the same for any file. Means and standard deviations
 are accumulated in float64 (chunk results combined with Chan's formula), so
 a billion float16 values give the same answer as one float64 pass.
 
