@@ -236,6 +236,26 @@ def _resume_walkthrough(
     )
 
 
+def _picture_of_the_run(workdir: Path, checks: _Checks, console: Console) -> None:
+    """``torchkeep ls run --plot metrics.png``: the run's metrics over its steps, best and kept marked."""
+    from torchkeep.errors import MissingExtraError
+    from torchkeep.plots import plot_metrics
+
+    run_dir, picture = workdir / "run", workdir / "metrics.png"
+    try:
+        plot_metrics(run_dir, picture, monitor="val_loss", mode="min")
+    except MissingExtraError as err:  # matplotlib is optional: say how to get the picture, fail nothing
+        console.print(f"  [yellow]no picture of the run[/]: {err}")
+        return
+    whole = picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checks.add(
+        console,
+        "picture of the run drawn (torchkeep ls run --plot metrics.png)",
+        whole,
+        f"{picture}, {format_bytes(picture.stat().st_size)}",
+    )
+
+
 def _accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
     images, labels = test
     with evaluating(model):
@@ -436,6 +456,7 @@ def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
 
     with _step(console, 6, "checkpoints: interrupt, resume exactly, keep the best"):
         _resume_walkthrough(workdir, train, test, epochs=epochs, seed=seed, checks=checks, console=console)
+        _picture_of_the_run(workdir, checks, console)
 
     with _step(console, 7, "transfer learning: new head, frozen backbone, fine-tune"):
         _transfer_walkthrough(

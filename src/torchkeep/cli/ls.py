@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from torchkeep._table import format_bytes, print_table
+from torchkeep.plots import plot_metrics
 from torchkeep.run.reader import RunReader, rank
 from torchkeep.storage.remote import is_url
 
@@ -24,6 +25,11 @@ def ls_command(
     mode: str = typer.Option("min", "--mode", help="min or max: which way the metric is better."),
     verify: bool = typer.Option(False, "--verify", help="Check the checksums too (reads every file)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Also draw every metric over steps, best and kept marked (metrics.png, .svg, .pdf).",
+    ),
 ) -> None:
     """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest."""
     if not is_url(run_dir) and not Path(run_dir).is_dir():
@@ -35,6 +41,10 @@ def ls_command(
         names = {name for e in entries for name in e.metrics}
         monitor = names.pop() if len(names) == 1 else None
     ranked = rank(entries, monitor, mode)
+    if plot is not None:  # the one file written, where the user said; on stderr, so --json stays JSON
+        typer.echo(
+            f"picture: {plot_metrics(entries, plot, monitor=monitor, mode=mode, name=run_dir)}", err=True
+        )
     best = ranked[0].path if ranked else None
     latest = next((e.path for e in reversed(entries) if e.valid), None)
     if as_json:
