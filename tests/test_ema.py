@@ -283,6 +283,59 @@ def test_restoring_into_the_ema_of_another_model_is_refused(tmp_path: Path) -> N
     assert other.num_updates == 0
 
 
+def test_a_failed_ema_restore_leaves_the_model_and_optimizer_as_they_were(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    _step(model, optimizer)
+    with torchkeep.Checkpointer(tmp_path) as ckpts:
+        ckpts.save(0, model=model, optimizer=optimizer, ema=torchkeep.EMA(model))
+        fresh, fresh_optimizer = _trained(seed=1)
+        _step(fresh, fresh_optimizer)
+        model_before, optimizer_before = _snapshot(fresh), fresh_optimizer.state_dict()
+        momentum_before = {i: s["momentum_buffer"].clone() for i, s in optimizer_before["state"].items()}
+        wrong = torchkeep.EMA(nn.Linear(576, 10))  # the EMA of another model: its check refuses
+        with pytest.raises(torchkeep.KeyMismatchError, match="restore without ema="):
+            ckpts.restore(model=fresh, optimizer=fresh_optimizer, ema=wrong)
+    assert_state_equal(_snapshot(fresh), model_before)  # checked before the model was loaded
+    for i, s in fresh_optimizer.state_dict()["state"].items():
+        assert torch.equal(s["momentum_buffer"], momentum_before[i])
+    assert wrong.num_updates == 0
+
+
+class _Refuses:
+    """A Stateful whose own check refuses every state with a plain ValueError."""
+
+    def __init__(self) -> None:
+        self.loaded = False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"version": 1}
+
+    def check_state_dict(self, state: dict[str, int], /) -> None:
+        raise ValueError(f"version {state['version']} is too old for this object")
+
+    def load_state_dict(self, state: dict[str, int], /) -> None:
+        self.loaded = True
+
+
+def test_every_objects_check_state_dict_runs_before_any_object_changes(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    _step(model, optimizer)
+    with torchkeep.Checkpointer(tmp_path) as ckpts:
+        ckpts.save(0, model=model, ema=torchkeep.EMA(model), sampler=_Refuses())
+        fresh, _ = _trained(seed=1)
+        before, ema = _snapshot(fresh), torchkeep.EMA(fresh)
+        ema_before = {k: v.clone() for k, v in ema.model_state_dict().items()}
+        refuses = _Refuses()
+        with pytest.raises(torchkeep.CheckpointMismatchError, match="version 1 is too old") as err:
+            ckpts.restore(model=fresh, ema=ema, sampler=refuses)
+    assert "check_state_dict refused" in str(err.value)
+    assert "restore without sampler=" in str(err.value)
+    assert not refuses.loaded
+    assert_state_equal(_snapshot(fresh), before)
+    assert_state_equal(ema.model_state_dict(), ema_before)
+    assert ema.num_updates == 0
+
+
 def test_load_state_dict_checks_everything_before_changing_anything() -> None:
     model, _ = _trained()
     ema = torchkeep.EMA(model)

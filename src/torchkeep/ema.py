@@ -316,19 +316,20 @@ class EMA:
             "weights": self.model_state_dict(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
-        """Restore the average and the update count from :meth:`state_dict`'s output.
+    def check_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        """Refuse a state :meth:`load_state_dict` could not take, changing nothing.
 
-        Every check runs before anything changes. The settings (``decay``,
-        ``warmup``) stay the ones this EMA was made with, so a resumed run
-        may change them on purpose; values are cast to the EMA's dtypes.
+        A checkpoint restore (:func:`torchkeep.load_checkpoint`,
+        ``Checkpointer.restore``) calls this for the EMA before it loads the
+        model or any other object, so an EMA that does not fit leaves them all
+        as they were.
 
         Raises:
             NotAStateDictError: ``state_dict`` is not an EMA state.
             KeyMismatchError: its weights are not this model's (other keys or shapes).
 
         Example:
-            >>> ema.load_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
+            >>> ema.check_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
         """
         if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("weights"), Mapping):
             found = (
@@ -369,6 +370,25 @@ class EMA:
                 hint=f"make the EMA from the model the saved one averaged (the same {self._name} "
                 "architecture, after the same head changes), or restore without ema=",
             )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        """Restore the average and the update count from :meth:`state_dict`'s output.
+
+        Every check (:meth:`check_state_dict`) runs before anything changes.
+        The settings (``decay``, ``warmup``) stay the ones this EMA was made
+        with, so a resumed run may change them on purpose; values are cast to
+        the EMA's dtypes.
+
+        Raises:
+            NotAStateDictError: ``state_dict`` is not an EMA state.
+            KeyMismatchError: its weights are not this model's (other keys or shapes).
+
+        Example:
+            >>> ema.load_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
+        """
+        self.check_state_dict(state_dict)
+        weights: Mapping[str, torch.Tensor] = state_dict["weights"]
+        count: int = state_dict.get("num_updates", 0)
         with torch.no_grad():
             for key in self._own:
                 self._shadow[key].copy_(weights[key])
