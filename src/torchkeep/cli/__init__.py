@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from torchkeep.errors import (
     CheckpointError,
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _command().main(args=argv, prog_name="torchkeep", standalone_mode=True)
     except TorchkeepError as err:
-        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False)
         sys.exit(exit_code(err))
     except OSError as err:  # disk full, permission denied: say it plainly
-        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False)
         sys.exit(1)
