@@ -319,7 +319,10 @@ def test_numpy_and_other_real_weights_are_accepted() -> None:
     states = [_state(0), _state(1)]
     expected = torchkeep.average(states, weights=[0.25, 0.75])
     assert_state_equal(torchkeep.average(states, weights=[np.float32(1), np.int64(3)]), expected)
-    assert_state_equal(torchkeep.average(states, weights=np.array([1.0, 3.0]).tolist()), expected)
+    assert_state_equal(torchkeep.average(states, weights=np.array([1.0, 3.0])), expected)
+    assert_state_equal(torchkeep.average(states, weights=torch.tensor([1.0, 3.0])), expected)
+    with pytest.raises(torchkeep.InvalidArgumentError, match="is not a list of numbers"):
+        torchkeep.average(states, weights=np.ones((2, 1)))  # type: ignore[arg-type]
     assert_state_equal(torchkeep.average(states, weights=[Fraction(1, 4), Fraction(3, 4)]), expected)
     assert averaging.normalized_weights([np.float16(1), np.float32(1)], 2) == [0.5, 0.5]
     assert all(type(w) is float for w in averaging.normalized_weights([np.float32(1), 3], 2))

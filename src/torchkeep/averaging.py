@@ -40,7 +40,8 @@ def normalized_weights(
 
     Args:
         weights (Sequence[float] | None): one weight per source (any real
-            numbers, numpy's included), or None for uniform weights.
+            numbers, numpy's included, or a 1-D array or tensor), or None for
+            uniform weights.
         count (int): the number of sources.
         option (str | None, default None): the command-line option the
             weights came from (``"--weights"``): errors then show its syntax.
@@ -65,9 +66,12 @@ def normalized_weights(
         )
     if weights is None:
         return [1.0 / count] * count
-    if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+    if getattr(weights, "ndim", None) == 1 and callable(getattr(weights, "tolist", None)):
+        values = list(weights.tolist())  # type: ignore[attr-defined]  # a 1-D numpy array or tensor
+    elif isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
         raise InvalidArgumentError(argument, weights, "is not a list of numbers", fix)
-    values = list(weights)
+    else:
+        values = list(weights)
     shown: object = weights if option is None else ",".join(f"{w:g}" for w in values)
     if len(values) != count:
         raise InvalidArgumentError(argument, shown, f"holds {len(values)} weights for {count} sources", fix)
@@ -268,8 +272,8 @@ def average(
             ``torchkeep average`` command refuses an existing OUT unless
             ``--force``.
         weights (Sequence[float] | None, default None): one non-negative
-            weight per source (any real numbers, numpy's too), not all zero;
-            None averages uniformly.
+            weight per source (any real numbers, numpy's too, or a 1-D array
+            or tensor), not all zero; None averages uniformly.
         accumulate_dtype (torch.dtype, default torch.float64): the
             accumulators' floating-point dtype. float64 gives back identical
             sources bit for bit; ``torch.float32`` halves the memory for a big
