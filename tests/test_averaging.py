@@ -39,12 +39,12 @@ def _direct(
 ) -> dict[str, torch.Tensor]:
     """The weighted average computed in one expression, in float64 (of the absolute values: magnitude)."""
     total = sum(weights)
+    shares = [w / total for w in weights]  # first, as a sum of tiny w * x would underflow (w = 5e-324)
     return {
         key: sum(
             w * (s[key].double().abs() if magnitude else s[key].double())
-            for w, s in zip(weights, states, strict=True)
+            for w, s in zip(shares, states, strict=True)
         )
-        / total
         for key in states[0]
         if states[0][key].is_floating_point()
     }
@@ -62,7 +62,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 # -- the arithmetic (properties) --------------------------------------------------------------------
 
-weight_lists = st.integers(1, 5).flatmap(
+weight_lists = st.integers(2, 5).flatmap(
     lambda n: st.lists(st.floats(0, 10, allow_nan=False), min_size=n, max_size=n).filter(lambda w: sum(w) > 0)
 )
 
@@ -282,9 +282,99 @@ def test_bad_sources_are_refused(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.InvalidArgumentError, match=r"pass a list, e\.g\."):
         torchkeep.average("a.safetensors")  # type: ignore[arg-type]
     with pytest.raises(torchkeep.InvalidArgumentError, match="accumulate_dtype"):
-        torchkeep.average([_state(0)], accumulate_dtype=torch.int64)
+        torchkeep.average([_state(0), _state(1)], accumulate_dtype=torch.int64)
     with pytest.raises(torchkeep.ModelFileNotFoundError):
-        torchkeep.average([tmp_path / "nope.safetensors"])
+        torchkeep.average([tmp_path / "nope.safetensors", tmp_path / "nope.safetensors"])
+
+
+def test_a_single_source_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = torchkeep.save_weights(_state(0), tmp_path / "a.safetensors")
+    with pytest.raises(torchkeep.InvalidArgumentError, match="holds one source") as err:
+        torchkeep.average([path], tmp_path / "out.safetensors")
+    assert err.value.argument == "sources"
+    assert "the same file twice" in str(err.value)
+    assert "torchkeep convert" in str(err.value)
+    assert not (tmp_path / "out.safetensors").exists()
+    assert_state_equal(torchkeep.average([path, path]), _state(0))  # the fix the message gives
+
+
+def test_every_source_is_checked_to_exist_before_the_first_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = torchkeep.save_weights(_state(0), tmp_path / "a.safetensors")
+    read: list[object] = []
+    real = averaging.load_weights
+    monkeypatch.setattr(averaging, "load_weights", lambda p, **kw: read.append(p) or real(p, **kw))
+    with pytest.raises(torchkeep.ModelFileNotFoundError, match=r"typo\.safetensors: no such file") as err:
+        torchkeep.average([a, a, tmp_path / "typo.safetensors"], tmp_path / "out.safetensors")
+    assert err.value.path == tmp_path / "typo.safetensors"
+    assert read == []  # refused before any reading
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_numpy_and_other_real_weights_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    states = [_state(0), _state(1)]
+    expected = torchkeep.average(states, weights=[0.25, 0.75])
+    assert_state_equal(torchkeep.average(states, weights=[np.float32(1), np.int64(3)]), expected)
+    assert_state_equal(torchkeep.average(states, weights=np.array([1.0, 3.0])), expected)
+    assert_state_equal(torchkeep.average(states, weights=torch.tensor([1.0, 3.0])), expected)
+    with pytest.raises(torchkeep.InvalidArgumentError, match="is not a list of numbers"):
+        torchkeep.average(states, weights=np.ones((2, 1)))  # type: ignore[arg-type]
+    assert_state_equal(torchkeep.average(states, weights=[Fraction(1, 4), Fraction(3, 4)]), expected)
+    assert averaging.normalized_weights([np.float16(1), np.float32(1)], 2) == [0.5, 0.5]
+    assert all(type(w) is float for w in averaging.normalized_weights([np.float32(1), 3], 2))
+
+
+def test_the_weights_fix_names_the_right_count(tmp_path: Path) -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match=r"pass 4 non-negative") as err:
+        torchkeep.average([_state(i) for i in range(4)], weights=[1, 1])
+    assert "e.g. weights=[1, 1, 1, 2]" in str(err.value)
+    with pytest.raises(torchkeep.InvalidArgumentError) as err:
+        averaging.normalized_weights([float("nan"), 1.0], 2, option="--weights")
+    assert str(err.value).startswith("--weights='nan,1' holds nan")
+    assert "pass --weights with 2 comma-separated non-negative numbers" in str(err.value)
+    assert "e.g. --weights 1,2" in str(err.value)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "symlink", "hardlink", "inside"])
+def test_out_may_not_be_a_source_under_any_name(tmp_path: Path, spelling: str) -> None:
+    a = torchkeep.save_weights(_state(0), tmp_path / "a.safetensors")
+    b = torchkeep.save_weights(_state(1), tmp_path / "b.safetensors")
+    sources: list[averaging.Source] = [a, b]
+    if spelling == "same":
+        out: Path = b
+    elif spelling == "dotted":
+        out = tmp_path / "sub" / ".." / "b.safetensors"
+        (tmp_path / "sub").mkdir()
+    elif spelling == "symlink":
+        out = tmp_path / "link.safetensors"
+        out.symlink_to(b)
+    elif spelling == "hardlink":
+        out = tmp_path / "hard.safetensors"
+        out.hardlink_to(b)
+    else:
+        folder = tmp_path / "hf"
+        folder.mkdir()
+        torchkeep.save_weights(_state(1), folder / "model.safetensors")
+        sources = [a, folder]
+        out = folder / "model.safetensors"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
+    with pytest.raises(torchkeep.InvalidArgumentError, match=r"is (inside )?sources\[1\]") as err:
+        torchkeep.average(sources, out)
+    assert err.value.argument == "out"
+    assert "sources[1]" in str(err.value)
+    assert "write the average to a new file" in str(err.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")} == before
+
+
+def test_the_library_replaces_an_existing_out_as_save_weights_does(tmp_path: Path) -> None:
+    paths = [torchkeep.save_weights(_state(i), tmp_path / f"{i}.safetensors") for i in range(2)]
+    out = torchkeep.save_weights(_state(7), tmp_path / "out.safetensors")
+    result = torchkeep.average(paths, out)
+    assert_state_equal(torchkeep.load_weights(out), result)
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -321,6 +411,52 @@ def test_cli_average_errors_are_one_line_with_the_group_exit_code(
     code, _, err = run_cli(["average", out, a, a, "--weights", "1,x"], capsys)
     assert code == 2  # typer's bad parameter
     assert "comma-separated list of numbers" in err
+
+
+def test_cli_average_refuses_an_existing_out_unless_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c = (str(torchkeep.save_weights(_state(i), tmp_path / f"{i}.safetensors")) for i in range(3))
+    before = Path(a).read_bytes()
+    code, stdout, err = run_cli(["average", a, b, c], capsys)  # OUT forgotten: a is taken as OUT
+    assert code == 9
+    assert stdout == ""
+    assert f"OUT={a!r} already exists" in err
+    assert "pass --force to replace it" in err
+    assert f"torchkeep average soup.safetensors {a} {b} {c}" in err
+    assert Path(a).read_bytes() == before
+    code, _, _ = run_cli(["average", a, b, c, "--force"], capsys)
+    assert code == 0
+    assert_state_equal(torchkeep.load_weights(a), torchkeep.average([_state(1), _state(2)]))
+
+
+def test_cli_average_never_writes_over_a_source_even_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = (str(torchkeep.save_weights(_state(i), tmp_path / f"{i}.safetensors")) for i in range(2))
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(b)
+    before = Path(b).read_bytes()
+    for out in (b, str(link)):
+        code, _, err = run_cli(["average", out, a, b, "--force"], capsys)
+        assert code == 9  # the usage group
+        assert "is sources[1]" in err
+        assert Path(b).read_bytes() == before
+
+
+def test_cli_messages_keep_their_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = (str(torchkeep.save_weights(_state(i), tmp_path / f"{i}.safetensors")) for i in range(2))
+    out = tmp_path / "soup[v2].safetensors"
+    code, stdout, _ = run_cli(["average", str(out), a, b], capsys)
+    assert code == 0
+    assert f"into {out}: 3 tensors" in stdout  # rich markup would eat "[v2]"
+    code, _, err = run_cli(["average", str(tmp_path / "x.safetensors"), a, b, "--weights", "nan,1"], capsys)
+    assert code == 9
+    assert "error: --weights='nan,1' holds nan" in err
+    old = torchkeep.save_weights(_state(2), tmp_path / "old[bold].safetensors")
+    code, _, err = run_cli(["average", str(old), a, b], capsys)
+    assert code == 9
+    assert f"OUT={str(old)!r} already exists" in err  # the error printer keeps "[bold]" as text
 
 
 def test_cli_average_as_a_real_process(tmp_path: Path) -> None:

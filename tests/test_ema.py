@@ -137,8 +137,9 @@ def test_a_changed_model_is_refused_at_update() -> None:
 def test_a_float32_average_of_a_bfloat16_model_keeps_small_steps() -> None:
     torch.manual_seed(0)
     model = nn.Linear(64, 64).to(torch.bfloat16)
-    same = torchkeep.EMA(model, decay=0.999)
-    wide = torchkeep.EMA(model, decay=0.999, dtype=torch.float32)
+    with pytest.warns(torchkeep.LowPrecisionWarning, match=r"bfloat16.*pass dtype=torch\.float32"):
+        same = torchkeep.EMA(model, decay=0.999)
+    wide = torchkeep.EMA(model, decay=0.999, dtype=torch.float32)  # no warning: warnings are errors here
     start = model.weight.detach().float().clone()
     with torch.no_grad():
         model.weight.add_(0.01)
@@ -155,6 +156,53 @@ def test_a_float32_average_of_a_bfloat16_model_keeps_small_steps() -> None:
     with wide.applied(model):
         assert model.weight.dtype == torch.bfloat16
         assert torch.equal(model.weight, expected.to(torch.bfloat16))
+
+
+def test_dtype_widens_narrower_tensors_and_never_narrows_wider_ones() -> None:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.half = nn.Linear(4, 4).to(torch.float16)
+    model.full = nn.Linear(4, 4)
+    model.register_buffer("exact", torch.randn(5, dtype=torch.float64))
+    ema = torchkeep.EMA(model, decay=0.9, dtype=torch.float32)
+    kept = {k: v.dtype for k, v in ema.model_state_dict().items()}
+    assert kept == {
+        "exact": torch.float64,  # not cast down to float32
+        "half.weight": torch.float32,
+        "half.bias": torch.float32,
+        "full.weight": torch.float32,
+        "full.bias": torch.float32,
+    }
+    start = model.exact.clone()
+    model.exact.add_(1e-9)  # a step float32 could not hold
+    ema.update()
+    assert torch.equal(ema.model_state_dict()["exact"], torch.lerp(start, model.exact, 0.1))
+    narrow = torchkeep.EMA(nn.Linear(2, 2), dtype=torch.bfloat16)  # float32 model: kept in float32
+    assert {v.dtype for v in narrow.model_state_dict().values()} == {torch.float32}
+
+
+def test_a_compiled_model_is_averaged_under_its_own_names(tmp_path: Path) -> None:
+    model = TheModelClass()
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it runs, so this test is quick
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    ema = torchkeep.EMA(compiled, decay=0.5)
+    assert list(ema.model_state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    ema.update()
+    with ema.applied(compiled) as inner:
+        assert inner is model
+        assert torch.equal(
+            compiled.state_dict()["_orig_mod.fc1.weight"], ema.model_state_dict()["fc1.weight"]
+        )
+    path = torchkeep.save_weights(ema, tmp_path / "ema.safetensors")
+    assert sorted(torchkeep.load_weights(path)) == sorted(model.state_dict())  # no _orig_mod. prefix
+
+
+def test_a_real_decay_of_any_type_is_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    assert torchkeep.EMA(nn.Linear(2, 2), decay=np.float32(0.5)).decay == 0.5
+    assert type(torchkeep.EMA(nn.Linear(2, 2), decay=np.float64(0.25)).decay) is float
 
 
 # -- using it ---------------------------------------------------------------------------------------
@@ -210,6 +258,27 @@ def test_applied_into_another_model_of_the_same_architecture() -> None:
     with pytest.raises(torchkeep.KeyMismatchError, match=r"applied\(\)") as err, ema.applied(nn.Linear(3, 3)):
         pass
     assert "fc1.weight" in err.value.unexpected
+
+
+def test_update_inside_applied_is_refused_and_changes_nothing() -> None:
+    model, optimizer = _trained()
+    ema = torchkeep.EMA(model, decay=0.5)
+    _step(model, optimizer)
+    live = _snapshot(model)
+    before = {k: v.clone() for k, v in ema.model_state_dict().items()}
+    with ema.applied(model), pytest.raises(torchkeep.CallOrderError, match=r"outside the block") as err:
+        ema.update()
+    assert err.value.call == "EMA.update()"
+    assert isinstance(err.value, RuntimeError)
+    assert_state_equal(ema.model_state_dict(), before)
+    assert ema.num_updates == 0
+    assert_state_equal(_snapshot(model), live)
+    with ema.applied(TheModelClass()):  # an evaluation copy: the model still holds its own weights
+        ema.update()
+    ema.update()  # and after the block, as usual
+    assert ema.num_updates == 2
+    expected = {k: torch.lerp(torch.lerp(before[k], live[k], 0.5), live[k], 0.5) for k in ("fc1.weight",)}
+    assert torch.equal(ema.model_state_dict()["fc1.weight"], expected["fc1.weight"])
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -281,6 +350,59 @@ def test_restoring_into_the_ema_of_another_model_is_refused(tmp_path: Path) -> N
     assert "fc1.weight" in err.value.unexpected
     assert_state_equal(other.model_state_dict(), before)
     assert other.num_updates == 0
+
+
+def test_a_failed_ema_restore_leaves_the_model_and_optimizer_as_they_were(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    _step(model, optimizer)
+    with torchkeep.Checkpointer(tmp_path) as ckpts:
+        ckpts.save(0, model=model, optimizer=optimizer, ema=torchkeep.EMA(model))
+        fresh, fresh_optimizer = _trained(seed=1)
+        _step(fresh, fresh_optimizer)
+        model_before, optimizer_before = _snapshot(fresh), fresh_optimizer.state_dict()
+        momentum_before = {i: s["momentum_buffer"].clone() for i, s in optimizer_before["state"].items()}
+        wrong = torchkeep.EMA(nn.Linear(576, 10))  # the EMA of another model: its check refuses
+        with pytest.raises(torchkeep.KeyMismatchError, match="restore without ema="):
+            ckpts.restore(model=fresh, optimizer=fresh_optimizer, ema=wrong)
+    assert_state_equal(_snapshot(fresh), model_before)  # checked before the model was loaded
+    for i, s in fresh_optimizer.state_dict()["state"].items():
+        assert torch.equal(s["momentum_buffer"], momentum_before[i])
+    assert wrong.num_updates == 0
+
+
+class _Refuses:
+    """A Stateful whose own check refuses every state with a plain ValueError."""
+
+    def __init__(self) -> None:
+        self.loaded = False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"version": 1}
+
+    def check_state_dict(self, state: dict[str, int], /) -> None:
+        raise ValueError(f"version {state['version']} is too old for this object")
+
+    def load_state_dict(self, state: dict[str, int], /) -> None:
+        self.loaded = True
+
+
+def test_every_objects_check_state_dict_runs_before_any_object_changes(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    _step(model, optimizer)
+    with torchkeep.Checkpointer(tmp_path) as ckpts:
+        ckpts.save(0, model=model, ema=torchkeep.EMA(model), sampler=_Refuses())
+        fresh, _ = _trained(seed=1)
+        before, ema = _snapshot(fresh), torchkeep.EMA(fresh)
+        ema_before = {k: v.clone() for k, v in ema.model_state_dict().items()}
+        refuses = _Refuses()
+        with pytest.raises(torchkeep.CheckpointMismatchError, match="version 1 is too old") as err:
+            ckpts.restore(model=fresh, ema=ema, sampler=refuses)
+    assert "check_state_dict refused" in str(err.value)
+    assert "restore without sampler=" in str(err.value)
+    assert not refuses.loaded
+    assert_state_equal(_snapshot(fresh), before)
+    assert_state_equal(ema.model_state_dict(), ema_before)
+    assert ema.num_updates == 0
 
 
 def test_load_state_dict_checks_everything_before_changing_anything() -> None:

@@ -35,6 +35,7 @@ from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.ema import EMA
 from torchkeep.errors import (
     AsyncSaveError,
+    CallOrderError,
     CheckpointError,
     CheckpointMismatchError,
     CorruptFileError,
@@ -48,6 +49,7 @@ from torchkeep.errors import (
     InvalidShardSizeError,
     KeyMismatchError,
     LimitExceededError,
+    LowPrecisionWarning,
     MissingClassError,
     MissingExtraError,
     MissingMetricError,
@@ -96,6 +98,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "AsyncSaveError",
+    "CallOrderError",
     "CheckpointEntry",
     "CheckpointError",
     "CheckpointInfo",
@@ -117,6 +120,7 @@ __all__ = [
     "LimitExceededError",
     "Limits",
     "LoadReport",
+    "LowPrecisionWarning",
     "MissingClassError",
     "MissingExtraError",
     "MissingMetricError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchkeep.errors import IncompatibleSourcesError, InvalidArgumentError
+from torchkeep.errors import IncompatibleSourcesError, InvalidArgumentError, ModelFileNotFoundError
 from torchkeep.formats import suffix_format
+from torchkeep.storage.remote import is_url, resolve
 from torchkeep.weights import MapLocation, _view_identity, load_weights, save_weights, to_state_dict
 
-__all__ = ["Source", "average", "normalized_weights"]
+__all__ = ["Source", "average", "check_out", "normalized_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,34 +33,106 @@ Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module
 StateDict = dict[str, torch.Tensor]
 
 
-def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+def normalized_weights(
+    weights: Sequence[float] | None, count: int, *, option: str | None = None
+) -> list[float]:
     """``weights`` scaled to sum to 1 (uniform when None), checked to be usable.
+
+    Args:
+        weights (Sequence[float] | None): one weight per source (any real
+            numbers, numpy's included, or a 1-D array or tensor), or None for
+            uniform weights.
+        count (int): the number of sources.
+        option (str | None, default None): the command-line option the
+            weights came from (``"--weights"``): errors then show its syntax.
 
     Raises:
         InvalidArgumentError: not one weight per source, a negative or
             non-finite weight, or weights that sum to zero.
+
+    Example:
+        >>> normalized_weights([2, 1, 1], 3)
+        [0.5, 0.25, 0.25]
     """
-    fix = f"pass {count} non-negative numbers, one per source, not all zero (e.g. weights=[0.5, 0.3, 0.2])"
+    example = [1] * (count - 1) + [2] if count > 1 else [1]
+    if option is None:
+        argument = "weights"
+        fix = f"pass {count} non-negative numbers, one per source, not all zero (e.g. weights={example})"
+    else:
+        argument = option
+        fix = (
+            f"pass {option} with {count} comma-separated non-negative numbers, one per source, "
+            f"not all zero (e.g. {option} {','.join(map(str, example))})"
+        )
     if weights is None:
         return [1.0 / count] * count
-    if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
-        raise InvalidArgumentError("weights", weights, "is not a list of numbers", fix)
-    values = list(weights)
+    if getattr(weights, "ndim", None) == 1 and callable(getattr(weights, "tolist", None)):
+        values = list(weights.tolist())  # type: ignore[attr-defined]  # a 1-D numpy array or tensor
+    elif isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+        raise InvalidArgumentError(argument, weights, "is not a list of numbers", fix)
+    else:
+        values = list(weights)
+    shown: object = weights if option is None else ",".join(f"{w:g}" for w in values)
     if len(values) != count:
-        raise InvalidArgumentError(
-            "weights", weights, f"holds {len(values)} weights for {count} sources", fix
-        )
+        raise InvalidArgumentError(argument, shown, f"holds {len(values)} weights for {count} sources", fix)
     for w in values:
-        if isinstance(w, bool) or not isinstance(w, int | float):
-            raise InvalidArgumentError("weights", weights, f"holds {w!r}, which is not a number", fix)
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise InvalidArgumentError(argument, shown, f"holds {w!r}, which is not a number", fix)
         if not math.isfinite(w) or w < 0:
             raise InvalidArgumentError(
-                "weights", weights, f"holds {w!r}, which is not a finite number >= 0", fix
+                argument, shown, f"holds {float(w)!r}, which is not a finite number >= 0", fix
             )
-    total = math.fsum(values)
+    floats = [float(w) for w in values]
+    total = math.fsum(floats)
     if total <= 0:
-        raise InvalidArgumentError("weights", weights, "sums to zero", fix)
-    return [w / total for w in values]
+        raise InvalidArgumentError(argument, shown, "sums to zero", fix)
+    return [w / total for w in floats]
+
+
+def _local(source: object) -> Path | None:
+    """The local path a source names (None for a URL, a state dict or a model)."""
+    if isinstance(source, str | os.PathLike) and not is_url(source):
+        local = resolve(source)
+        return local if isinstance(local, Path) else None
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_out(out: str | os.PathLike[str], sources: Sequence[Source]) -> None:
+    """Refuse an ``out`` that is one of the sources (the same file, by any name) or inside one.
+
+    Reads nothing and writes nothing: paths are compared resolved (symlinks,
+    ``..``) and, where both exist, as files (hard links).
+
+    Raises:
+        InvalidArgumentError: ``out`` is a source, or lies inside a source folder.
+
+    Example:
+        >>> check_out("soup.safetensors", ["a.safetensors", "b.safetensors"])
+    """
+    fix = "write the average to a new file (e.g. soup.safetensors next to the sources); no source is replaced"
+    target = _local(out)
+    for index, source in enumerate(sources):
+        if target is None:
+            if is_url(out) and isinstance(source, str) and source.rstrip("/") == os.fspath(out).rstrip("/"):
+                raise InvalidArgumentError("out", os.fspath(out), f"is sources[{index}]", fix)
+            continue
+        local = _local(source)
+        if local is None:
+            continue
+        if _same_file(target, local):
+            raise InvalidArgumentError(
+                "out", os.fspath(out), f"is sources[{index}] ({_name(source, index)})", fix
+            )
+        if local.is_dir() and target.resolve().is_relative_to(local.resolve()):
+            raise InvalidArgumentError(
+                "out", os.fspath(out), f"is inside sources[{index}], the folder {_name(source, index)}", fix
+            )
 
 
 def _name(source: Source, index: int) -> str:
@@ -191,9 +265,15 @@ def average(
             safely), or state dicts and models in memory.
         out (str | PathLike | None, default None): also write the result
             there, in the format of its suffix as :func:`save_weights` does
-            (the sources and weights are recorded in its metadata).
+            (the sources and weights are recorded in its metadata). Like
+            :func:`save_weights`, an existing file there is replaced
+            (atomically, after every source was read); ``out`` may not be one
+            of the sources, nor lie inside a source folder. The
+            ``torchkeep average`` command refuses an existing OUT unless
+            ``--force``.
         weights (Sequence[float] | None, default None): one non-negative
-            weight per source, not all zero; None averages uniformly.
+            weight per source (any real numbers, numpy's too, or a 1-D array
+            or tensor), not all zero; None averages uniformly.
         accumulate_dtype (torch.dtype, default torch.float64): the
             accumulators' floating-point dtype. float64 gives back identical
             sources bit for bit; ``torch.float32`` halves the memory for a big
@@ -207,13 +287,16 @@ def average(
         the first source's order.
 
     Raises:
-        InvalidArgumentError: no sources, a lone path instead of a list, or
-            unusable ``weights`` / ``accumulate_dtype``.
+        InvalidArgumentError: fewer than two sources, a lone path instead of
+            a list, unusable ``weights`` / ``accumulate_dtype``, or an ``out``
+            that is one of the sources.
         IncompatibleSourcesError: a source's keys, shapes or dtypes differ
             from the first's (the error names the first such key and both sources).
         UnsupportedSuffixError: ``out``'s suffix names no weights format.
-        ModelFileNotFoundError, CorruptFileError, UnsafeFileError, NotAStateDictError:
-            a source cannot be read as weights, as :func:`load_weights` says.
+        ModelFileNotFoundError: a local source does not exist (every one is
+            checked before the first is read).
+        CorruptFileError, UnsafeFileError, NotAStateDictError: a source cannot
+            be read as weights, as :func:`load_weights` says.
 
     Example:
         >>> torchkeep.average(["ft-lr1e-5.safetensors", "ft-lr3e-5.safetensors"], "soup.safetensors")
@@ -223,8 +306,14 @@ def average(
         raise InvalidArgumentError(
             "sources", sources, "is not a list of sources", "pass a list, e.g. average(['a.pt', 'b.pt'], out)"
         )
-    if not sources:
-        raise InvalidArgumentError("sources", sources, "is empty", "pass at least one file to average")
+    if len(sources) < 2:
+        raise InvalidArgumentError(
+            "sources",
+            list(sources),
+            "is empty" if not sources else "holds one source, and an average needs at least two",
+            "pass two or more sources (the same file twice gives it back unchanged); to copy or convert "
+            "one file, use torchkeep.save_weights(torchkeep.load_weights(src), out) or `torchkeep convert`",
+        )
     if not (isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point):
         raise InvalidArgumentError(
             "accumulate_dtype",
@@ -235,6 +324,11 @@ def average(
     shares = normalized_weights(weights, len(sources))
     if out is not None:
         suffix_format(Path(os.fspath(out)))  # a wrong suffix is refused before any reading
+        check_out(out, sources)
+    for source in sources:  # a typo in the last path is found before the first is read
+        local = _local(source)
+        if local is not None and not local.exists():
+            raise ModelFileNotFoundError(local)
     heaviest = max(range(len(sources)), key=lambda i: (shares[i], -i))
     names = [_name(s, i) for i, s in enumerate(sources)]
     reference: dict[str, Spec] = {}

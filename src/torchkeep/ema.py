@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +26,14 @@ import torch
 from torch import nn
 
 from torchkeep.distributed import is_sharded, unwrap
-from torchkeep.errors import InvalidArgumentError, KeyMismatchError, NotAStateDictError, ShapeMismatch
+from torchkeep.errors import (
+    CallOrderError,
+    InvalidArgumentError,
+    KeyMismatchError,
+    LowPrecisionWarning,
+    NotAStateDictError,
+    ShapeMismatch,
+)
 from torchkeep.weights import _view_identity
 
 __all__ = ["EMA"]
@@ -33,12 +43,35 @@ logger = logging.getLogger(__name__)
 _STATE_KEYS = ("decay", "warmup", "warmup_power", "num_updates", "weights")
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _check_fraction(name: str, value: object, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgumentError(name, value, f"is a {type(value).__name__}, not a number", fix)
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 < number < 1.0):
         raise InvalidArgumentError(name, value, "is not strictly between 0 and 1", fix)
-    return float(value)
+    return number
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel wrappers and ``torch.compile``'s ``OptimizedModule``."""
+    while True:
+        model = unwrap(model)
+        # no compiled module can exist unless dynamo was imported; importing it here would cost seconds
+        frame = sys.modules.get("torch._dynamo.eval_frame")
+        compiled = getattr(frame, "OptimizedModule", None)
+        if compiled is None or not isinstance(model, compiled):
+            return model
+        model = model._orig_mod
+
+
+def _kept_dtype(value: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``value``'s average: ``dtype`` for a narrower floating tensor, else its own."""
+    if dtype is not None and value.is_floating_point() and value.dtype.itemsize < dtype.itemsize:
+        return dtype
+    return value.dtype
 
 
 def _averaged(t: torch.Tensor) -> bool:
@@ -64,10 +97,12 @@ class EMA:
     ``ModelEmaV3`` ramps the same way.
 
     The EMA follows the model it was made from (the module inside a DDP or
-    DataParallel wrapper). Keep a bfloat16 or float16 model's average in
-    float32 (``dtype=torch.float32``): at decay 0.999 the step ``0.001 *
-    (weight - shadow)`` is mostly below half a unit of their last place and
-    would round away.
+    DataParallel wrapper, or inside ``torch.compile``'s wrapper: the keys are
+    the module's own, without ``module.`` or ``_orig_mod.``). Keep a bfloat16
+    or float16 model's average in float32 (``dtype=torch.float32``): at decay
+    0.999 the step ``0.001 * (weight - shadow)`` is mostly below half a unit of
+    their last place and would round away; without ``dtype=`` such a model
+    gets a :class:`~torchkeep.LowPrecisionWarning`.
 
     Args:
         model (nn.Module): the model to average.
@@ -80,9 +115,12 @@ class EMA:
         device (str | torch.device | None, default None): where to keep the
             average (``"cpu"`` saves accelerator memory, at the cost of a copy
             per update); None keeps each tensor on the model's device.
-        dtype (torch.dtype | None, default None): the floating-point dtype of
-            the average (``torch.float32`` for a low-precision model); None keeps
-            each tensor's own.
+        dtype (torch.dtype | None, default None): the least precision of the
+            average: floating-point tensors narrower than it are averaged in
+            it (``torch.float32`` for a bfloat16 / float16 model); tensors as
+            wide or wider (a float64 buffer) keep their own dtype, since the
+            average is never less precise than the model. None keeps each
+            tensor's own.
 
     Raises:
         InvalidArgumentError: ``decay`` or ``warmup_power`` is not strictly
@@ -90,6 +128,10 @@ class EMA:
             model's state is DTensor-sharded (FSDP2).
         NotAStateDictError: the model's state dict holds something other than
             tensors, or tensors on the meta device.
+
+    Warns:
+        LowPrecisionWarning: the model has bfloat16 / float16 tensors, no
+            ``dtype=`` was given, and so the average would be kept in them.
 
     Example:
         >>> ema = torchkeep.EMA(model, decay=0.999)
@@ -126,7 +168,8 @@ class EMA:
                 "dtype", dtype, "is not a floating-point dtype", "pass e.g. dtype=torch.float32, or None"
             )
         self.num_updates = 0
-        self._model = unwrap(model)
+        self._swapped = 0  # how many applied() blocks hold the average in self._model now
+        self._model = _inner(model)
         self._name = type(self._model).__name__
         live = self._model.state_dict()
         if is_sharded(live):
@@ -161,9 +204,10 @@ class EMA:
                         self._shadow[key] = self._shadow[seen[identity]]
                         continue
                     seen[identity] = key
-                cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
                 target = value.device if device is None else torch.device(device)
-                self._shadow[key] = value.detach().to(device=target, dtype=cast, copy=True)
+                self._shadow[key] = value.detach().to(
+                    device=target, dtype=_kept_dtype(value, dtype), copy=True
+                )
         self._own = [key for key in self._keys if key not in self._alias]
         self._copied = [key for key in self._own if not _averaged(self._shadow[key])]
         groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -172,6 +216,17 @@ class EMA:
             if _averaged(t):
                 groups.setdefault((t.device, t.dtype), []).append(key)
         self._groups = list(groups.values())
+        low = sorted(
+            {str(t.dtype).removeprefix("torch.") for t in self._shadow.values() if t.dtype in _LOW_PRECISION}
+        )
+        if dtype is None and low:
+            warnings.warn(
+                f"the EMA of {self._name} keeps its average in {' and '.join(low)}, where most steps "
+                f"of {1 - self.decay:.3g} * (weight - average) round away; pass dtype=torch.float32 to "
+                "keep it in float32 (the model stays as it is)",
+                LowPrecisionWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return (
@@ -200,7 +255,16 @@ class EMA:
         Raises:
             KeyMismatchError: the model's tensors changed names or shapes since
                 the EMA was made (a new head, say): make the EMA after that.
+            CallOrderError: it is called inside ``with ema.applied(model):``
+                (the model then holds the average, not its trained weights).
         """
+        if self._swapped:
+            raise CallOrderError(
+                "EMA.update()",
+                "was called inside `with ema.applied(...)`, where the model holds the average, so the "
+                "average would move towards itself and the step be lost",
+                "call update() after optimizer.step() outside the block (evaluate inside it)",
+            )
         live = self._live(self._model, "update")
         weight = 1.0 - self.decay_at(self.num_updates + 1)
         for keys in self._groups:
@@ -277,7 +341,7 @@ class EMA:
             >>> with ema.applied(model), torchkeep.evaluating(model):
             ...     val_loss = evaluate(model)
         """
-        target = self._model if model is None else unwrap(model)
+        target = self._model if model is None else _inner(model)
         live = self._live(target, "applied()")
         with torch.no_grad():
             saved = {key: live[key].detach().clone() for key in self._own}
@@ -288,9 +352,12 @@ class EMA:
                 for key in self._own:
                     live[key].copy_(saved[key])
                 raise
+        own = target is self._model
+        self._swapped += own
         try:
             yield target
         finally:
+            self._swapped -= own
             with torch.no_grad():
                 for key in self._own:
                     live[key].copy_(saved[key])
@@ -316,19 +383,20 @@ class EMA:
             "weights": self.model_state_dict(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
-        """Restore the average and the update count from :meth:`state_dict`'s output.
+    def check_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        """Refuse a state :meth:`load_state_dict` could not take, changing nothing.
 
-        Every check runs before anything changes. The settings (``decay``,
-        ``warmup``) stay the ones this EMA was made with, so a resumed run
-        may change them on purpose; values are cast to the EMA's dtypes.
+        A checkpoint restore (:func:`torchkeep.load_checkpoint`,
+        ``Checkpointer.restore``) calls this for the EMA before it loads the
+        model or any other object, so an EMA that does not fit leaves them all
+        as they were.
 
         Raises:
             NotAStateDictError: ``state_dict`` is not an EMA state.
             KeyMismatchError: its weights are not this model's (other keys or shapes).
 
         Example:
-            >>> ema.load_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
+            >>> ema.check_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
         """
         if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("weights"), Mapping):
             found = (
@@ -369,6 +437,25 @@ class EMA:
                 hint=f"make the EMA from the model the saved one averaged (the same {self._name} "
                 "architecture, after the same head changes), or restore without ema=",
             )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        """Restore the average and the update count from :meth:`state_dict`'s output.
+
+        Every check (:meth:`check_state_dict`) runs before anything changes.
+        The settings (``decay``, ``warmup``) stay the ones this EMA was made
+        with, so a resumed run may change them on purpose; values are cast to
+        the EMA's dtypes.
+
+        Raises:
+            NotAStateDictError: ``state_dict`` is not an EMA state.
+            KeyMismatchError: its weights are not this model's (other keys or shapes).
+
+        Example:
+            >>> ema.load_state_dict(torch.load("ema.pt", weights_only=True)["ema"])
+        """
+        self.check_state_dict(state_dict)
+        weights: Mapping[str, torch.Tensor] = state_dict["weights"]
+        count: int = state_dict.get("num_updates", 0)
         with torch.no_grad():
             for key in self._own:
                 self._shadow[key].copy_(weights[key])

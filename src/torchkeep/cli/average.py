@@ -6,9 +6,12 @@ import os
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from torchkeep._table import format_bytes
-from torchkeep.averaging import average, normalized_weights
+from torchkeep.averaging import average, check_out, normalized_weights
+from torchkeep.errors import InvalidArgumentError
+from torchkeep.storage.remote import is_url
 
 __all__ = ["average_command", "parse_weights"]
 
@@ -48,23 +51,38 @@ def average_command(
     float32: bool = typer.Option(
         False, "--float32", help="Sum in float32 instead of float64 (half the memory for a big model)."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT if it exists (it may never be one of the sources)."
+    ),
 ) -> None:
     """Average the weights of several files into OUT (a model soup, or SWA over checkpoints).
 
     Floating-point tensors are averaged; integer ones (BatchNorm's num_batches_tracked) come from
     the source with the largest weight. Sources are read one at a time. BatchNorm statistics are
     averaged like any tensor: recompute them (torch.optim.swa_utils.update_bn) for best results.
+    OUT comes first; an existing OUT is refused unless --force.
     """
     import torch
 
     values = parse_weights(weights)
-    shares = normalized_weights(values, len(sources))
+    shares = normalized_weights(values, len(sources), option="--weights")
+    check_out(out, sources)  # first: --force never replaces a source
+    if not force and not is_url(out) and os.path.lexists(out):
+        example = " ".join(["soup.safetensors", out, *sources[:2]]) + (" ..." if len(sources) > 2 else "")
+        raise InvalidArgumentError(
+            "OUT",
+            out,
+            "already exists (OUT, the first path, is the file to write)",
+            f"pass --force to replace it; if it was meant as a source, name the file to write first, "
+            f"e.g. torchkeep average {example}",
+        )
     result = average(
         sources, out, weights=values, accumulate_dtype=torch.float32 if float32 else torch.float64
     )
     shown = ", ".join(f"{s:.4g}" for s in shares)
     size = f" ({format_bytes(os.path.getsize(out))})" if os.path.isfile(out) else ""
     Console(soft_wrap=True).print(  # names are never cut or wrapped
-        f"averaged {len(sources)} sources (weights {shown}) into [bold]{out}[/]: {len(result)} tensors{size}",
+        f"averaged {len(sources)} sources (weights {shown}) into [bold]{escape(out)}[/]: "
+        f"{len(result)} tensors{size}",
         highlight=False,
     )

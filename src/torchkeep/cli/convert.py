@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from torchkeep._table import format_bytes
 from torchkeep.cli._limits import RAISE_LIMIT_HELP, parse_limits
@@ -55,7 +56,7 @@ def convert_command(
     if source.is_dir() and hf is None:
         written = Path(consolidate(source, target, dtype=_DTYPES[dtype] if dtype else None))
         Console().print(
-            f"consolidated the model of {source} into [bold]{written}[/] "
+            f"consolidated the model of {escape(str(source))} into [bold]{escape(str(written))}[/] "
             f"({format_bytes(written.stat().st_size)})",
             highlight=False,
         )
@@ -74,7 +75,8 @@ def convert_command(
     )
     size = sum(f.stat().st_size for f in _written(target, sharded=max_shard_size is not None))
     Console().print(
-        f"wrote {len(state)} tensors to [bold]{target}[/] ({format_bytes(size)})", highlight=False
+        f"wrote {len(state)} tensors to [bold]{escape(str(target))}[/] ({format_bytes(size)})",
+        highlight=False,
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -72,7 +73,9 @@ class _Checks:
     def add(self, console: Console, name: str, ok: bool, detail: str = "") -> None:
         self.rows.append((name, ok, detail))
         mark = "[green]✓[/]" if ok else "[bold red]✗[/]"
-        console.print(f"  {mark} {name}" + (f" [dim]({detail})[/]" if detail else ""), highlight=False)
+        console.print(
+            f"  {mark} {escape(name)}" + (f" [dim]({escape(detail)})[/]" if detail else ""), highlight=False
+        )
 
     @property
     def passed(self) -> bool:
@@ -373,7 +376,7 @@ def _transfer_walkthrough(
             state = "[cyan]frozen[/]" + (" (eval mode, statistics fixed)" if name == "bn" else "")
             table.add_row(name, f"{sum(p.numel() for p in params):,}", state if frozen else "trainable")
     console.print(table)
-    console.print(f"  {report}")
+    console.print(f"  {escape(str(report))}")
     _fit_classes(model, few, epochs=30)
     save_weights(model, workdir / "digits10.safetensors")
     torch.manual_seed(seed + 2)
@@ -397,7 +400,7 @@ def _transfer_walkthrough(
 def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
     torch.manual_seed(seed)
     checks = _Checks()
-    console.print(f"[bold]torchkeep demo[/] — files go to {workdir}")
+    console.print(f"[bold]torchkeep demo[/] — files go to {escape(str(workdir))}")
 
     with _step(console, 1, "data"):
         images, labels, name = digits_dataset(seed=seed)

@@ -33,6 +33,7 @@ went wrong and what to do next::
     ├── DistributedError                 a rank of a distributed job failed
     │   └── DistributedSaveError         (RuntimeError)
     └── UsageError                       an argument or environment torchkeep cannot use
+        ├── CallOrderError               (RuntimeError)
         ├── UnsupportedSuffixError       (ValueError)
         ├── InvalidArgumentError         (ValueError)
         ├── InvalidMetadataError         (TypeError)
@@ -44,7 +45,8 @@ went wrong and what to do next::
 
     TorchkeepWarning                (UserWarning)
     ├── RngRestoreWarning
-    └── NonFiniteCheckpointWarning
+    ├── NonFiniteCheckpointWarning
+    └── LowPrecisionWarning
 
 Each group of the tree lives in its own module (``_base`` holds the base, the six
 group classes and the message helpers; ``unreadable``, ``unsafe``, ``fit``, ``run``,
@@ -94,6 +96,7 @@ from torchkeep.errors.unsafe import (
     UntrustedFileError,
 )
 from torchkeep.errors.usage import (
+    CallOrderError,
     ExportError,
     InvalidArgumentError,
     InvalidMetadataError,
@@ -104,6 +107,7 @@ from torchkeep.errors.usage import (
     UnsupportedSuffixError,
 )
 from torchkeep.errors.warning import (
+    LowPrecisionWarning,
     NonFiniteCheckpointWarning,
     RngRestoreWarning,
     TorchkeepWarning,
@@ -111,6 +115,7 @@ from torchkeep.errors.warning import (
 
 __all__ = [
     "AsyncSaveError",
+    "CallOrderError",
     "CheckpointError",
     "CheckpointMismatchError",
     "CorruptFileError",
@@ -124,6 +129,7 @@ __all__ = [
     "InvalidShardSizeError",
     "KeyMismatchError",
     "LimitExceededError",
+    "LowPrecisionWarning",
     "MissingClassError",
     "MissingExtraError",
     "MissingMetricError",

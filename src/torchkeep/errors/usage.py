@@ -8,6 +8,7 @@ from pathlib import Path
 from torchkeep.errors._base import UsageError, first_line
 
 __all__ = [
+    "CallOrderError",
     "ExportError",
     "InvalidArgumentError",
     "InvalidMetadataError",
@@ -156,3 +157,20 @@ class InvalidArgumentError(UsageError, ValueError):
         self.argument = argument
         self.value = value
         super().__init__(f"{argument}={value!r} {reason}; {fix}.")
+
+
+class CallOrderError(UsageError, RuntimeError):
+    """A method was called where it cannot do what it says (inside a block that forbids it).
+
+    Attributes:
+        call: the call refused, e.g. ``"EMA.update()"``.
+
+    Example:
+        >>> with ema.applied(model):
+        ...     evaluate(model)
+        >>> ema.update()  # after the block, not inside it
+    """
+
+    def __init__(self, call: str, reason: str, fix: str) -> None:
+        self.call = call
+        super().__init__(f"{call} {reason}; {fix}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "LowPrecisionWarning",
     "NonFiniteCheckpointWarning",
     "RngRestoreWarning",
     "TorchkeepWarning",
@@ -26,4 +27,13 @@ class NonFiniteCheckpointWarning(TorchkeepWarning):
 
     It is kept (training may want to inspect it) but flagged in its manifest,
     shown as poisoned by ``torchkeep ls`` / ``verify``, and never ranked best.
+    """
+
+
+class LowPrecisionWarning(TorchkeepWarning):
+    """A running average is kept in a precision too low for its small steps.
+
+    An :class:`torchkeep.EMA` of a bfloat16 or float16 model made without
+    ``dtype=`` keeps its average in that dtype, where most steps of size
+    ``(1 - decay) * (weight - average)`` round away; pass ``dtype=torch.float32``.
     """

@@ -34,7 +34,7 @@ from torchkeep.distributed import (
     unwrap,
 )
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
-from torchkeep.restoring import apply_states
+from torchkeep.restoring import apply_states, check_states
 from torchkeep.rng import capture_rng_state, restore_rng_state
 from torchkeep.run.layout import (
     FORMAT_VERSION,
@@ -348,6 +348,7 @@ def apply_checkpoint(
                     f"the checkpoint holds no {name} state (it has: {', '.join(names)})",
                     f"restore without {name}=",
                 )
+        check_states(folder, parts, requested, available=sorted(names))  # before the shards load
         restored = load_sharded(folder, state, model, optimizer, strict=strict, coordinator=coordinator)
         more, _ = apply_states(folder, parts, requested, strict=strict, available=sorted(names))
         restored += more
