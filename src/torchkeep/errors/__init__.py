@@ -38,11 +38,13 @@ went wrong and what to do next::
         ├── MissingExtraError            (ImportError)
         ├── UnknownProtocolError         (ValueError)
         ├── InvalidShardSizeError        (ValueError)
+        ├── SignalHandlerError           (ValueError)
         └── ExportError                  (RuntimeError)
 
     TorchkeepWarning                (UserWarning)
     ├── RngRestoreWarning
-    └── NonFiniteCheckpointWarning
+    ├── NonFiniteCheckpointWarning
+    └── GracePeriodWarning
 
 Each group of the tree lives in its own module (``_base`` holds the base, the six
 group classes and the message helpers; ``unreadable``, ``unsafe``, ``fit``, ``run``,
@@ -95,11 +97,13 @@ from torchkeep.errors.usage import (
     InvalidMetadataError,
     InvalidShardSizeError,
     MissingExtraError,
+    SignalHandlerError,
     UnknownProtocolError,
     UnserializableValueError,
     UnsupportedSuffixError,
 )
 from torchkeep.errors.warning import (
+    GracePeriodWarning,
     NonFiniteCheckpointWarning,
     RngRestoreWarning,
     TorchkeepWarning,
@@ -114,6 +118,7 @@ __all__ = [
     "DistributedSaveError",
     "DoesNotFitError",
     "ExportError",
+    "GracePeriodWarning",
     "InvalidMetadataError",
     "InvalidShardSizeError",
     "KeyMismatchError",
@@ -132,6 +137,7 @@ __all__ = [
     "RngRestoreWarning",
     "RunLockedError",
     "ShapeMismatch",
+    "SignalHandlerError",
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "GracePeriodWarning",
     "NonFiniteCheckpointWarning",
     "RngRestoreWarning",
     "TorchkeepWarning",
@@ -26,4 +27,13 @@ class NonFiniteCheckpointWarning(TorchkeepWarning):
 
     It is kept (training may want to inspect it) but flagged in its manifest,
     shown as poisoned by ``torchkeep ls`` / ``verify``, and never ranked best.
+    """
+
+
+class GracePeriodWarning(TorchkeepWarning):
+    """A checkpoint save took longer than the grace period a preemption leaves.
+
+    Issued once per Checkpointer (``Checkpointer(..., grace_period=30)``): a
+    save started after the preemption signal would then be killed before it
+    commits, and the run would resume from the checkpoint before it.
     """
