@@ -233,9 +233,9 @@ class Preemption:
         self._warn_if_slow(stacklevel=4)
         if self._agreed is not None and not self._saved_after:
             logger.warning(
-                "%s was received but no checkpoint was saved after it: the run resumes from the one "
-                "before. Save when ckpts.preempted is True (read it once per step and use that one "
-                "answer for both the save and the break).",
+                "%s was received and no checkpoint was saved after it: the run resumes from the one "
+                "before (fine if it came before the first step; if not, save when ckpts.preempted is "
+                "True: read it once per step and use that one answer for both the save and the break)",
                 self._agreed.name,
             )
         if not self._previous:
