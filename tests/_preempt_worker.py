@@ -68,10 +68,8 @@ def plan(run: int, world: int) -> dict[str, Any]:
     segments = rng.choice((1, 1, 2))
     use_async = rng.random() < 0.5
     phases = [p for p in PHASES if p != "in_flight" or use_async]
-    if world == 1:
-        targets = [[0]]
-    else:  # one rank only (one node preempted), both at once, or each at its own moment
-        targets = rng.choice(([[0]], [[1]], [[0, 1]], [[0], [1]]))
+    # on 2 ranks: one rank only (one node preempted), both at once, or each at its own moment
+    targets = [[0]] if world == 1 else rng.choice(([[0]], [[1]], [[0, 1]], [[0], [1]]))
     signals: dict[int, list[dict[str, Any]]] = {rank: [] for rank in range(world)}
     for segment in range(segments):
         for ranks in targets:

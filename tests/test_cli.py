@@ -150,7 +150,8 @@ def test_demo_runs_green_and_leaves_the_files(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All checks passed" in done.stdout
-    assert "8/8 checks passed" in done.stdout
+    assert "9/9 checks passed" in done.stdout
+    assert "preempted by SIGTERM: saved, exit 0, resumed exactly" in done.stdout
     assert "resumed run continues exactly" in done.stdout
     for name in ("model.safetensors", "model.pt", "model.pt2", "checkpoint.tar"):
         assert (tmp_path / name).stat().st_size > 0

@@ -103,8 +103,10 @@ def test_outside_the_main_thread_the_error_says_where_to_build_it(tmp_path: Path
     thread = threading.Thread(target=build, name="loader")
     thread.start()
     thread.join()
-    assert len(errors) == 1 and isinstance(errors[0], torchkeep.SignalHandlerError)
-    assert "'loader'" in str(errors[0]) and "main thread" in str(errors[0])
+    assert len(errors) == 1
+    assert isinstance(errors[0], torchkeep.SignalHandlerError)
+    assert "'loader'" in str(errors[0])
+    assert "main thread" in str(errors[0])
     # without preemption, any thread is fine
     thread = threading.Thread(target=lambda: torchkeep.Checkpointer(tmp_path / "other").close())
     thread.start()
@@ -124,7 +126,8 @@ def test_nested_checkpointers_closed_in_any_order_restore_the_original(tmp_path:
     outer = torchkeep.Checkpointer(tmp_path / "a", preemption=("SIGTERM",))
     inner = torchkeep.Checkpointer(tmp_path / "b", preemption=("SIGTERM",))
     signal.raise_signal(signal.SIGTERM)
-    assert outer.preempted and inner.preempted  # both hear it: the inner one chains to the outer
+    assert outer.preempted
+    assert inner.preempted
     outer.close()  # not last in: the inner handler stays, the outer one only passes signals on
     assert signal.getsignal(signal.SIGTERM) == inner.preemption._handle
     inner.close()
@@ -181,11 +184,13 @@ def test_each_save_is_timed_and_a_save_longer_than_the_grace_period_warns_once(
     ckpts = torchkeep.Checkpointer(
         tmp_path / "run", async_save=async_save, preemption=True, grace_period=1e-6
     )
-    with pytest.warns(torchkeep.GracePeriodWarning, match="longer than the grace period of 1e-06 s") as seen:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         ckpts.save(0, model=model)
         ckpts.wait()
         assert not ckpts.preempted  # a background save's warning comes at the next call here
-    assert len(seen) == 1
+    assert [type(w.message) for w in seen] == [torchkeep.GracePeriodWarning]
+    assert "longer than the grace period of 1e-06 s" in str(seen[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         ckpts.save(1, model=model)
@@ -391,7 +396,8 @@ def test_the_slurm_batch_script_forwards_usr1_and_requeues(tmp_path: Path) -> No
 def test_one_process_preemption_object_alone() -> None:
     # the object the Checkpointer builds, on its own: no handlers, no group, only timing
     alone = Preemption()
-    assert alone.poll() is False and alone.received is None
+    assert alone.poll() is False
+    assert alone.received is None
     alone.save_started()
     alone.save_finished()
     assert len(alone.save_seconds) == 1
