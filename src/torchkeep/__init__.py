@@ -16,7 +16,7 @@ Where each job lives (one owner per on-disk layout and per decision):
   vetting, limits) and ``scan``, which reuses them;
 - ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, the tensor
   file writer; ``run/``: everything about a Checkpointer run folder (layout, reader,
-  retention, snapshot, commit, restore, checkpointer);
+  retention, snapshot, commit, restore, checkpointer, preemption);
 - ``errors/``: the error tree, one module per group; ``cli/``: one module per command.
 
 Example:
