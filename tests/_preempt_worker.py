@@ -30,6 +30,7 @@ final state to OUT.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -132,15 +133,25 @@ class Probe:
 
 
 class Gate:
-    """Holds a background commit until the main thread has sent the "in flight" signal."""
+    """Holds background commits, each until the main thread releases it (the "in flight" moment).
+
+    One event per held save, in save order: a commit takes the oldest one when it starts, and a
+    release that comes before the commit got there still lets it pass (no clear-and-reuse race).
+    """
 
     def __init__(self) -> None:
-        self.open = threading.Event()
-        self.open.set()
+        self.held: collections.deque[threading.Event] = collections.deque()
+
+    def hold(self) -> threading.Event:
+        """Hold the commit of the next save; set the event returned to let it go."""
+        release = threading.Event()
+        self.held.append(release)
+        return release
 
     def wrap(self, commit: Callable[..., Any]) -> Callable[..., Any]:
         def gated(*args: Any, **kwargs: Any) -> Any:
-            self.open.wait()
+            if self.held:
+                self.held.popleft().wait()
             return commit(*args, **kwargs)
 
         return gated
@@ -196,8 +207,7 @@ def train_segment(
                     trigger.at("eval")
             stop = ckpts.preempted  # once per step, on every rank: the same answer everywhere
             if step % SAVE_EVERY == SAVE_EVERY - 1 or stop:
-                if use_async:
-                    gate.open.clear()  # the commit waits until the "in flight" moment has passed
+                release = gate.hold() if use_async else None  # its commit waits for the moment
                 ckpts.save(
                     step,
                     model=model,
@@ -206,9 +216,9 @@ def train_segment(
                     extra={"losses": losses},
                     probe=probe,
                 )
-                if use_async:
+                if release is not None:
                     trigger.at("in_flight")
-                gate.open.set()
+                    release.set()
             if stop:
                 stopped = step
                 break
