@@ -153,6 +153,7 @@ def test_demo_runs_green_and_leaves_the_files(tmp_path: Path) -> None:
     assert "All checks passed" in done.stdout
     assert re.search(r"\b(\d+)/\1 checks passed", done.stdout)  # all of them, however many the demo has
     assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"  # the picture of the run
+    assert "preempted by SIGTERM: saved, exit 0, resumed exactly" in done.stdout
     assert "resumed run continues exactly" in done.stdout
     for name in ("model.safetensors", "model.pt", "model.pt2", "checkpoint.tar"):
         assert (tmp_path / name).stat().st_size > 0

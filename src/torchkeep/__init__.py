@@ -16,9 +16,11 @@ Where each job lives (one owner per on-disk layout and per decision):
   vetting, limits) and ``scan``, which reuses them;
 - ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, the tensor
   file writer; ``run/``: everything about a Checkpointer run folder (layout, reader,
-  retention, snapshot, commit, restore, checkpointer);
+  retention, snapshot, commit, restore, checkpointer, preemption);
 - ``ema.py``: ``EMA``, a moving average of a model's weights that checkpoints as a Stateful;
   ``averaging.py``: ``average``, weighted averages of weights files (soups, SWA), one source at a time;
+- ``stats.py``: per-tensor statistics read a chunk at a time; ``plots.py``: pictures of a run's
+  metrics and of the change per layer between two weights files (matplotlib, the ``plot`` extra);
 - ``errors/``: the error tree, one module per group; ``cli/``: one module per command.
 
 Example:
@@ -43,6 +45,7 @@ from torchkeep.errors import (
     DistributedSaveError,
     DoesNotFitError,
     ExportError,
+    GracePeriodWarning,
     IncompatibleSourcesError,
     InvalidArgumentError,
     InvalidMetadataError,
@@ -64,6 +67,7 @@ from torchkeep.errors import (
     RngRestoreWarning,
     RunLockedError,
     ShapeMismatch,
+    SignalHandlerError,
     TorchkeepError,
     TorchkeepWarning,
     UnknownFormatError,
@@ -112,6 +116,7 @@ __all__ = [
     "ExportError",
     "FileFormat",
     "FreezeReport",
+    "GracePeriodWarning",
     "IncompatibleSourcesError",
     "InvalidArgumentError",
     "InvalidMetadataError",
@@ -138,6 +143,7 @@ __all__ = [
     "RunLockedError",
     "ScanResult",
     "ShapeMismatch",
+    "SignalHandlerError",
     "Stateful",
     "Summary",
     "SummaryRow",

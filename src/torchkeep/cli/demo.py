@@ -8,6 +8,7 @@ and checks that every copy predicts exactly what the original does.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,77 @@ def _picture_of_the_run(workdir: Path, checks: _Checks, console: Console) -> Non
     )
 
 
+# A training job that SIGTERM stops: run by _preemption_walkthrough as JOB RUN_DIR STEPS.
+_PREEMPTIBLE_JOB_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torchkeep
+    from safetensors.torch import save_file
+    from torch import nn
+    run, steps = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with torchkeep.Checkpointer(run, keep_last=2, preemption=True) as ckpts:
+        info = ckpts.restore(model=model, optimizer=optimizer)
+        for step in range(0 if info is None else info.step + 1, steps):
+            batch = torch.randint(0, 256, (32,))  # the global RNG: restored exactly
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            stop = ckpts.preempted
+            if step % 50 == 49 or stop or step == steps - 1:
+                ckpts.save(step, model=model, optimizer=optimizer)
+            print("step", step, flush=True)
+            if stop:
+                print("saved", step, ckpts.preemption.received, flush=True)
+                sys.exit(0)
+    save_file(dict(model.state_dict()), run + "/final.safetensors")
+    """
+)
+
+
+def _preemption_walkthrough(workdir: Path, *, checks: _Checks, console: Console) -> None:
+    """A job gets SIGTERM mid-training, saves, exits 0; resumed, it ends where a job never stopped ends."""
+    from safetensors.torch import load_file
+
+    def job(run: Path, steps: int) -> subprocess.Popen[str]:
+        command = [sys.executable, "-c", _PREEMPTIBLE_JOB_SCRIPT, str(run), str(steps)]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    detail, ok = "", False
+    with console.status("  a training job, SIGTERM, a resumed job and one never stopped"):
+        first = job(workdir / "preempted", 10**9)  # would train for ever
+        for line in first.stdout or []:
+            if line.strip() == "step 20":
+                break
+        first.send_signal(signal.SIGTERM)  # as Kubernetes, a spot instance or SLURM would
+        out, err = first.communicate(timeout=300)  # reading on: a full pipe would block the job
+        last = out.strip().splitlines()[-1:] or [err.strip()[-200:]]
+        if first.returncode == 0 and last[0].startswith("saved "):
+            stopped = int(last[0].split()[1])
+            until = stopped + 20
+            resumed, straight = job(workdir / "preempted", until), job(workdir / "straight", until)
+            for other in (resumed, straight):
+                other.communicate(timeout=300)
+            codes = [resumed.returncode, straight.returncode]
+            a = load_file(str(workdir / "preempted" / "final.safetensors")) if codes == [0, 0] else {}
+            b = load_file(str(workdir / "straight" / "final.safetensors")) if codes == [0, 0] else {}
+            ok = bool(a) and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+            detail = f"SIGTERM at step {stopped}: saved it, exit 0; resumed to step {until - 1}"
+        else:
+            detail = f"the job exited {first.returncode}: {last[0]}"
+    console.print(
+        "  [dim]Checkpointer(..., preemption=True): the handler only records the signal; the loop reads "
+        "ckpts.preempted once per step, saves that step and stops.[/]"
+    )
+    checks.add(console, "preempted by SIGTERM: saved, exit 0, resumed exactly (bitwise)", ok, detail)
+
+
 def _accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
     images, labels = test
     with evaluating(model):
@@ -460,6 +532,7 @@ def _run(workdir: Path, *, epochs: int, seed: int, console: Console) -> bool:
     with _step(console, 6, "checkpoints: interrupt, resume exactly, keep the best"):
         _resume_walkthrough(workdir, train, test, epochs=epochs, seed=seed, checks=checks, console=console)
         _picture_of_the_run(workdir, checks, console)
+        _preemption_walkthrough(workdir, checks=checks, console=console)
 
     with _step(console, 7, "transfer learning: new head, frozen backbone, fine-tune"):
         _transfer_walkthrough(

@@ -41,12 +41,14 @@ went wrong and what to do next::
         ├── MissingExtraError            (ImportError)
         ├── UnknownProtocolError         (ValueError)
         ├── InvalidShardSizeError        (ValueError)
+        ├── SignalHandlerError           (ValueError)
         └── ExportError                  (RuntimeError)
 
     TorchkeepWarning                (UserWarning)
     ├── RngRestoreWarning
     ├── NonFiniteCheckpointWarning
-    └── LowPrecisionWarning
+    ├── LowPrecisionWarning
+    └── GracePeriodWarning
 
 Each group of the tree lives in its own module (``_base`` holds the base, the six
 group classes and the message helpers; ``unreadable``, ``unsafe``, ``fit``, ``run``,
@@ -102,11 +104,13 @@ from torchkeep.errors.usage import (
     InvalidMetadataError,
     InvalidShardSizeError,
     MissingExtraError,
+    SignalHandlerError,
     UnknownProtocolError,
     UnserializableValueError,
     UnsupportedSuffixError,
 )
 from torchkeep.errors.warning import (
+    GracePeriodWarning,
     LowPrecisionWarning,
     NonFiniteCheckpointWarning,
     RngRestoreWarning,
@@ -123,6 +127,7 @@ __all__ = [
     "DistributedSaveError",
     "DoesNotFitError",
     "ExportError",
+    "GracePeriodWarning",
     "IncompatibleSourcesError",
     "InvalidArgumentError",
     "InvalidMetadataError",
@@ -144,6 +149,7 @@ __all__ = [
     "RngRestoreWarning",
     "RunLockedError",
     "ShapeMismatch",
+    "SignalHandlerError",
     "TorchkeepError",
     "TorchkeepWarning",
     "UnknownFormatError",

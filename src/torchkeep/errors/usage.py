@@ -14,6 +14,7 @@ __all__ = [
     "InvalidMetadataError",
     "InvalidShardSizeError",
     "MissingExtraError",
+    "SignalHandlerError",
     "UnknownProtocolError",
     "UnserializableValueError",
     "UnsupportedSuffixError",
@@ -174,3 +175,24 @@ class CallOrderError(UsageError, RuntimeError):
     def __init__(self, call: str, reason: str, fix: str) -> None:
         self.call = call
         super().__init__(f"{call} {reason}; {fix}.")
+
+
+class SignalHandlerError(UsageError, ValueError):
+    """``Checkpointer(..., preemption=...)`` cannot handle the signals asked for.
+
+    Raised for a name that is no signal of this platform, a signal no process
+    can catch (``SIGKILL``, ``SIGSTOP``), or a Checkpointer built outside the
+    main thread (Python runs signal handlers in the main thread only).
+
+    Attributes:
+        signal_name: the signal (as given, or its name).
+        reason: why it cannot be handled.
+
+    Example:
+        >>> torchkeep.Checkpointer("runs/exp1", preemption=("SIGTERM", "SIGUSR1"))
+    """
+
+    def __init__(self, signal_name: str, reason: str, fix: str) -> None:
+        self.signal_name = signal_name
+        self.reason = reason
+        super().__init__(f"cannot save on preemption by {signal_name}: {reason}; {fix}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "GracePeriodWarning",
     "LowPrecisionWarning",
     "NonFiniteCheckpointWarning",
     "RngRestoreWarning",
@@ -36,4 +37,13 @@ class LowPrecisionWarning(TorchkeepWarning):
     An :class:`torchkeep.EMA` of a bfloat16 or float16 model made without
     ``dtype=`` keeps its average in that dtype, where most steps of size
     ``(1 - decay) * (weight - average)`` round away; pass ``dtype=torch.float32``.
+    """
+
+
+class GracePeriodWarning(TorchkeepWarning):
+    """A checkpoint save took longer than the grace period a preemption leaves.
+
+    Issued once per Checkpointer (``Checkpointer(..., grace_period=30)``): a
+    save started after the preemption signal would then be killed before it
+    commits, and the run would resume from the checkpoint before it.
     """

@@ -7,6 +7,7 @@ retention     policies that compose (last N, best N, every N steps, every T)
 snapshot      capture / apply a training state: what goes into which file
 commit        prepare / write / agree / publish, in one process or many
 checkpointer  Checkpointer: writer lock + commit + retention + async saves
+preemption    save on preemption: signal handlers, the agreed answer, save timing
 ============  ==============================================================
 
 Where a change goes: a retention policy is one class in ``retention``; a new

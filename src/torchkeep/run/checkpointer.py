@@ -25,6 +25,7 @@ from torchkeep.errors import AsyncSaveError, MissingMetricError
 from torchkeep.run import retention
 from torchkeep.run.commit import Committed, commit, warn_nonfinite
 from torchkeep.run.layout import WRITER_LEASE, WRITER_LOCK, is_step, step_name
+from torchkeep.run.preemption import Preemption, PreemptionOption
 from torchkeep.run.reader import CheckpointEntry, RunReader, is_number, metric_value
 from torchkeep.run.restore import restore_run
 from torchkeep.run.retention import from_options
@@ -87,6 +88,15 @@ class Checkpointer:
         retention (Policy | None, default None): a policy from
             :mod:`torchkeep.run.retention` (``KeepLast(3) | KeepEveryInterval(3600)``)
             instead of the ``keep_*`` arguments.
+        preemption (bool | Sequence[str], default False): ``True`` handles
+            ``SIGTERM`` and ``SIGUSR1`` (or name the signals: ``("SIGTERM",)``):
+            the handler only records the signal, ``preempted`` tells the loop
+            to save and stop (see :mod:`torchkeep.run.preemption`); ``close()``
+            puts the earlier handlers back. Build the Checkpointer in the main thread.
+        grace_period (float | None, default None): seconds the scheduler
+            leaves between its signal and the kill; a save that takes longer
+            warns once (:class:`GracePeriodWarning`). ``preemption.save_seconds``
+            holds each save's duration either way.
 
     One writer per run: the first ``save`` takes the run's writer lock (an
     ``flock`` on a local run, a lease object on an object store) and then
@@ -129,6 +139,8 @@ class Checkpointer:
         distributed: bool | None = None,
         read_only: bool = False,
         retention: retention.Policy | None = None,
+        preemption: PreemptionOption = False,
+        grace_period: float | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -152,6 +164,11 @@ class Checkpointer:
         self._pending: tuple[int, Future[Committed]] | None = None
         self._staging = StagingBuffers()
         self._coordinator = Coordinator(enabled=False if read_only else distributed)  # readers join no group
+        if read_only and preemption is not False:
+            raise ValueError("a read_only=True Checkpointer never saves; drop preemption= or read_only=True")
+        self.preemption = Preemption(
+            preemption, grace_period=grace_period, distributed=self._coordinator.active
+        )
 
     # -- the writer lock ---------------------------------------------------------------------------
 
@@ -206,6 +223,27 @@ class Checkpointer:
                 self._executor.shutdown(wait=True)
                 self._executor = None
             self._release_lock()
+            self.preemption.close()  # last: a signal during the final flush is still only recorded
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a preemption signal came: save, then stop (``preemption=`` sets the signals).
+
+        Collective in a ``torch.distributed`` job (an ``all_reduce`` of one
+        integer on a gloo group of its own, until it is ``True``): every rank
+        gets the same answer at the same read, so read it on every rank once
+        per step, and use that one answer for both the save and the break.
+
+        Example:
+            >>> for step in range(start, steps):
+            ...     train_step()
+            ...     stop = ckpts.preempted
+            ...     if step % 100 == 0 or stop:
+            ...         ckpts.save(step, model=model, optimizer=optimizer)
+            ...     if stop:
+            ...         break
+        """
+        return self.preemption.poll()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -302,6 +340,7 @@ class Checkpointer:
         if self.monitor is not None and metrics is not None and self.monitor not in clean_metrics:
             raise MissingMetricError(self.monitor, list(clean_metrics), where="this Checkpointer")
         objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
+        self.preemption.save_started()
         snapshot = capture(
             step,
             model=model,
@@ -336,6 +375,7 @@ class Checkpointer:
             before_publish=(lock or NO_LOCK).refresh,
         )
         logger.info("saved checkpoint %s", committed.folder)
+        self.preemption.save_finished()
         if self._coordinator.is_main:
             self._prune(just_written=snapshot.step)
         return committed
