@@ -6,6 +6,7 @@ local         local folders: atomic renames, ``flock`` writer lock
 fsspec_store  any fsspec URL (s3://, gs://, memory://): manifest-last commits, leases
 atomic        atomic file replacement, fsync, deletion that frees data in the background
 manifest      checksummed manifests: sizes and digests, verification
+digests       content digests of tensors (dtype, shape, bytes): what "the same tensor" means
 tensorfile    the one-pass safetensors writer (digest and NaN/Inf check as it writes)
 remote        fsspec locations and URL resolution
 staging       host buffers for asynchronous saves
