@@ -102,6 +102,12 @@ class Store(Protocol):
     def remove(self, name: str) -> None:
         """Delete child ``name``: gone for readers when this returns."""
 
+    def remove_file(self, relative: str) -> None:
+        """Delete the file ``relative`` (and folders it leaves empty inside the root); no error if gone."""
+
+    def sync(self) -> None:
+        """Make the renames and removals done so far durable (a disk's folder fsync; nothing remotely)."""
+
     def clean_leftovers(self, is_ours: Callable[[str], bool]) -> list[str]:
         """Delete what killed writers left (only the lock holder calls this); return what went."""
 

@@ -252,6 +252,14 @@ class FsspecStore:
             where.fs.rm_file(where.join(MANIFEST).path)  # absent to readers first, then the files
         where.fs.rm(where.path, recursive=True)
 
+    def remove_file(self, relative: str) -> None:
+        where = self.root.join(relative)
+        with contextlib.suppress(FileNotFoundError):
+            where.fs.rm_file(where.path)
+
+    def sync(self) -> None:
+        """Nothing to do: an object store's deletions are done when the call returns."""
+
     def clean_leftovers(self, is_ours: Callable[[str], bool]) -> list[str]:
         removed = []
         folders, committed = self._scan()

@@ -176,6 +176,21 @@ class LocalStore:
         os.rename(self.root / name, trash)  # gone for readers at once
         discard(trash)
 
+    def remove_file(self, relative: str) -> None:
+        path = self.root / relative
+        discard(path)  # readers that opened it keep reading; its data is freed in the background
+        parent = path.parent
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def sync(self) -> None:
+        if self.root.is_dir():
+            fsync_dir(self.root)
+
     def clean_leftovers(self, is_ours: Callable[[str], bool]) -> list[str]:
         removed: list[str] = []
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name) if self.exists() else []:
