@@ -9,7 +9,6 @@ does. The whole model is gathered in host memory.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -20,10 +19,8 @@ import torch
 from torchkeep.distributed import check_shard_metadata, load_shards
 from torchkeep.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedFormatError
 from torchkeep.run.layout import MANIFEST, SHARD_MODEL, SHARDS
-from torchkeep.run.reader import RunReader, is_run_folder
+from torchkeep.run.reader import RunReader, is_run_folder, open_local, verify_step
 from torchkeep.run.snapshot import model_weights
-from torchkeep.storage.base import open_store
-from torchkeep.storage.manifest import verify_folder
 from torchkeep.storage.remote import StorageOptions, is_url
 from torchkeep.weights import StateDict, save_weights
 
@@ -71,7 +68,7 @@ def read_checkpoint_weights(folder: Path) -> StateDict:
             raise ModelFileNotFoundError(folder)
         folder = Path(latest)
     if (folder / MANIFEST).is_file():
-        verdict = verify_folder(folder)
+        verdict = verify_step(folder)
         if not verdict.ok:
             raise CorruptFileError(folder, verdict.reason)
         weights = model_weights(folder)
@@ -83,13 +80,6 @@ def read_checkpoint_weights(folder: Path) -> StateDict:
         "a folder that is neither a torchkeep checkpoint nor a torch.distributed.checkpoint folder",
         "pass a checkpoint folder (e.g. runs/exp1/step-00000120) or a DCP folder with a .metadata file",
     )
-
-
-def _local_folder(
-    checkpoint: str | os.PathLike[str], options: StorageOptions | None
-) -> contextlib.AbstractContextManager[Path]:
-    """The checkpoint folder itself (local), or a downloaded copy of it (a URL)."""
-    return open_store(checkpoint, options).fetch("", allow_folder=True)
 
 
 def consolidate(
@@ -125,7 +115,7 @@ def consolidate(
     Example:
         >>> torchkeep.consolidate("runs/exp1/step-00000120", "model.safetensors")
     """
-    with _local_folder(checkpoint, storage_options if is_url(checkpoint) else None) as folder:
+    with open_local(checkpoint, storage_options if is_url(checkpoint) else None) as folder:
         state = read_checkpoint_weights(folder)
     options = storage_options if is_url(out) else None
     written = save_weights(state, out, dtype=dtype, metadata=metadata, storage_options=options)

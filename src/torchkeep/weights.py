@@ -55,6 +55,7 @@ __all__ = [
     "load_weights",
     "read_metadata",
     "read_torch_file",
+    "restore_aliases",
     "save_weights",
     "to_state_dict",
 ]
@@ -422,7 +423,7 @@ def extract_state_dict(obj: object, *, path: Path | None, key: str | None) -> St
     raise NotAStateDictError(path, _describe(obj))
 
 
-def _restore_aliases(tensors: StateDict, metadata: Mapping[str, object], path: Path) -> StateDict:
+def restore_aliases(tensors: StateDict, metadata: Mapping[str, object], path: Path) -> StateDict:
     """Add the tied keys ``save_weights`` stored once, as checked by ``safety.aliases.check_aliases``."""
     aliases = check_aliases(path, tensors.keys(), metadata)
     restored = dict(tensors)
@@ -497,10 +498,11 @@ def load_weights(
     Example:
         >>> sd = torchkeep.load_weights("pytorch_model.bin")
     """
-    store = file_store(path, storage_options)
-    with store.fetch("", allow_folder=True) as local:
-        from torchkeep.consolidate import is_checkpoint_folder, read_checkpoint_weights
+    from torchkeep.consolidate import is_checkpoint_folder, read_checkpoint_weights
+    from torchkeep.run.reader import open_local
 
+    store = file_store(path, storage_options)
+    with open_local(path, storage_options) as local:
         if local.is_dir() and is_checkpoint_folder(local):  # or a run folder: its newest valid checkpoint
             state = {k: v.to(map_location) for k, v in read_checkpoint_weights(local).items()}
         else:
@@ -541,7 +543,7 @@ def _read_weights(
             tensors = read_safetensors(p, header, device=torch.device(map_location), mmap=mmap is not False)
         except (OSError, EOFError) as err:
             raise CorruptFileError(p, f"reading the tensor data failed ({err})") from err
-        return extract_state_dict(_restore_aliases(tensors, header.metadata, p), path=p, key=None)
+        return extract_state_dict(restore_aliases(tensors, header.metadata, p), path=p, key=None)
     if fmt is FileFormat.TORCH_EXPORT:
         from torchkeep.models import load_exported
 

@@ -10,8 +10,7 @@ from rich.console import Console
 from torchkeep.errors import TorchkeepError
 from torchkeep.formats import FileFormat, detect_format, require_file
 from torchkeep.run.layout import MANIFEST, is_step, nonfinite_of
-from torchkeep.run.reader import CheckpointEntry, RunReader
-from torchkeep.storage.manifest import verify_folder
+from torchkeep.run.reader import CheckpointEntry, RunReader, verify_step
 from torchkeep.storage.remote import is_url
 from torchkeep.weights import load_weights, read_torch_file
 
@@ -23,7 +22,7 @@ def verify_path(path: Path) -> list[tuple[str, bool, str]]:
     (a valid checkpoint's reason notes NaN/Inf found at save)."""
     if path.is_dir():
         if (path / MANIFEST).exists() or is_step(path.name):
-            verdict = verify_folder(path)
+            verdict = verify_step(path)
             return [
                 (path.name, verdict.ok, verdict.reason or _poisoned(nonfinite_of(verdict.manifest or {})))
             ]

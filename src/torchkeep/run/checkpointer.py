@@ -23,6 +23,7 @@ from torchkeep.checkpoint import CheckpointInfo, Stateful
 from torchkeep.distributed import Coordinator
 from torchkeep.errors import AsyncSaveError, MissingMetricError
 from torchkeep.run import retention
+from torchkeep.run.blobs import BlobIndex, collect
 from torchkeep.run.commit import Committed, commit, warn_nonfinite
 from torchkeep.run.layout import WRITER_LEASE, WRITER_LOCK, is_step, step_name
 from torchkeep.run.preemption import Preemption, PreemptionOption
@@ -97,6 +98,22 @@ class Checkpointer:
             leaves between its signal and the kill; a save that takes longer
             warns once (:class:`GracePeriodWarning`). ``preemption.save_seconds``
             holds each save's duration either way.
+        incremental (bool, default True): store each distinct tensor once in
+            the run (content-addressed packs in ``blobs/``): a checkpoint
+            whose tensor equals one the run already holds refers to it
+            instead of writing it again, so the frozen part of a fine-tuned
+            model is written by the first save only. Every checkpoint still
+            reads as a whole one; ``torchkeep export-step`` copies one out as
+            a standalone folder. False writes every checkpoint's tensors into
+            its own folder (each folder self-contained, as format 2 did).
+        trust_version_counters (bool, default False): with ``incremental``,
+            skip reading a frozen parameter (``requires_grad=False``) whose
+            torch version counter, memory and layout are unchanged since the
+            last save. Off by default because torch does not count every
+            write: writes through ``.data`` and through NumPy or DLPack views
+            leave the counter as it was (see :mod:`torchkeep.run.blobs`).
+            Buffers are always read. Without it every tensor is hashed
+            (XXH3, about 10 GB/s here), which is exact.
 
     One writer per run: the first ``save`` takes the run's writer lock (an
     ``flock`` on a local run, a lease object on an object store) and then
@@ -141,6 +158,8 @@ class Checkpointer:
         retention: retention.Policy | None = None,
         preemption: PreemptionOption = False,
         grace_period: float | None = None,
+        incremental: bool = True,
+        trust_version_counters: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -160,6 +179,13 @@ class Checkpointer:
         self.keep_every = keep_every
         self.durable = durable
         self.async_save = async_save
+        self.incremental = incremental
+        if trust_version_counters and not incremental:
+            raise ValueError(
+                "trust_version_counters=True needs incremental=True (it skips re-reading shared tensors)"
+            )
+        self.trust_version_counters = trust_version_counters
+        self._blobs = BlobIndex() if incremental else None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Committed]] | None = None
         self._staging = StagingBuffers()
@@ -183,6 +209,9 @@ class Checkpointer:
             lock = self._store.lock_writer(WRITER_LOCK if self._store.atomic_publish else WRITER_LEASE)
             # holding the lock, every leftover belongs to a writer that is gone
             self._store.clean_leftovers(is_step)
+            if self._blobs is not None:
+                self._blobs.load(self._store)
+                collect(self._store, self._blobs, durable=self.durable)  # packs of interrupted saves
             return lock
 
         self._lock = self._coordinator.attempt(take, step=step, stage="lock") or NO_LOCK
@@ -350,6 +379,7 @@ class Checkpointer:
             extra=extra,
             coordinator=self._coordinator,
             stage=self._staging.copy if self.async_save else None,
+            track_versions=self.trust_version_counters,
         )
         self._take_lock(step)  # after the snapshot, so a refused value leaves the folder untouched
         if not self.async_save:
@@ -366,6 +396,8 @@ class Checkpointer:
 
     def _write(self, snapshot: Snapshot, bad_metrics: builtins.list[str]) -> Committed:
         lock = self._lock
+        if self._blobs is not None:
+            self._blobs.uses.pop(step_name(snapshot.step), None)  # a replaced step's packs: read anew
         committed = commit(
             snapshot,
             store=self._store,
@@ -373,11 +405,14 @@ class Checkpointer:
             durable=self.durable,
             bad_metrics=bad_metrics,
             before_publish=(lock or NO_LOCK).refresh,
+            blobs=self._blobs if self._coordinator.is_main else None,
         )
         logger.info("saved checkpoint %s", committed.folder)
         self.preemption.save_finished()
         if self._coordinator.is_main:
             self._prune(just_written=snapshot.step)
+            if self._blobs is not None:
+                collect(self._store, self._blobs, durable=self.durable)
         return committed
 
     # -- retention ---------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
    other ranks get the same folder (shared filesystems) or a scratch one.
 2. *write*: DCP shards (every rank), then rank 0 writes the snapshot's files,
    each checksummed in the same pass that writes it; the model's tensors are
-   also checked for NaN/Inf in that pass.
+   also checked for NaN/Inf in that pass. In an incremental checkpoint the
+   tensor files become ``tensors.json`` and the tensors the run does not hold
+   yet go to one new pack first (:mod:`torchkeep.run.blobs`).
 3. *agree*: every rank reports its files (or its failure) to every other.
 4. *publish*: rank 0 renews the writer lock, writes the manifest and asks
    the store to publish (rename into place, or upload the manifest last).
@@ -26,8 +28,9 @@ from typing import Any
 
 from torchkeep.distributed import Coordinator, save_shards, shard_files
 from torchkeep.errors import NonFiniteCheckpointWarning
-from torchkeep.run.layout import MANIFEST, SHARDS, new_manifest, step_name
-from torchkeep.run.snapshot import JsonFile, Snapshot
+from torchkeep.run.blobs import BlobIndex, write_indexed
+from torchkeep.run.layout import MANIFEST, SHARDS, TENSOR_INDEX, new_manifest, step_name
+from torchkeep.run.snapshot import JsonFile, Snapshot, TensorFile
 from torchkeep.storage.base import Store
 from torchkeep.storage.manifest import DIGEST, file_record, write_json
 from torchkeep.storage.tensorfile import write_safetensors
@@ -46,20 +49,46 @@ class Committed:
 
 @dataclass
 class Written:
-    """What one rank wrote: manifest records by file, and the tensors found non-finite."""
+    """What one rank wrote: manifest records by file, the packs used, and the tensors found non-finite."""
 
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonfinite: builtins.list[str] = field(default_factory=list)
+    blobs: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def write_files(tmp: Path, snapshot: Snapshot, *, durable: bool) -> Written:
-    """Write the snapshot's files into ``tmp``; one pass over each file's bytes."""
+def write_files(
+    tmp: Path,
+    snapshot: Snapshot,
+    *,
+    durable: bool,
+    blobs: BlobIndex | None = None,
+    store: Store | None = None,
+) -> Written:
+    """Write the snapshot's files into ``tmp``; one pass over each file's bytes.
+
+    With ``blobs`` (and the run's ``store``), the tensor files become
+    ``tensors.json`` plus one pack of the tensors the run does not hold yet.
+    """
     out = Written()
+    tensor_files = {name: c for name, c in snapshot.files.items() if isinstance(c, TensorFile)}
+    if blobs is not None and store is not None and tensor_files:
+        out.blobs, out.nonfinite = write_indexed(
+            tmp,
+            {name: (c.tensors, c.metadata, c.check_finite) for name, c in tensor_files.items()},
+            step=snapshot.step,
+            store=store,
+            index=blobs,
+            durable=durable,
+            versions={name: c.versions for name, c in tensor_files.items()},
+        )
+        out.records[TENSOR_INDEX] = file_record(tmp / TENSOR_INDEX).entry()
     for name, content in snapshot.files.items():
         path = tmp / name
         if isinstance(content, JsonFile):
             write_json(path, content.data, durable=durable)
             out.records[name] = file_record(path).entry()
+            continue
+        if name in tensor_files and blobs is not None:
             continue
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -79,7 +108,13 @@ def write_files(tmp: Path, snapshot: Snapshot, *, durable: bool) -> Written:
 
 
 def _write_rank(
-    tmp: Path, name: str, snapshot: Snapshot, store: Store, coordinator: Coordinator, durable: bool
+    tmp: Path,
+    name: str,
+    snapshot: Snapshot,
+    store: Store,
+    coordinator: Coordinator,
+    durable: bool,
+    blobs: BlobIndex | None,
 ) -> Written:
     written = Written()
     if snapshot.shards is not None:
@@ -90,9 +125,10 @@ def _write_rank(
         if not coordinator.is_main:
             store.upload_part(tmp, name, mine)
     if coordinator.is_main:
-        own = write_files(tmp, snapshot, durable=durable)
+        own = write_files(tmp, snapshot, durable=durable, blobs=blobs, store=store)
         written.records.update(own.records)
         written.nonfinite = own.nonfinite
+        written.blobs = own.blobs
     return written
 
 
@@ -104,11 +140,14 @@ def commit(
     durable: bool,
     bad_metrics: builtins.list[str],
     before_publish: Callable[[], None],
+    blobs: BlobIndex | None = None,
 ) -> Committed:
     """Write and publish ``snapshot`` as its step's folder (collective).
 
     ``before_publish`` runs on rank 0 just before the manifest is written
     (the writer lock's renewal). ``bad_metrics`` name the non-finite metrics.
+    ``blobs`` (rank 0's view of the run's packs) makes the checkpoint
+    incremental: tensors the run already holds are referred to, not written.
 
     Raises:
         DistributedSaveError: a rank failed (in one process: the error itself).
@@ -132,6 +171,7 @@ def commit(
         if not coordinator.is_main:
             return None
         files = {k: v for part in everything for k, v in part.records.items()}
+        packs = {k: v for part in everything for k, v in part.blobs.items()}
         tensors = sorted({t for part in everything for t in part.nonfinite})
         before_publish()
         manifest = new_manifest(
@@ -141,13 +181,16 @@ def commit(
             world_size=coordinator.size,
             files=files,
             nonfinite={"tensors": tensors, "metrics": bad_metrics},
+            blobs=packs,
         )
         write_json(folder / MANIFEST, manifest, durable=durable)
         return Committed(store.publish(folder, name, durable=durable), tensors, bad_metrics)
 
     try:
         written = coordinator.attempt(
-            lambda: _write_rank(folder, name, snapshot, store, coordinator, durable), step=step, stage="write"
+            lambda: _write_rank(folder, name, snapshot, store, coordinator, durable, blobs),
+            step=step,
+            stage="write",
         )
         everything = coordinator.gather(written)
         final = coordinator.attempt(lambda: publish(everything), step=step, stage="commit")

@@ -1,24 +1,39 @@
 """The run-folder format: every name, version and manifest field, once.
 
-A run folder (version 2)::
+A run folder (version 3)::
 
     runs/exp1/
       .writer.lock              the writer's lock (local runs; readers ignore it)
       .writer-lease.json        the writer's lease (object stores; readers ignore it)
-      step-00000120/            one committed checkpoint
+      blobs/                    tensor data, each distinct tensor stored once
+        step-00000120-3fa9c2d1.safetensors
+                                a pack: the tensors first stored by that save, keyed
+                                by content digest (storage/digests.py)
+      step-00000120/            one committed checkpoint (incremental, the default)
+        tensors.json            the index: for each tensor file of the checkpoint
+                                (model.safetensors, state.safetensors), its tensors'
+                                content digests and header metadata, and the pack
+                                holding each digest
+        state.json              everything else, pointing into state.safetensors
+        manifest.json           written last: size and digest of each file, size of
+                                each pack the checkpoint uses, metrics, and the
+                                non-finite tensors/metrics found at save
+      step-00000130/            a standalone checkpoint (Checkpointer(incremental=False),
+                                ``torchkeep export-step``, or written by version 2)
         model.safetensors       the model's weights, under the model's own key names;
                                 tied weights stored once (metadata "torchkeep.aliases")
         state.safetensors       every other tensor: optimizer state, RNG states, extras
-        state.json              everything else, pointing into state.safetensors
-        manifest.json           written last: size and digest of each file, metrics,
-                                and the non-finite tensors/metrics found at save
-      step-00000130/            a sharded (FSDP2/DTensor) checkpoint
+        state.json, manifest.json
+      step-00000140/            a sharded (FSDP2/DTensor) checkpoint
         shards/                 model and optimizer through torch.distributed.checkpoint
-        state.safetensors, state.json, manifest.json
+        tensors.json (or state.safetensors), state.json, manifest.json
 
-Version 1 kept all tensors in ``tensors.safetensors``, the model's under
-``model/``-prefixed keys, with tied-weight aliases in ``state.json``; it is
-still read (:data:`READABLE`).
+A checkpoint's tensor files are either in its folder (standalone) or named by
+``tensors.json`` (incremental); every reader sees the same tensors either way
+(:mod:`torchkeep.run.blobs` owns the packs and the index). Version 2 wrote
+only standalone folders; version 1 kept all tensors in ``tensors.safetensors``,
+the model's under ``model/``-prefixed keys, with tied-weight aliases in
+``state.json``. Both are still read (:data:`READABLE`).
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from typing import Any
 from torchkeep.storage.manifest import MANIFEST
 
 __all__ = [
+    "BLOBS",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -42,6 +58,7 @@ __all__ = [
     "STATE",
     "STATE_TENSORS",
     "STEP_NAME",
+    "TENSOR_INDEX",
     "V1_MODEL",
     "V1_TENSORS",
     "WRITER_LEASE",
@@ -55,12 +72,14 @@ __all__ = [
 ]
 
 FORMAT = "torchkeep.checkpoint"
-FORMAT_VERSION = 2
-READABLE = (1, 2)
+FORMAT_VERSION = 3
+READABLE = (1, 2, 3)
 
 MODEL = "model.safetensors"
 STATE_TENSORS = "state.safetensors"
 STATE = "state.json"
+TENSOR_INDEX = "tensors.json"  # an incremental checkpoint's index of its tensors
+BLOBS = "blobs"  # the run's packs of tensor data, shared by its checkpoints
 SHARDS = "shards"  # the DCP folder of a sharded checkpoint
 SHARD_MODEL = "model/"  # the prefix of the model's keys among the DCP shards (every version)
 MODEL_ALIASES = "torchkeep.aliases"  # the metadata key save_weights uses too, so load_weights ties them
@@ -98,8 +117,13 @@ def new_manifest(
     world_size: int,
     files: Mapping[str, Any],
     nonfinite: Mapping[str, list[str]] | None = None,
+    blobs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a new checkpoint (version :data:`FORMAT_VERSION`)."""
+    """The manifest of a new checkpoint (version :data:`FORMAT_VERSION`).
+
+    ``blobs`` maps each pack the checkpoint uses (``blobs/<name>``, relative
+    to the run folder) to ``{"size": bytes}``.
+    """
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -110,6 +134,8 @@ def new_manifest(
         "world_size": world_size,
         "files": dict(sorted(files.items())),
     }
+    if blobs:
+        manifest[BLOBS] = dict(sorted(blobs.items()))
     if nonfinite and any(nonfinite.values()):
         manifest[_NONFINITE] = {kind: list(names) for kind, names in nonfinite.items() if names}
     return manifest

@@ -14,16 +14,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from torchkeep.run.blobs import fetch_packs, local_size, read_indexed, verify_packs
 from torchkeep.run.layout import (
+    BLOBS,
     FORMAT_VERSION,
     MANIFEST,
     MODEL,
     READABLE,
+    TENSOR_INDEX,
     is_step,
     manifest_version,
     nonfinite_of,
@@ -32,17 +37,21 @@ from torchkeep.run.layout import (
 )
 from torchkeep.storage.base import Store, open_store
 from torchkeep.storage.manifest import Verdict, check_files, parse_manifest, verify_folder
+from torchkeep.storage.remote import is_url
 
 __all__ = [
     "CheckpointEntry",
     "RunReader",
     "check_version",
+    "indexed_model",
     "is_number",
     "is_run_folder",
     "metric_value",
     "model_file",
+    "open_local",
     "rank",
     "step_folder",
+    "verify_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -163,10 +172,20 @@ class RunReader:
             verify (bool, default False): check the digests too (reads every
                 file); without it, only that each file has its size.
         """
-        found = (self._entry(step, checksums=verify) for step in self.steps())
+        packs: dict[str, int] | None = None
+
+        def pack_size(ref: str) -> int | None:
+            nonlocal packs
+            if packs is None or ref not in packs:  # listed once, and again for a pack written since
+                packs = {f"{BLOBS}/{n}": size for n, size in (self.store.sizes(BLOBS) or {}).items()}
+            return packs.get(ref)
+
+        found = (self._entry(step, checksums=verify, pack_size=pack_size) for step in self.steps())
         return [entry for entry in found if entry is not None]
 
-    def _entry(self, step: int, *, checksums: bool) -> CheckpointEntry | None:
+    def _entry(
+        self, step: int, *, checksums: bool, pack_size: Callable[[str], int | None]
+    ) -> CheckpointEntry | None:
         name, store = step_name(step), self.store
         sizes = store.sizes(name)
         if sizes is None:
@@ -174,7 +193,7 @@ class RunReader:
         if MANIFEST not in sizes and not store.atomic_publish:
             return None  # an upload in progress (or a crashed one): not a checkpoint yet
         try:
-            verdict = self._verdict(name, sizes, checksums=checksums)
+            verdict = self._verdict(name, sizes, checksums=checksums, pack_size=pack_size)
         except FileNotFoundError as err:  # a file went between the listing and its read
             verdict = Verdict(False, f"{err.filename} vanished while it was read")
         if not verdict.ok and store.sizes(name) is None:
@@ -195,19 +214,22 @@ class RunReader:
             version=version,
         )
 
-    def _verdict(self, name: str, sizes: dict[str, int], *, checksums: bool) -> Verdict:
+    def _verdict(
+        self, name: str, sizes: dict[str, int], *, checksums: bool, pack_size: Callable[[str], int | None]
+    ) -> Verdict:
         if MANIFEST not in sizes:
             return Verdict(False, "no manifest.json (an unfinished or damaged checkpoint)")
         if checksums:
-            with self.store.local(name) as folder:
-                return verify_folder(folder)
+            with self.open(name) as folder:
+                return verify_step(folder)
         try:
             manifest = parse_manifest(self.store.read(name, MANIFEST))
         except (ValueError, UnicodeDecodeError) as err:
             return Verdict(False, f"manifest.json is not valid ({err})")
         except FileNotFoundError:
             return Verdict(False, "no manifest.json (an unfinished or damaged checkpoint)")
-        return check_files(manifest, sizes.get)
+        verdict = check_files(manifest, sizes.get)
+        return verify_packs(None, manifest, pack_size, checksums=False) if verdict.ok else verdict
 
     def latest(self) -> Path | str | None:
         """The newest checkpoint whose files are all there (sizes checked)."""
@@ -227,9 +249,36 @@ class RunReader:
 
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[Path]:
-        """A local folder holding checkpoint ``name``'s files (a download for a remote run)."""
-        with self.store.local(name) as folder:
+        """A local folder holding checkpoint ``name``'s files (a download for a remote run, with the
+        packs it uses beside it)."""
+        with self.store.local(name) as folder, fetch_packs(self.store, folder):
             yield folder
+
+
+@contextlib.contextmanager
+def open_local(path: str | os.PathLike[str], storage_options: Any = None) -> Iterator[Path]:
+    """The file or folder at ``path`` as a local path (a download, for a URL); a checkpoint folder
+    of a remote run comes with the packs it uses beside it, so it reads as a whole checkpoint."""
+    text = os.fspath(path)
+    if is_url(text):
+        parent, _, name = text.rstrip("/").rpartition("/")
+        if is_step(name) and parent:
+            reader = RunReader(parent, storage_options=storage_options)
+            if name in reader.store.folders():  # committed
+                with reader.open(name) as folder:
+                    yield folder
+                return
+    with open_store(text, storage_options).fetch("", allow_folder=True) as local:
+        yield local
+
+
+def verify_step(folder: Path, *, checksums: bool = True) -> Verdict:
+    """Check a local checkpoint folder: its manifest's files and the packs it uses (sizes; with
+    ``checksums``, every file's digest and every tensor's digest in the packs)."""
+    verdict = verify_folder(folder, checksums=checksums)
+    if not verdict.ok or verdict.manifest is None:
+        return verdict
+    return verify_packs(folder, verdict.manifest, local_size(folder.parent), checksums=checksums)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -238,6 +287,17 @@ def is_run_folder(path: Path) -> bool:
         return path.is_dir() and any(is_step(p.name) and p.is_dir() for p in path.iterdir())
     except OSError:
         return False
+
+
+def indexed_model(path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None:
+    """The model tensors of an incremental checkpoint folder (or of a run folder's newest valid
+    checkpoint), mapped from its packs and not yet read, with their header metadata; tied
+    weights appear once, as in a ``model.safetensors``. ``None`` for any other folder."""
+    folder = step_folder(path)
+    if folder is None or not (folder / TENSOR_INDEX).is_file():
+        return None
+    found = read_indexed(folder, MODEL, device=torch.device("cpu"))
+    return None if found is None else (folder, *found)
 
 
 def model_file(path: Path) -> Path | None:

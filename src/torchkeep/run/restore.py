@@ -17,9 +17,8 @@ from torchkeep.checkpoint import CheckpointInfo
 from torchkeep.distributed import Coordinator
 from torchkeep.errors import NewerFormatError, NoValidCheckpointError
 from torchkeep.run.layout import FORMAT_VERSION, step_name
-from torchkeep.run.reader import RunReader, check_version
+from torchkeep.run.reader import RunReader, check_version, verify_step
 from torchkeep.run.snapshot import apply_checkpoint
-from torchkeep.storage.manifest import verify_folder
 
 __all__ = ["restore_run"]
 
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def _check(reader: RunReader, folder: Path, name: str, skipped: dict[str, str]) -> str | int:
     """``"ok"``, ``"skip"`` (the reason goes to ``skipped``) or the newer format version found."""
-    verdict = verify_folder(folder)
+    verdict = verify_step(folder)
     reason = verdict.reason
     if verdict.ok:
         version, reason = check_version(verdict.manifest)

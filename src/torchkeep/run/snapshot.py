@@ -36,6 +36,7 @@ from torchkeep.distributed import (
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
 from torchkeep.restoring import apply_states, check_states
 from torchkeep.rng import capture_rng_state, restore_rng_state
+from torchkeep.run.blobs import VersionToken, read_indexed, version_token
 from torchkeep.run.layout import (
     FORMAT_VERSION,
     MODEL,
@@ -47,7 +48,7 @@ from torchkeep.run.layout import (
     V1_TENSORS,
 )
 from torchkeep.serialize import flatten, unflatten
-from torchkeep.weights import MapLocation, compact_tensors, load_weights, to_state_dict
+from torchkeep.weights import MapLocation, compact_tensors, load_weights, restore_aliases, to_state_dict
 
 __all__ = [
     "JsonFile",
@@ -79,11 +80,17 @@ Stage = Callable[[str, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class TensorFile:
-    """A safetensors file of a step folder: its tensors, header metadata, and whether to check them."""
+    """A safetensors file of a step folder: its tensors, header metadata, and whether to check them.
+
+    ``versions`` (only with ``Checkpointer(trust_version_counters=True)``)
+    holds, for frozen parameters, torch's version token of the live tensor
+    and its storage, so an unchanged one need not be read again.
+    """
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     check_finite: bool = False
+    versions: dict[str, tuple[VersionToken, torch.UntypedStorage]] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,14 @@ def capture(
     extra: Mapping[str, Any] | None,
     coordinator: Coordinator,
     stage: Stage | None,
+    track_versions: bool = False,
 ) -> Snapshot:
     """Snapshot a training state (``stage`` copies every tensor into a buffer of its own).
 
     ``objects`` holds ``optimizer``, ``scheduler``, ``scaler`` and user
-    stateful objects by name. Collective in a distributed job.
+    stateful objects by name. Collective in a distributed job. With
+    ``track_versions``, the model file records torch's version token of each
+    frozen parameter (see :class:`TensorFile`).
 
     Raises:
         UnserializableValueError: a value that cannot be stored without pickle.
@@ -232,10 +242,24 @@ def capture(
             model_meta = {"format": "pt"}
             if model_aliases:
                 model_meta[MODEL_ALIASES] = json.dumps(model_aliases, sort_keys=True)
-            snap.files[MODEL] = TensorFile(kept_model, model_meta, check_finite=True)
+            versions = _frozen_versions(module, model_tensors, kept_model) if track_versions else None
+            snap.files[MODEL] = TensorFile(kept_model, model_meta, check_finite=True, versions=versions)
         snap.files[STATE_TENSORS] = TensorFile(kept, {"format": "pt"})
         snap.files[STATE] = JsonFile(state)
     return snap
+
+
+def _frozen_versions(
+    module: nn.Module, live: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[VersionToken, torch.UntypedStorage]]:
+    """Version tokens of the frozen parameters among ``kept`` (buffers are never trusted: kernels
+    such as BatchNorm's update their running statistics without counting a version)."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {
+        key: (version_token(live[key]), live[key].untyped_storage())
+        for key in kept
+        if key in frozen and live[key].device.type != "meta"
+    }
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -264,15 +288,23 @@ def _read_tensors(
     from safetensors.torch import load_file
 
     device = str(torch.device(map_location))
-    v1 = (folder / V1_TENSORS).is_file()
-    tensors = load_file(str(folder / (V1_TENSORS if v1 else STATE_TENSORS)), device=device)
+    indexed = read_indexed(folder, STATE_TENSORS, device=torch.device(device))
+    v1 = indexed is None and (folder / V1_TENSORS).is_file()
+    if indexed is not None:
+        tensors = indexed[0]
+    else:
+        tensors = load_file(str(folder / (V1_TENSORS if v1 else STATE_TENSORS)), device=device)
     for alias, canonical in state["aliases"].items():
         tensors[alias] = tensors[canonical]
     if state.get("sharded"):
         return None, tensors
     if v1:
         return {key: tensors[f"{V1_MODEL}{key}"] for key in state["model"]}, tensors
-    weights = load_weights(folder / MODEL, map_location=map_location)  # ties restored from its metadata
+    model = read_indexed(folder, MODEL, device=torch.device(device))
+    if model is not None:
+        weights = restore_aliases(*model, folder / MODEL)
+    else:
+        weights = load_weights(folder / MODEL, map_location=map_location)  # ties restored from its metadata
     return {key: weights[key] for key in state["model"]}, tensors
 
 

@@ -1,0 +1,486 @@
+"""Packs: a run's tensor data, each distinct tensor stored once, shared by its checkpoints.
+
+An incremental checkpoint keeps no tensor bytes in its own folder. Its
+``tensors.json`` lists, for each of its tensor files (``model.safetensors``,
+``state.safetensors``), every tensor's content digest
+(:func:`~torchkeep.storage.digests.tensor_digest`) and header metadata, and the
+pack holding each digest. A pack (``blobs/step-00000120-3fa9c2d1.safetensors``)
+is a standard safetensors file whose tensor names are digests; a save writes
+one pack holding only the tensors no pack of the run holds yet (none at all
+when nothing changed), so a frozen backbone is written by the first save only.
+
+Safety of shared data, step by step:
+
+- *save*: the pack is written, fsynced and renamed into ``blobs/`` before the
+  checkpoint that uses it is published; a crash in between leaves a pack that
+  no checkpoint uses, which the writer deletes later.
+- *retention*: checkpoints are removed first; then every pack that no
+  checkpoint folder in the run uses is deleted (:func:`collect`). A pack is
+  therefore never deleted while a kept checkpoint refers to it, whatever the
+  moment of a crash, and a reader that has opened a pack keeps reading it.
+- *verify*: every pack a checkpoint uses must have the size its manifest
+  records, and with checksums every tensor it uses must hash to its digest.
+
+Only the run's writer (holding the writer lock) writes or deletes packs;
+readers only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep.run.layout import BLOBS, TENSOR_INDEX, is_step, step_name
+from torchkeep.storage.base import Store
+from torchkeep.storage.digests import is_digest, tensor_digest
+from torchkeep.storage.manifest import Verdict, write_json
+from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
+
+__all__ = [
+    "BlobIndex",
+    "IndexedFile",
+    "VersionToken",
+    "collect",
+    "fetch_packs",
+    "is_pack_ref",
+    "local_size",
+    "pack_refs",
+    "read_index",
+    "read_indexed",
+    "verify_packs",
+    "version_token",
+    "write_indexed",
+]
+
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+_PACK_REF = re.compile(rf"^{BLOBS}/[A-Za-z0-9][A-Za-z0-9._-]{{0,200}}\.safetensors$")
+_PACK_META = {"format": "pt", "torchkeep.pack": str(INDEX_VERSION)}
+_INDEX_MAX_BYTES = 256 << 20
+
+# (version counter, storage address, storage bytes, offset, shape, stride, dtype, device)
+VersionToken = tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+
+
+def is_pack_ref(ref: object) -> bool:
+    """Whether ``ref`` names a pack of a run (``blobs/<name>.safetensors``, nothing outside ``blobs/``)."""
+    return isinstance(ref, str) and _PACK_REF.match(ref) is not None and ".." not in ref
+
+
+def version_token(t: torch.Tensor) -> VersionToken:
+    """What identifies ``t``'s memory and its last in-place change, as torch counts them."""
+    return (
+        t._version,
+        t.untyped_storage().data_ptr(),
+        t.untyped_storage().nbytes(),
+        int(t.storage_offset()),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+        t.device,
+    )
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """One tensor file of an incremental checkpoint: its tensors' digests and header metadata."""
+
+    tensors: dict[str, str]
+    metadata: dict[str, str]
+
+
+@dataclass
+class _Seen:
+    token: VersionToken
+    digest: str
+    storage: torch.UntypedStorage  # held so no other tensor can take this address meanwhile
+
+
+@dataclass
+class BlobIndex:
+    """The writer's view of a run's packs: where each digest is stored, and what uses which pack.
+
+    Built from the run's checkpoint folders on the writer's first save, then
+    kept up to date by the writer alone.
+    """
+
+    where: dict[str, str] = field(default_factory=dict)  # digest -> pack ref
+    sizes: dict[str, int] = field(default_factory=dict)  # pack ref -> bytes
+    nonfinite: set[str] = field(default_factory=set)  # digests holding NaN/Inf (model tensors)
+    uses: dict[str, set[str]] = field(default_factory=dict)  # step folder -> pack refs it uses
+    seen: dict[str, _Seen] = field(default_factory=dict)  # "file:key" -> the last save's token
+    loaded: bool = False
+
+    def load(self, store: Store) -> None:
+        """Learn the packs from the run's checkpoint folders (only those whose packs are all there)."""
+        present = {f"{BLOBS}/{name}": size for name, size in (store.sizes(BLOBS) or {}).items()}
+        for name in store.folders():
+            if not is_step(name):
+                continue
+            try:
+                index = read_index(store.read(name, TENSOR_INDEX))
+                manifest = json.loads(store.read(name, "manifest.json"))
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                continue  # standalone, unfinished or damaged: nothing to share from it
+            recorded = manifest.get(BLOBS) if isinstance(manifest, dict) else None
+            if not isinstance(recorded, dict):
+                continue
+            refs = set(index.packs.values())
+            self.uses[name] = refs
+            whole = all(
+                present.get(ref) is not None and present.get(ref) == (recorded.get(ref) or {}).get("size")
+                for ref in refs
+            )
+            if not whole:
+                continue  # a pack is missing or damaged: never point a new checkpoint at it
+            self.where.update(index.packs)
+            self.sizes.update({ref: present[ref] for ref in refs})
+            flagged = manifest.get("nonfinite", {}).get("tensors", [])
+            model = index.files.get("model.safetensors")
+            if model is not None and isinstance(flagged, list):
+                self.nonfinite.update(model.tensors[k] for k in flagged if k in model.tensors)
+        self.loaded = True
+
+    def forget(self, refs: set[str]) -> None:
+        """Drop deleted packs (and every digest stored in them)."""
+        if not refs:
+            return
+        self.where = {d: ref for d, ref in self.where.items() if ref not in refs}
+        for ref in refs:
+            self.sizes.pop(ref, None)
+
+
+@dataclass(frozen=True)
+class Index:
+    """A parsed ``tensors.json``."""
+
+    files: dict[str, IndexedFile]
+    packs: dict[str, str]  # digest -> pack ref
+
+
+def read_index(text: str | bytes) -> Index:
+    """Parse and check ``tensors.json`` (every digest well formed and in a pack inside ``blobs/``).
+
+    Raises:
+        ValueError: it is not a valid index.
+    """
+    if len(text) > _INDEX_MAX_BYTES:
+        raise ValueError(f"{TENSOR_INDEX} is larger than {_INDEX_MAX_BYTES} bytes")
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        raise ValueError(f"{TENSOR_INDEX} is not a version-{INDEX_VERSION} tensor index")
+    packs, files = data.get("packs"), data.get("files")
+    if not isinstance(packs, dict) or not isinstance(files, dict):
+        raise ValueError(f"{TENSOR_INDEX} has no 'packs' or 'files' table")
+    for digest, ref in packs.items():
+        if not is_digest(digest) or not is_pack_ref(ref):
+            raise ValueError(f"{TENSOR_INDEX} names an invalid pack entry {digest!r}: {ref!r}")
+    parsed: dict[str, IndexedFile] = {}
+    for name, entry in files.items():
+        tensors = entry.get("tensors") if isinstance(entry, dict) else None
+        metadata = entry.get("metadata", {}) if isinstance(entry, dict) else None
+        if not isinstance(tensors, dict) or not isinstance(metadata, dict):
+            raise ValueError(f"{TENSOR_INDEX}: entry {name!r} is not a tensor file")
+        for key, digest in tensors.items():
+            if not isinstance(key, str) or digest not in packs:
+                raise ValueError(f"{TENSOR_INDEX}: {name} {key!r} names no stored tensor")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"{TENSOR_INDEX}: the metadata of {name} is not text")
+        parsed[str(name)] = IndexedFile(dict(tensors), dict(metadata))
+    return Index(parsed, dict(packs))
+
+
+def local_size(run: Path) -> Callable[[str], int | None]:
+    """``size_of(ref)`` for the packs of the local run folder ``run``."""
+
+    def size_of(ref: str) -> int | None:
+        try:
+            return (run / ref).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    return size_of
+
+
+def pack_refs(folder: Path) -> set[str]:
+    """The packs the checkpoint ``folder`` uses (empty for a standalone one)."""
+    try:
+        return set(read_index((folder / TENSOR_INDEX).read_bytes()).packs.values())
+    except FileNotFoundError:
+        return set()
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+Versions = Mapping[str, tuple[VersionToken, torch.UntypedStorage]]
+
+
+def _digests(
+    name: str, tensors: Mapping[str, torch.Tensor], versions: Versions | None, index: BlobIndex
+) -> dict[str, str]:
+    """Each tensor's digest: hashed, or (``versions``) the last save's where torch counted no change."""
+    out: dict[str, str] = {}
+    for key, t in tensors.items():
+        seen = index.seen.get(f"{name}:{key}")
+        mine = versions.get(key) if versions is not None else None
+        if mine is not None and seen is not None and seen.token == mine[0] and seen.digest in index.where:
+            out[key] = seen.digest
+            continue
+        out[key] = tensor_digest(t)
+    return out
+
+
+def write_indexed(
+    folder: Path,
+    files: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str], bool]],
+    *,
+    step: int,
+    store: Store,
+    index: BlobIndex,
+    durable: bool,
+    versions: Mapping[str, Versions | None] | None = None,
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Write the tensors no pack holds yet as one new pack, and ``tensors.json`` into ``folder``.
+
+    ``files`` maps each tensor file's name to (tensors, header metadata,
+    check for NaN/Inf). ``versions`` (file -> key -> (token, storage)) lets a
+    tensor whose token equals the last save's keep that save's digest
+    without being read.
+
+    Returns:
+        The manifest's ``blobs`` table (each pack used, with its size), and
+        the non-finite tensors of the files checked for them.
+    """
+    versions = versions or {}
+    digests = {
+        name: _digests(name, tensors, versions.get(name), index) for name, (tensors, _, _) in files.items()
+    }
+    new: dict[str, torch.Tensor] = {}
+    for name, (tensors, _, _) in files.items():
+        for key, digest in digests[name].items():
+            if digest not in index.where and digest not in new:
+                new[digest] = tensors[key]
+    if new:
+        ref = f"{BLOBS}/{step_name(step)}-{secrets.token_hex(4)}.safetensors"
+        with store.stage(ref, durable=durable) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                result = write_safetensors(fd, new, _PACK_META, check_finite=True)
+            finally:
+                os.close(fd)
+        index.where.update(dict.fromkeys(new, ref))
+        index.sizes[ref] = result.size
+        index.nonfinite.update(result.nonfinite)
+        logger.info("stored %d new tensors (%d bytes) in %s", len(new), result.size, ref)
+    for name in files:  # what torch counted for each tensor, for the next save's fast path
+        for key, (token, storage) in (versions.get(name) or {}).items():
+            index.seen[f"{name}:{key}"] = _Seen(token, digests[name][key], storage)
+    used = sorted({d for per in digests.values() for d in per.values()})
+    packs = {d: index.where[d] for d in used}
+    content = {
+        "version": INDEX_VERSION,
+        "files": {
+            name: {"tensors": digests[name], "metadata": dict(meta)} for name, (_, meta, _) in files.items()
+        },
+        "packs": packs,
+    }
+    write_json(folder / TENSOR_INDEX, content, durable=durable)
+    nonfinite = [
+        key
+        for name, (_, _, check) in files.items()
+        if check
+        for key, digest in digests[name].items()
+        if digest in index.nonfinite
+    ]
+    blobs = {ref: {"size": index.sizes[ref]} for ref in sorted(set(packs.values()))}
+    return blobs, nonfinite
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def read_indexed(
+    folder: Path, name: str, *, device: torch.device, mmap: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The tensors and header metadata of tensor file ``name`` of an incremental checkpoint.
+
+    ``None`` when ``folder`` is not incremental or has no such file. Every
+    key gets a tensor of its own (two keys holding equal values do not share
+    memory); the packs are mapped, so nothing is read until used.
+
+    Raises:
+        CorruptFileError: the index or a pack is damaged or missing a tensor.
+    """
+    from torchkeep.errors import CorruptFileError
+    from torchkeep.formats import read_safetensors_header
+
+    try:
+        index = read_index((folder / TENSOR_INDEX).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFileError(folder / TENSOR_INDEX, str(err)) from err
+    entry = index.files.get(name)
+    if entry is None:
+        return None
+    run = folder.parent
+    needed: dict[str, set[str]] = {}
+    for digest in entry.tensors.values():
+        needed.setdefault(index.packs[digest], set()).add(digest)
+    by_digest: dict[str, torch.Tensor] = {}
+    for ref, wanted in needed.items():
+        path = run / ref
+        try:
+            header = read_safetensors_header(path)
+            stored = read_safetensors(path, header, device=device, mmap=mmap)
+        except FileNotFoundError as err:
+            raise CorruptFileError(path, f"the pack is missing ({err})") from err
+        missing = wanted - set(stored)
+        if missing:
+            raise CorruptFileError(path, f"the pack does not hold {len(missing)} tensor(s) the index names")
+        by_digest.update({d: stored[d] for d in wanted})
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, digest in entry.tensors.items():
+        t = by_digest[digest]
+        out[key] = t.clone() if digest in used else t  # equal values, separate tensors
+        used.add(digest)
+    return out, dict(entry.metadata)
+
+
+@contextlib.contextmanager
+def fetch_packs(store: Store, folder: Path) -> Iterator[None]:
+    """Make the packs a downloaded checkpoint ``folder`` uses readable beside it (no-op locally)."""
+    if store.in_place:
+        yield
+        return
+    refs = pack_refs(folder)
+    placed: list[Path] = []
+    try:
+        for ref in sorted(refs):
+            target = folder.parent / ref
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with store.fetch(ref) as local:
+                shutil.move(os.fspath(local), target)
+            placed.append(target)
+        yield
+    finally:
+        for path in placed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def verify_packs(
+    folder: Path | None, manifest: Mapping[str, Any], size_of: Callable[[str], int | None], *, checksums: bool
+) -> Verdict:
+    """Check the packs an incremental checkpoint uses: recorded, present, the size its manifest says,
+    and (``checksums``) every tensor it uses hashing to its digest.
+
+    ``folder`` (the checkpoint's local folder; ``None``: sizes only) lets
+    its ``tensors.json`` be checked against the manifest too.
+    """
+    recorded = manifest.get(BLOBS) or {}
+    if not isinstance(recorded, dict):
+        return Verdict(False, "manifest.json has an invalid 'blobs' table", dict(manifest))
+    for ref, entry in recorded.items():
+        if not is_pack_ref(ref) or not isinstance(entry, dict):
+            return Verdict(False, f"manifest.json lists an invalid pack {ref!r}", dict(manifest))
+        size = size_of(ref)
+        if size is None:
+            return Verdict(False, f"{ref} is missing (a pack this checkpoint uses)", dict(manifest))
+        if size != entry.get("size"):
+            return Verdict(
+                False, f"{ref} has {size} bytes, the manifest says {entry.get('size')}", dict(manifest)
+            )
+    if folder is None or not (folder / TENSOR_INDEX).is_file():
+        return Verdict(True, "", dict(manifest))
+    try:
+        index = read_index((folder / TENSOR_INDEX).read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        return Verdict(False, f"{TENSOR_INDEX} is not valid ({err})", dict(manifest))
+    unlisted = set(index.packs.values()) - set(recorded)
+    if unlisted:
+        return Verdict(
+            False, f"{TENSOR_INDEX} uses packs its manifest does not list: {sorted(unlisted)}", dict(manifest)
+        )
+    if checksums:
+        return _check_digests(folder, index, manifest)
+    return Verdict(True, "", dict(manifest))
+
+
+def _check_digests(folder: Path, index: Index, manifest: Mapping[str, Any]) -> Verdict:
+    from torchkeep.errors import TorchkeepError
+    from torchkeep.formats import read_safetensors_header
+
+    wanted: dict[str, set[str]] = {}
+    for digest, ref in index.packs.items():
+        wanted.setdefault(ref, set()).add(digest)
+    for ref, digests in sorted(wanted.items()):
+        path = folder.parent / ref
+        try:
+            stored = read_safetensors(
+                path, read_safetensors_header(path), device=torch.device("cpu"), mmap=True
+            )
+        except (OSError, TorchkeepError) as err:
+            return Verdict(False, f"{ref} cannot be read ({err})", dict(manifest))
+        for digest in sorted(digests):
+            t = stored.get(digest)
+            if t is None:
+                return Verdict(False, f"{ref} does not hold tensor {digest}", dict(manifest))
+            if tensor_digest(t) != digest:
+                return Verdict(
+                    False,
+                    f"{ref}: tensor {digest} does not match its xxh3_128 checksum (its content changed)",
+                    dict(manifest),
+                )
+    return Verdict(True, "", dict(manifest))
+
+
+# -- deleting ------------------------------------------------------------------------------------
+
+
+def collect(store: Store, index: BlobIndex, *, durable: bool) -> list[str]:
+    """Delete every pack (and leftover temporary file in ``blobs/``) no checkpoint folder uses.
+
+    Only the writer calls this, between saves. Checkpoint folders that
+    cannot be read (damaged) keep no pack alive; standalone ones use none.
+    """
+    present = store.sizes(BLOBS)
+    if not present:
+        return []
+    folders = [name for name in store.folders() if is_step(name)]
+    for name in set(index.uses) - set(folders):
+        del index.uses[name]
+    used: set[str] = set()
+    for name in folders:
+        if name not in index.uses:
+            try:
+                index.uses[name] = set(read_index(store.read(name, TENSOR_INDEX)).packs.values())
+            except FileNotFoundError:
+                index.uses[name] = set()
+            except (ValueError, UnicodeDecodeError):
+                logger.warning("%s: %s is damaged; it keeps no pack alive", name, TENSOR_INDEX)
+                continue
+        used |= index.uses[name]
+    unused = sorted(ref for ref in (f"{BLOBS}/{n}" for n in present) if ref not in used)
+    if not unused:
+        return []
+    store.sync()  # the removals of checkpoints reach the disk before the packs they used go
+    for ref in unused:
+        store.remove_file(ref)
+    index.forget(set(unused))
+    logger.info("deleted %d pack(s) no checkpoint uses", len(unused))
+    return unused
