@@ -399,11 +399,15 @@ def _checked_shard(index: Any, file: Path, rows: Iterator[TensorStats]) -> Itera
 
 
 def _sources(path: Path, limit: int) -> tuple[str, Iterator[TensorStats]]:
-    from torchkeep.run.reader import model_file
+    from torchkeep.run.reader import indexed_model, model_file
 
     single = model_file(path) if path.is_dir() else None
     if single is not None:  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
         return f"torchkeep checkpoint {single.parent.name}", _safetensors_stats(single, limit)
+    indexed = indexed_model(path) if path.is_dir() else None
+    if indexed is not None:  # an incremental checkpoint: mapped from the run's packs, read as asked
+        folder, tensors, _ = indexed
+        return f"torchkeep checkpoint {folder.name}", _tensor_stats_from_memory(tensors, limit)
     hf = find_hf_weights(path)
     if hf is not None:  # each shard as a single file, its names checked against the index
 

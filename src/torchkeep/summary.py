@@ -304,10 +304,22 @@ def summarize(obj: nn.Module | str | os.PathLike[str] | Mapping[str, torch.Tenso
         meta = {**parts[0].metadata, **hf.metadata_text()}
         return Summary(rows, str(path), file_format=fmt, file_size=size, metadata=meta)
     if path.is_dir():  # a checkpoint folder, or a run folder (its newest valid checkpoint): the model
-        from torchkeep.run.reader import model_file
+        from torchkeep.run.reader import indexed_model, model_file
 
         single = model_file(path)
         if single is not None:
             return _summarize_file(single)  # only the header is read
+        indexed = indexed_model(path)
+        if indexed is not None:  # mapped from the run's packs: only their headers are read
+            folder, tensors, metadata = indexed
+            size = sum(t.nbytes for t in tensors.values())
+            shown = {k: v for k, v in metadata.items() if not k.startswith("torchkeep.")}
+            return Summary(
+                _rows_from_tensors(tensors),
+                str(path),
+                file_format=f"torchkeep checkpoint {folder.name} (incremental)",
+                file_size=size,
+                metadata=shown,
+            )
         return Summary(_rows_from_tensors(load_weights(path)), str(path))
     return _summarize_file(path)
