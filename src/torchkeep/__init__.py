@@ -89,7 +89,7 @@ from torchkeep.load_report import LoadReport
 from torchkeep.loading import load_into
 from torchkeep.models import load_model, save_model
 from torchkeep.modes import evaluating
-from torchkeep.run import CheckpointEntry, Checkpointer
+from torchkeep.run import CheckpointEntry, Checkpointer, export_step
 from torchkeep.safety import Limits, ScanResult, scan
 from torchkeep.safety.opaque import Opaque
 from torchkeep.stopping import EarlyStopping
@@ -137,6 +137,7 @@ __all__ = [
     "NotAModelError",
     "NotAStateDictError",
     "Opaque",
+    "OutputExistsError",
     "PathIsDirectoryError",
     "ResumableSampler",
     "RngRestoreWarning",
@@ -169,6 +170,7 @@ __all__ = [
     "detect_format",
     "diff",
     "evaluating",
+    "export_step",
     "freeze",
     "head_names",
     "load_checkpoint",

@@ -59,7 +59,7 @@ def exit_code(err: BaseException) -> int:
 
 
 def _register() -> None:
-    from torchkeep.cli import average, convert, demo, diff, inspect, ls, scan, verify
+    from torchkeep.cli import average, convert, demo, diff, export_step, inspect, ls, scan, verify
 
     app.command("inspect")(inspect.inspect_command)
     app.command("diff")(diff.diff_command)
@@ -67,6 +67,7 @@ def _register() -> None:
     app.command("average")(average.average_command)
     app.command("ls")(ls.ls_command)
     app.command("verify")(verify.verify_command)
+    app.command("export-step")(export_step.export_step_command)
     app.command("scan")(scan.scan_command)
     app.command("demo")(demo.demo_command)
 

@@ -42,6 +42,7 @@ went wrong and what to do next::
         ├── UnknownProtocolError         (ValueError)
         ├── InvalidShardSizeError        (ValueError)
         ├── SignalHandlerError           (ValueError)
+        ├── OutputExistsError            (FileExistsError)
         └── ExportError                  (RuntimeError)
 
     TorchkeepWarning                (UserWarning)
@@ -104,6 +105,7 @@ from torchkeep.errors.usage import (
     InvalidMetadataError,
     InvalidShardSizeError,
     MissingExtraError,
+    OutputExistsError,
     SignalHandlerError,
     UnknownProtocolError,
     UnserializableValueError,
@@ -145,6 +147,7 @@ __all__ = [
     "NonFiniteCheckpointWarning",
     "NotAModelError",
     "NotAStateDictError",
+    "OutputExistsError",
     "PathIsDirectoryError",
     "RngRestoreWarning",
     "RunLockedError",

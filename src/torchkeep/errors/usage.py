@@ -196,3 +196,18 @@ class SignalHandlerError(UsageError, ValueError):
         self.signal_name = signal_name
         self.reason = reason
         super().__init__(f"cannot save on preemption by {signal_name}: {reason}; {fix}.")
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """The file or folder to write exists, and writing would replace it.
+
+    Attributes:
+        path: the existing path (a URL for a remote one).
+
+    Example:
+        >>> torchkeep.export_step("runs/exp1/step-00000120", "archive/step-00000120", overwrite=True)
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        super().__init__(f"{path} exists; choose another name, or pass overwrite=True (--force) to replace it.")

@@ -8,6 +8,10 @@ snapshot      capture / apply a training state: what goes into which file
 commit        prepare / write / agree / publish, in one process or many
 checkpointer  Checkpointer: writer lock + commit + retention + async saves
 preemption    save on preemption: signal handlers, the agreed answer, save timing
+blobs         packs: each distinct tensor stored once, shared by checkpoints;
+              the index of an incremental checkpoint, its reading, checking
+              and the deletion of unused packs
+export        one checkpoint copied out as a standalone folder
 ============  ==============================================================
 
 Where a change goes: a retention policy is one class in ``retention``; a new
@@ -16,6 +20,7 @@ file in a step folder is a change to ``snapshot`` (plus its name in
 """
 
 from torchkeep.run.checkpointer import Checkpointer
+from torchkeep.run.export import export_step
 from torchkeep.run.reader import CheckpointEntry, RunReader
 from torchkeep.run.retention import KeepAny, KeepBest, KeepEvery, KeepEveryInterval, KeepLast, Policy
 
@@ -29,4 +34,5 @@ __all__ = [
     "KeepLast",
     "Policy",
     "RunReader",
+    "export_step",
 ]
