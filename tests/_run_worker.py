@@ -1,7 +1,10 @@
 """Child processes for the concurrency tests: a run's writer, its readers, a lock holder.
 
-python _run_worker.py write RUN STEPS WIDTH     save STEPS checkpoints; after the first, say
-                                                "ready" and wait for a line on stdin
+python _run_worker.py write RUN STEPS WIDTH [KEEP]
+                                                save STEPS checkpoints (keeping the last KEEP);
+                                                after the first, say "ready" and wait for a line
+                                                on stdin. The first layer is frozen, so every
+                                                checkpoint shares its tensors in the run's packs
 python _run_worker.py read RUN KIND COUNT DONE  KIND: ls | verify | best | reader; up to COUNT
                                                 times, stopping early once the file DONE
                                                 exists; says "started" after the first
@@ -27,13 +30,14 @@ from torchkeep.run import RunReader
 
 def _model(width: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(width, width), nn.Linear(width, 2))
+    return nn.Sequential(nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, 2))
 
 
-def write(run: str, steps: int, width: int) -> None:
+def write(run: str, steps: int, width: int, keep: int | None) -> None:
     model = _model(width)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with torchkeep.Checkpointer(run, monitor="loss") as ckpts:
+    torchkeep.freeze(model[0])  # written once, used by every checkpoint
+    optimizer = torch.optim.SGD(torchkeep.trainable(model), lr=0.1, momentum=0.9)
+    with torchkeep.Checkpointer(run, monitor="loss", keep_last=keep) as ckpts:
         for step in range(steps):
             model(torch.randn(4, width)).square().mean().backward()
             optimizer.step()
@@ -93,7 +97,7 @@ def hold(run: str) -> None:
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
     if command == "write":
-        write(rest[0], int(rest[1]), int(rest[2]))
+        write(rest[0], int(rest[1]), int(rest[2]), int(rest[3]) if len(rest) > 3 else None)
     elif command == "read":
         read(rest[0], rest[1], int(rest[2]), rest[3])
     else:

@@ -133,3 +133,24 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(f"http://{host}:{port}")
     finally:
         server.stop()
+
+
+def tensor_data(folder: Path) -> Path:
+    """The file holding the model tensors a checkpoint's save wrote: its ``model.safetensors``
+    (standalone), or the pack of the run that its save added (incremental)."""
+    if (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors"
+    packs = sorted((folder.parent / "blobs").glob(f"{folder.name}-*.safetensors"))
+    assert len(packs) == 1, f"{folder.name} wrote {len(packs)} packs"
+    return packs[0]
+
+
+def step_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of tensor file ``name`` (``model.safetensors``, ``state.safetensors``) of a
+    checkpoint folder, standalone or incremental."""
+    from safetensors.torch import load_file
+
+    from torchkeep.run.blobs import read_indexed
+
+    found = read_indexed(folder, name, device=torch.device("cpu"))
+    return found[0] if found is not None else load_file(str(folder / name))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torchkeep
+from conftest import tensor_data
 from torchkeep.cli import main
 from torchkeep.tutorial import TheModelClass
 
@@ -167,6 +168,8 @@ def _run_with_checkpoints(tmp_path: Path) -> Path:
     model = torch.nn.Linear(3, 2)
     ckpts = torchkeep.Checkpointer(tmp_path / "run", monitor="val_loss")
     for step, loss in ((1, 0.5), (2, 0.3), (3, 0.4)):
+        with torch.no_grad():
+            model.weight.add_(1.0)  # each checkpoint stores tensors of its own
         ckpts.save(step, model=model, metrics={"val_loss": loss})
     return tmp_path / "run"
 
@@ -192,7 +195,7 @@ def test_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, out, _ = run_cli(["verify", str(run)], capsys)
     assert code == 0
     assert out.count("valid") == 3
-    tensors = run / "step-00000002" / "model.safetensors"
+    tensors = tensor_data(run / "step-00000002")
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
     tensors.write_bytes(bytes(data))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import torchkeep
+from conftest import step_tensors
 from torchkeep.storage.manifest import MANIFEST, file_record
 
 HERE = Path(__file__).parent
@@ -171,16 +171,13 @@ def test_ddp_checkpoint_layout_and_restore_in_one_process(ddp_reference: tuple[P
     newest = run / "step-00000005"
     manifest = json.loads((newest / MANIFEST).read_text())
     assert manifest["world_size"] == 2
-    assert sorted(manifest["files"]) == [  # replicated: written once
-        "model.safetensors",
-        "state.json",
-        "state.safetensors",
-    ]
+    assert sorted(manifest["files"]) == ["state.json", "tensors.json"]  # replicated: written once
+    assert manifest["blobs"]  # the tensors, in the run's packs
     state = json.loads((newest / "state.json").read_text())
     assert sorted(state["world"]["rng"]) == ["1"]
-    tensors = load_file(str(newest / "state.safetensors"))
+    tensors = step_tensors(newest, "state.safetensors")
     assert not torch.equal(tensors["rng/torch"], tensors["rng@1/torch"])  # each rank's own state
-    weights = load_file(str(newest / "model.safetensors"))
+    weights = step_tensors(newest, "model.safetensors")
     assert not any(key.startswith("module.") for key in weights)  # the DDP wrapper is not saved
 
     model = worker.make_model()
@@ -205,8 +202,7 @@ def test_fsdp_restores_on_two_four_and_one_rank(fsdp_reference: tuple[Path, Path
     restored = {}
     for world in (2, 4, 0):
         copy = tmp_path / f"run-{world}"
-        copy.mkdir()
-        shutil.copytree(step2, copy / step2.name)
+        torchkeep.export_step(step2, copy / step2.name)  # a step folder alone is not the checkpoint
         out = tmp_path / f"out-{world}"
         run_job(world, "fsdp", copy, out, steps=5)
         label = max(world, 1)
@@ -249,7 +245,12 @@ def test_a_failure_on_one_rank_commits_nothing(mode: str, how: str, tmp_path: Pa
         assert list(error["failed"]) == ["1"]
         assert "injected" in error["failed"]["1"]
         assert error["stage"] == how
-    assert sorted(p.name for p in run.iterdir()) == [".writer.lock", "step-00000000", "step-00000001"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".writer.lock",
+        "blobs",
+        "step-00000000",
+        "step-00000001",
+    ]
     model = worker.make_model()
     with pytest.warns(torchkeep.RngRestoreWarning):
         info = torchkeep.Checkpointer(run).restore(model=model)
@@ -274,7 +275,7 @@ def test_sharded_metadata_that_would_run_code_is_refused(
 ) -> None:
     run, _ = fsdp_reference
     folder = tmp_path / "run" / "step-00000004"
-    shutil.copytree(run / "step-00000004", folder)
+    torchkeep.export_step(run / "step-00000004", folder)
     marker = tmp_path / "pwned"
 
     class Payload:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import torchkeep
+from conftest import tensor_data
 from torchkeep.storage.manifest import file_record
 
 HERE = Path(__file__).resolve().parent
@@ -84,12 +85,7 @@ def test_round_trip_of_every_part(tmp_path: Path) -> None:
         stopper=stopper,
     )
     assert folder.name == "step-00000003"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json",
-        "model.safetensors",
-        "state.json",
-        "state.safetensors",
-    ]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "state.json", "tensors.json"]
 
     model2, optimizer2, scheduler2 = make()
     counter2, stopper2 = Counter(), torchkeep.EarlyStopping("val_loss", patience=3)
@@ -111,7 +107,7 @@ def test_round_trip_of_every_part(tmp_path: Path) -> None:
 def test_tensors_are_safetensors_and_the_rest_json(tmp_path: Path) -> None:
     model, optimizer, scheduler = make()
     train_step(model, optimizer, scheduler)
-    folder = torchkeep.Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer)
+    folder = torchkeep.Checkpointer(tmp_path, incremental=False).save(1, model=model, optimizer=optimizer)
     weights = load_file(str(folder / "model.safetensors"))  # the model's own names
     assert weights.keys() == model.state_dict().keys()
     assert torch.equal(weights["0.weight"], model[0].weight)
@@ -169,7 +165,9 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     ckpts.save(5, model=model, metrics={"v": 1.0})
     ckpts.save(5, model=model, metrics={"v": 2.0})
     assert [(e.step, e.metrics) for e in ckpts.list()] == [(5, {"v": 2.0})]
-    assert [p.name for p in tmp_path.iterdir() if p.name != ".writer.lock"] == ["step-00000005"]
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name != ".writer.lock")
+    assert kept == ["blobs", "step-00000005"]
+    assert len(list((tmp_path / "blobs").iterdir())) == 1  # the same tensors: stored once, still used
 
 
 def test_leftovers_of_interrupted_saves_are_cleaned_or_recovered(tmp_path: Path) -> None:
@@ -186,19 +184,25 @@ def test_leftovers_of_interrupted_saves_are_cleaned_or_recovered(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     writer = torchkeep.Checkpointer(tmp_path)
     writer.save(3, model=model)  # the writer lock's holder cleans up what dead writers left
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".writer.lock", "step-00000001", "step-00000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".writer.lock",
+        "blobs",
+        "step-00000001",
+        "step-00000003",
+    ]
     assert reader.list()[0].path == good
+    assert [e.valid for e in reader.list(verify=True)] == [True, True]  # the recovered one's packs kept
 
 
 def corrupt_flip(folder: Path) -> None:
-    path = folder / "model.safetensors"
+    path = tensor_data(folder)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
 def corrupt_truncate(folder: Path) -> None:
-    path = folder / "model.safetensors"
+    path = tensor_data(folder)
     path.write_bytes(path.read_bytes()[:-10])
 
 
@@ -396,7 +400,7 @@ def test_sigkill_many_rounds(tmp_path: Path) -> None:
 
 
 def test_manifests_with_sha256_digests_still_verify(tmp_path: Path, model: torch.nn.Module) -> None:
-    folder = torchkeep.Checkpointer(tmp_path).save(1, model=model)
+    folder = torchkeep.Checkpointer(tmp_path, incremental=False).save(1, model=model)
     manifest = json.loads((folder / "manifest.json").read_text())
     for name in manifest["files"]:
         record = file_record(folder / name, "sha256")

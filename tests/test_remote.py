@@ -90,12 +90,13 @@ def test_save_list_restore_round_trip(store: Store) -> None:
     ckpts = _checkpointer(store)
     saved = ckpts.save(3, model=model, optimizer=optimizer, scheduler=scheduler, epoch=1, extra={"note": "x"})
     assert saved == _expected_path(store, "step-00000003")
-    assert store.files() == [
+    files = store.files()
+    assert [f for f in files if not f.startswith("blobs/")] == [
         "step-00000003/manifest.json",
-        "step-00000003/model.safetensors",
         "step-00000003/state.json",
-        "step-00000003/state.safetensors",
+        "step-00000003/tensors.json",
     ]
+    assert [f.split("-")[:2] for f in files if f.startswith("blobs/")] == [["blobs/step", "00000003"]]
     [entry] = ckpts.list(verify=True)
     assert entry.valid
     assert entry.path == saved
@@ -129,7 +130,9 @@ def test_retention_deletes_stored_objects(store: Store) -> None:
         ckpts.save(step, model=model, metrics={"val_loss": loss})
     assert [e.step for e in ckpts.list()] == [1, 3, 4]  # best (step 1) and the newest two
     folders = sorted({name.split("/")[0] for name in store.files()})
-    assert folders == ["step-00000001", "step-00000003", "step-00000004"]  # the others are gone for real
+    assert folders == ["blobs", "step-00000001", "step-00000003", "step-00000004"]  # the others are gone
+    packs = [name for name in store.files() if name.startswith("blobs/")]
+    assert len(packs) == 1  # the same weights in every checkpoint: stored once, by the first save
     assert ckpts.best == _expected_path(store, "step-00000001")
     model_best, _, _ = _setup()
     info = ckpts.restore(model=model_best, path=ckpts.best, restore_rng=False)
@@ -201,8 +204,11 @@ def test_a_corrupted_object_fails_verification_and_restore_falls_back(store: Sto
     model, _, _ = _setup()
     ckpts = _checkpointer(store)
     ckpts.save(1, model=model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # step 2 stores this tensor in a pack of its own
     ckpts.save(2, model=model)
-    target = store.location("step-00000002/model.safetensors")
+    [pack] = [name for name in store.files() if name.startswith("blobs/step-00000002-")]
+    target = store.location(pack)
     if isinstance(target, Path):
         data = bytearray(target.read_bytes())
         data[-1] ^= 0xFF
@@ -285,9 +291,10 @@ def test_a_remote_restore_downloads_the_checkpoint_once(
     monkeypatch.setattr(Remote, "download", download)
     info = ckpts.restore(model=_setup()[0], restore_rng=False)
     assert info is not None
-    assert sorted(fetched) == [  # verified and read once
+    # verified and read once: the folder, and the one pack it uses
+    assert sorted(n for n in fetched if not n.startswith("step-")) == [
         "manifest.json",
-        "model.safetensors",
         "state.json",
-        "state.safetensors",
+        "tensors.json",
     ]
+    assert [n.split("-")[1] for n in fetched if n.startswith("step-")] == ["00000001"]

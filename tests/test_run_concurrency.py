@@ -54,9 +54,11 @@ def _readers_never_disturb_the_writer(
     steps: int = STEPS,
     width: int = WIDTH,
     options: dict[str, str] | None = None,
+    keep: int | None = None,
 ) -> dict[str, int]:
     kinds = ("ls", "verify", "best", "reader")
-    writer = _spawn("write", run, str(steps), str(width), env=env, stdin=subprocess.PIPE)
+    more = [] if keep is None else [str(keep)]
+    writer = _spawn("write", run, str(steps), str(width), *more, env=env, stdin=subprocess.PIPE)
     readers: list[subprocess.Popen[str]] = []
     try:
         assert writer.stdout is not None
@@ -84,16 +86,26 @@ def _readers_never_disturb_the_writer(
                 process.kill()
             process.communicate()
     entries = torchkeep.Checkpointer(run, read_only=True, storage_options=options).list(verify=True)
-    assert [e.step for e in entries] == list(range(steps))  # every step is there
+    kept = list(range(steps)) if keep is None else list(range(steps - keep, steps))
+    assert [e.step for e in entries] == kept  # every step is there (or kept)
     assert all(e.valid for e in entries)
     print("reader iterations while the writer saved:", overlapping)  # shown with -s
     return overlapping
 
 
 def test_readers_never_disturb_a_local_writer(tmp_path: Path) -> None:
+    # retention removes checkpoints and the packs only they used while the readers read
     run = tmp_path / "run"
-    _readers_never_disturb_the_writer(str(run), tmp_path / "done", _env(), count=40)
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("step-")) == [".writer.lock"]
+    _readers_never_disturb_the_writer(str(run), tmp_path / "done", _env(), count=40, keep=4)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("step-")) == [
+        ".writer.lock",
+        "blobs",
+    ]
+    used = set()
+    for folder in run.glob("step-*"):
+        used |= set(json.loads((folder / "tensors.json").read_text())["packs"].values())
+    assert {f"blobs/{p.name}" for p in (run / "blobs").iterdir()} == used  # no pack left unused
+    assert "blobs/step-00000000-" in " ".join(used)  # the frozen layer, written by the first save only
 
 
 def test_readers_never_disturb_a_remote_writer(tmp_path: Path, s3_server: S3Server) -> None:

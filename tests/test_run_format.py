@@ -31,7 +31,7 @@ def _tied() -> TiedNet:
 
 def test_model_safetensors_has_the_models_own_names_and_ties_once(tmp_path: Path) -> None:
     model = _tied()
-    folder = torchkeep.Checkpointer(tmp_path).save(1, model=model)
+    folder = torchkeep.Checkpointer(tmp_path, incremental=False).save(1, model=model)
     plain = load_file(str(folder / "model.safetensors"))
     assert sorted(plain) == ["embed.weight"]  # the tied name is simply absent, as HF files do
     fresh = _tied()
@@ -43,10 +43,11 @@ def test_model_safetensors_has_the_models_own_names_and_ties_once(tmp_path: Path
     assert loaded["out.weight"] is loaded["embed.weight"]  # restored from the metadata
 
 
+@pytest.mark.parametrize("incremental", [True, False])
 @pytest.mark.parametrize("which", ["step", "run"])
-def test_loaders_take_a_step_folder_or_a_run_folder(tmp_path: Path, which: str) -> None:
+def test_loaders_take_a_step_folder_or_a_run_folder(tmp_path: Path, which: str, incremental: bool) -> None:
     model = _tied()
-    with torchkeep.Checkpointer(tmp_path / "run") as ckpts:
+    with torchkeep.Checkpointer(tmp_path / "run", incremental=incremental) as ckpts:
         ckpts.save(1, model=_tied())
         with torch.no_grad():
             model.embed.weight.add_(1.0)
@@ -117,6 +118,7 @@ def test_retention_policy_objects_drive_a_checkpointer(tmp_path: Path) -> None:
     # removal is synchronous: no trash is left for a listing to see, nothing to wait for
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".writer.lock",
+        "blobs",
         "step-00000000",
         "step-00000003",
         "step-00000004",
