@@ -210,4 +210,6 @@ class OutputExistsError(UsageError, FileExistsError):
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
-        super().__init__(f"{path} exists; choose another name, or pass overwrite=True (--force) to replace it.")
+        super().__init__(
+            f"{path} exists; choose another name, or pass overwrite=True (--force) to replace it."
+        )
