@@ -393,3 +393,25 @@ def test_any_unfrozen_part_round_trips(tmp_path: Path, unfrozen: set[str]) -> No
     report = torchkeep.load_into(fresh, path)
     assert report.base_checked
     _assert_state_equal(fresh, dict(trained.state_dict()))
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_file_at_a_url_is_downloaded_once_and_checked(suffix: str) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://trainable-only-test/head{suffix}"
+    trained = _trained_head_model()
+    expected = _clone_state(trained)
+    try:
+        torchkeep.save_weights(trained, url, trainable_only=True)
+        fresh = _head_model(0)
+        report = torchkeep.load_into(fresh, url)
+        assert report.base_checked
+        _assert_state_equal(fresh, expected)
+
+        other = _head_model(1)
+        before = _clone_state(other)
+        with pytest.raises(torchkeep.BaseMismatchError):
+            torchkeep.load_into(other, url)
+        _assert_state_equal(other, before)
+    finally:
+        fsspec.filesystem("memory").rm("trainable-only-test", recursive=True)
