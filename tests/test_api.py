@@ -58,6 +58,7 @@ def test_every_module_declares_a_sorted_all() -> None:
         (errors.MissingClassError, ImportError),
         (errors.KeyMismatchError, RuntimeError),
         (errors.CheckpointMismatchError, ValueError),
+        (errors.BaseMismatchError, ValueError),
         (errors.ExportError, RuntimeError),
         (errors.UntrustedFileError, pickle.UnpicklingError),
         (errors.UnsafeFileError, pickle.UnpicklingError),

@@ -37,6 +37,7 @@ from torchkeep.diff import TensorChange, WeightsDiff, diff
 from torchkeep.ema import EMA
 from torchkeep.errors import (
     AsyncSaveError,
+    BaseMismatchError,
     CallOrderError,
     CheckpointError,
     CheckpointMismatchError,
@@ -102,6 +103,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "AsyncSaveError",
+    "BaseMismatchError",
     "CallOrderError",
     "CheckpointEntry",
     "CheckpointError",

@@ -30,8 +30,16 @@ class LoadReport:
             their tensor with a loaded one (tied weights): filled through it.
         adapter: the PEFT adapter loaded, when the file is an adapter; then
             ``missing`` lists the adapter's keys only.
-        base_kept: with ``adapter``, the model's keys outside the adapter that
-            the file lacks (the base model's weights, kept as they are).
+        base_kept: with ``adapter`` or ``trainable_only``, the model's keys
+            outside the adapter that the file lacks (the base model's weights,
+            kept as they are).
+        trainable_only: the file was written by ``save_weights(...,
+            trainable_only=True)``: it holds what was fine-tuned and records
+            the frozen base it was trained on.
+        base_checked: with ``trainable_only``, the model's base tensors were
+            compared with that record and are the same. False when
+            ``check_base=False`` was passed or the model lacks base keys
+            (another architecture: they are then listed in ``missing``).
     """
 
     loaded: tuple[str, ...]
@@ -44,6 +52,8 @@ class LoadReport:
     tied: dict[str, str] = field(default_factory=dict)
     adapter: str | None = None
     base_kept: tuple[str, ...] = ()
+    trainable_only: bool = False
+    base_checked: bool = False
 
     @property
     def ok(self) -> bool:
@@ -66,19 +76,29 @@ class LoadReport:
             "tied": dict(self.tied),
             "adapter": self.adapter,
             "base_kept": list(self.base_kept),
+            "trainable_only": self.trainable_only,
+            "base_checked": self.base_checked,
         }
 
     def headline(self) -> str:
         """One line: how many tensors were loaded and what was left out."""
         filled = len(self.loaded) + len(self.tied)
         total = filled + len(self.missing) + len(self.mismatched)
-        if self.adapter is None:
-            parts = [f"loaded {filled}/{total} tensors from {self.source}"]
-        else:
+        if self.adapter is not None:
             parts = [f"adapter {self.adapter!r}: {filled} of {total} keys loaded from {self.source}"]
+        elif self.trainable_only:
+            parts = [f"loaded {filled}/{total} trainable tensors from {self.source}"]
+        else:
+            parts = [f"loaded {filled}/{total} tensors from {self.source}"]
+        if not self.trainable_only:
+            kept = "base-model tensors kept (not in an adapter file)"
+        elif self.base_checked:
+            kept = "base-model tensors kept, the same as the file was trained on"
+        else:
+            kept = "base-model tensors kept, not checked against the file's base"
         for count, what in (
             (len(self.tied), "through a tied twin"),
-            (len(self.base_kept), "base-model tensors kept (not in an adapter file)"),
+            (len(self.base_kept), kept),
             (len(self.renamed), "renamed"),
             (len(self.missing), "missing (kept the model's)"),
             (len(self.mismatched), "shape-mismatched (kept the model's)"),

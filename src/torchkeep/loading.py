@@ -11,7 +11,9 @@ Two things look like differences and are not. A model with tied weights
 (GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``) is saved by
 ``transformers`` with one name only; the other is filled through its twin.
 A PEFT adapter file holds the adapter's tensors and none of the base model's;
-only the adapter's keys are expected from it.
+only the adapter's keys are expected from it. So does a trainable-only file
+(``save_weights(model, path, trainable_only=True)``), which also records the
+base it was trained on: the model's base is checked against it first.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from torchkeep.errors import KeyMismatchError, ShapeMismatch
 from torchkeep.load_report import LoadReport
 from torchkeep.matching import Rename, apply_rename, match_keys
 from torchkeep.safety import DEFAULT_LIMITS, Limits
+from torchkeep.storage import file_store
 from torchkeep.storage.remote import StorageOptions
+from torchkeep.trainable_only import BaseRecord, compare_base, read_base_record
 from torchkeep.weights import load_weights, to_state_dict
 
 __all__ = ["load_into", "tied_keys"]
@@ -137,6 +141,27 @@ def _adapter_hint(model: nn.Module, adapter_name: str) -> str:
     )
 
 
+def _read_source(
+    source: str | os.PathLike[str], *, trust: bool, limits: Limits, storage_options: StorageOptions | None
+) -> tuple[dict[str, torch.Tensor], BaseRecord | None]:
+    """The file's tensors and, for a trainable-only file, its base record (a URL is downloaded once)."""
+    store = file_store(source, storage_options)
+    with store.fetch("", allow_folder=True) as local:
+        # a downloaded copy is read, not mapped: it is deleted when this block ends
+        state = load_weights(local, trust=trust, limits=limits, mmap=None if store.in_place else False)
+        return state, read_base_record(local, limits=limits)
+
+
+def _pair_base(
+    record: BaseRecord, rename: Rename | None, free_targets: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """``file name -> model key`` for the base names the model has, and the base names it lacks."""
+    renamed = apply_rename(record.index, rename)
+    pairs = match_keys([renamed[name] for name in record.index], free_targets)
+    found = {name: pairs[renamed[name]] for name in record.index if renamed[name] in pairs}
+    return found, [name for name in record.index if name not in found]
+
+
 def load_into(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor],
@@ -145,6 +170,7 @@ def load_into(
     rename: Rename | None = None,
     skip_mismatched: bool = False,
     adapter_name: str | None = None,
+    check_base: bool = True,
     trust: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     storage_options: StorageOptions | None = None,
@@ -160,6 +186,16 @@ def load_into(
     the adapter's name, which adapter files leave out, is put back into the
     keys, and only the adapter's keys are expected (``strict`` applies to
     them); the base model's weights are not in such a file and are kept.
+
+    A trainable-only file (``save_weights(model, path, trainable_only=True)``)
+    holds what was fine-tuned and records the frozen base it was trained on
+    (each base tensor's name and digest). Only the file's keys are expected
+    from it (``strict`` applies to them, and to model keys outside the base);
+    the base keys are not missing. When the model has every base key, their
+    tensors are compared with the record before the model is changed, so a
+    head is never put on a base it was not trained with. A model without
+    every base key is another architecture: the base cannot be checked, and
+    its keys count as missing as for any file.
 
     Args:
         model (nn.Module): the model to fill; its tensors are updated in place,
@@ -177,6 +213,9 @@ def load_into(
             to fill. None: ``"default"`` (PEFT's own default) when the source
             is an adapter, else a plain load. Given, the source is read as an
             adapter file even without ``adapter_config.json`` (e.g. a state dict).
+        check_base (bool, default True): for a trainable-only file, compare the
+            model's base tensors with the ones it was trained on and raise on
+            any difference. False loads anyway (the report says it was not checked).
         trust (bool, default False): passed to :func:`load_weights` for files
             that are pickles of arbitrary objects. Only for files you trust.
         limits (Limits, default Limits()): passed to :func:`load_weights`.
@@ -190,14 +229,20 @@ def load_into(
         KeyMismatchError: ``strict`` and any difference, a shape mismatch
             without ``skip_mismatched``, or no key matched at all (always).
             The model is not modified when this is raised.
+        BaseMismatchError: ``check_base`` and the model's base tensors
+            differ from the ones a trainable-only file was trained on (load
+            the base weights first). The model is not modified.
         ModelFileNotFoundError: an adapter folder holds no adapter file.
+        CorruptFileError: a trainable-only file's base record is damaged.
 
     Example:
         >>> report = torchkeep.load_into(model, "resnet50-imagenet.pt",
         ...                              skip_mismatched=True, strict=False)
         >>> print(report)
         >>> torchkeep.load_into(peft_model, "my-lora/")  # adapter_config.json + adapter_model.safetensors
+        >>> torchkeep.load_into(model, "head.safetensors")  # save_weights(..., trainable_only=True)
     """
+    record: BaseRecord | None = None
     if isinstance(path_or_state_dict, Mapping):
         source_name = "state dict"
         state = to_state_dict(path_or_state_dict)
@@ -207,7 +252,9 @@ def load_into(
             adapter_name = "default"
         source = path_or_state_dict if adapter is None else adapter.weights
         source_name = os.fspath(source)
-        state = load_weights(source, trust=trust, limits=limits, storage_options=storage_options)
+        state, record = _read_source(source, trust=trust, limits=limits, storage_options=storage_options)
+        if adapter_name is not None:  # a PEFT adapter expects its own keys only already
+            record = None
     renamed_by_user = apply_rename(state, rename)
     original_name = {renamed_by_user[k]: k for k in state}
 
@@ -240,6 +287,14 @@ def load_into(
     tied = _fill_tied(
         model.state_dict(keep_vars=True), loadable, {k for k in target_keys if k not in paired_targets}
     )
+    base_pairs: dict[str, str] = {}
+    base_lacking: list[str] = []
+    if record is not None:
+        free = [k for k in target_keys if k not in paired_targets and k not in tied]
+        base_pairs, base_lacking = _pair_base(record, rename, free)
+        if not base_lacking:  # the model has the whole base: the file is not expected to hold it
+            base_model_keys = set(base_pairs.values())
+            expected = [k for k in target_keys if k not in base_model_keys]
     expected_set = set(expected)
     missing = [k for k in expected if k not in paired_targets and k not in tied]
     base_kept = [k for k in target_keys if k not in expected_set and k not in paired_targets]
@@ -254,13 +309,8 @@ def load_into(
         or (strict and (missing or unexpected))
     )
     if fails:
-        raise KeyMismatchError(
-            model_name=model_name,
-            missing=missing,
-            unexpected=unexpected,
-            mismatched=mismatched,
-            loaded=len(loadable),
-            hint=_adapter_hint(model, adapter_name or "")
+        hint = (
+            _adapter_hint(model, adapter_name or "")
             if no_adapter
             else _hint(
                 matched=len(loadable),
@@ -270,7 +320,32 @@ def load_into(
                 skip_mismatched=skip_mismatched,
                 source_keys=list(state),
                 target_keys=expected,
-            ),
+            )
+        )
+        if record is not None and base_lacking:
+            hint = (
+                f"this trainable-only file was saved on a base of {record.tensors} tensors and "
+                f"{model_name} lacks {len(base_lacking)} of them (e.g. {base_lacking[0]}), so it is "
+                f"another architecture and the base keys count as missing; {hint}"
+            )
+        raise KeyMismatchError(
+            model_name=model_name,
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+            loaded=len(loadable),
+            hint=hint,
+        )
+    base_checked = record is not None and not base_lacking and check_base
+    if record is not None and base_checked:
+        compare_base(record, model_state, base_pairs, path=source_name)  # before the model changes
+    elif record is not None and base_lacking:
+        logger.warning(
+            "%s lacks %d of the %d base tensors %s was trained on; loaded without checking the base",
+            model_name,
+            len(base_lacking),
+            record.tensors,
+            source_name,
         )
     with torch.no_grad():
         model.load_state_dict(loadable, strict=False)
@@ -285,6 +360,8 @@ def load_into(
         tied=tied,
         adapter=adapter_name,
         base_kept=tuple(base_kept),
+        trainable_only=record is not None,
+        base_checked=base_checked,
     )
     logger.info("%s into %s", report.headline(), model_name)
     return report

@@ -14,6 +14,7 @@ from torch import nn
 from torchkeep._table import format_bytes, format_table
 from torchkeep.formats import FileFormat, detect_format, read_safetensors_header
 from torchkeep.formats.hf import check_shard_names, find_hf_weights
+from torchkeep.trainable_only import shown_metadata
 from torchkeep.weights import (
     extract_state_dict,
     load_weights,
@@ -254,7 +255,8 @@ def _summarize_file(path: Path) -> Summary:
         rows = _rows_from_tensors(state)
     else:
         rows = _rows_from_tensors(load_weights(path))
-    return Summary(rows, str(path), file_format=fmt.value, file_size=size, metadata=read_metadata(path))
+    metadata = read_metadata(path) | shown_metadata(path)  # a trainable-only file's base record too
+    return Summary(rows, str(path), file_format=fmt.value, file_size=size, metadata=metadata)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

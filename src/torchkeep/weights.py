@@ -46,6 +46,7 @@ from torchkeep.shards import parse_shard_size, save_shards
 from torchkeep.storage import atomic_target, file_store
 from torchkeep.storage.remote import StorageOptions, resolve
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
+from torchkeep.trainable_only import trainable_state
 
 __all__ = [
     "MapLocation",
@@ -189,6 +190,7 @@ def save_weights(
     durable: bool = True,
     storage_options: StorageOptions | None = None,
     max_shard_size: int | str | None = None,
+    trainable_only: bool = False,
 ) -> Path | str:
     """Save a model's weights (parameters and buffers) to one file, atomically.
 
@@ -221,6 +223,14 @@ def save_weights(
             ``pytorch_model.bin[.index.json]`` for ``.bin`` shards). Shards are written first and
             the index last, so a crash never leaves a broken save; see
             :mod:`torchkeep.shards`.
+        trainable_only (bool, default False): save only what fine-tuning
+            changes: the parameters that require grad and the buffers of the
+            modules owning one (a BatchNorm in a new head), for a file a small
+            fraction of the model's. The metadata records the digest of the
+            rest (the frozen base), which :func:`load_into` checks before
+            loading the file onto a model; see :mod:`torchkeep.trainable_only`.
+            Needs the ``nn.Module`` (a state dict does not say what trains)
+            and one file (no ``max_shard_size``).
 
     Returns:
         The path written (the URL, for a URL; the folder, for shards).
@@ -231,11 +241,17 @@ def save_weights(
         NotAStateDictError: the input is not a module or a dict of tensors.
         UnsupportedDtypeError: safetensors cannot store a tensor's dtype.
         InvalidMetadataError: metadata is not ``str -> str``.
+        InvalidArgumentError: ``trainable_only`` with a state dict, with
+            ``max_shard_size``, or with no parameter that requires grad.
 
     Example:
         >>> torchkeep.save_weights(model, "model.safetensors")
+        >>> torchkeep.save_weights(model, "head.safetensors", trainable_only=True)
         >>> torchkeep.save_weights(model, "gpt2-out/", max_shard_size="5GB")
     """
+    record: dict[str, str] = {}
+    if trainable_only:  # trainable.py decides what the file holds and records the base it leaves out
+        model_or_state_dict, record = trainable_state(model_or_state_dict, max_shard_size=max_shard_size)
     if max_shard_size is not None:  # a Hugging Face sharded folder: shards.py owns that layout
         parse_shard_size(max_shard_size)  # before any work, as the suffix check is for one file
         meta = _check_metadata(metadata)
@@ -254,7 +270,7 @@ def save_weights(
     store = file_store(path, storage_options)
     target = store.public("")
     fmt = suffix_format(target if isinstance(target, Path) else Path(target.rsplit("/", 1)[-1]))
-    meta = _check_metadata(metadata)
+    meta = _check_metadata(metadata) | record
     state = to_state_dict(model_or_state_dict)
     kept, aliases = compact_tensors(state, dtype)
     with store.stage("", durable=durable) as tmp:

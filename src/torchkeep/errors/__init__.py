@@ -21,6 +21,7 @@ went wrong and what to do next::
     │   └── LimitExceededError           (ValueError)
     ├── DoesNotFitError                  it does not fit the model / objects given
     │   ├── KeyMismatchError             (RuntimeError)
+    │   ├── BaseMismatchError            (ValueError)
     │   ├── CheckpointMismatchError      (ValueError)
     │   ├── IncompatibleSourcesError     (ValueError)
     │   └── NoMatchError                 (ValueError)
@@ -68,6 +69,7 @@ from torchkeep.errors._base import (
 )
 from torchkeep.errors.distributed import DistributedSaveError
 from torchkeep.errors.fit import (
+    BaseMismatchError,
     CheckpointMismatchError,
     IncompatibleSourcesError,
     KeyMismatchError,
@@ -121,6 +123,7 @@ from torchkeep.errors.warning import (
 
 __all__ = [
     "AsyncSaveError",
+    "BaseMismatchError",
     "CallOrderError",
     "CheckpointError",
     "CheckpointMismatchError",

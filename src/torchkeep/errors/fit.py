@@ -9,6 +9,7 @@ from pathlib import Path
 from torchkeep.errors._base import _LIST_LIMIT, DoesNotFitError, _short_list
 
 __all__ = [
+    "BaseMismatchError",
     "CheckpointMismatchError",
     "IncompatibleSourcesError",
     "KeyMismatchError",
@@ -137,4 +138,42 @@ class IncompatibleSourcesError(DoesNotFitError, ValueError):
             f"cannot average {source} with {reference}: {key!r} {reason}; average only weights of one "
             "architecture (fine-tunes of one model, checkpoints of one run), stored in one dtype "
             "(`torchkeep convert --dtype` casts a file)."
+        )
+
+
+class BaseMismatchError(DoesNotFitError, ValueError):
+    """A trainable-only file was saved on top of other frozen weights than the model holds.
+
+    ``save_weights(model, path, trainable_only=True)`` records the digest of
+    everything it leaves out (the frozen base); ``load_into`` compares it with
+    the model's before changing anything.
+
+    Attributes:
+        path: the trainable-only file.
+        expected: the base digest recorded in the file.
+        found: the digest of the model's base tensors.
+        differing: the base keys (as the file names them) whose tensors differ,
+            or that the model holds none of.
+
+    Example:
+        >>> try:
+        ...     torchkeep.load_into(model, "head.safetensors")
+        ... except torchkeep.BaseMismatchError as err:
+        ...     print(err.differing)
+    """
+
+    def __init__(
+        self, path: str, *, expected: str, found: str, differing: Sequence[str], base_tensors: int
+    ) -> None:
+        self.path = path
+        self.expected = expected
+        self.found = found
+        self.differing = list(differing)
+        super().__init__(
+            f"{path} was saved on top of a different base: {len(self.differing)} of the "
+            f"{base_tensors} base tensors it was trained with differ in the model "
+            f"({_short_list(self.differing)}; base digest {found}, the file expects {expected}), "
+            "so the model was not changed; load the base weights first (e.g. "
+            "torchkeep.load_into(model, 'base.safetensors'), or build the model from the same "
+            "pretrained weights), or pass check_base=False to load anyway."
         )
