@@ -60,6 +60,7 @@ def test_every_module_declares_a_sorted_all() -> None:
         (errors.CheckpointMismatchError, ValueError),
         (errors.BaseMismatchError, ValueError),
         (errors.ExportError, RuntimeError),
+        (errors.OutputExistsError, FileExistsError),
         (errors.UntrustedFileError, pickle.UnpicklingError),
         (errors.UnsafeFileError, pickle.UnpicklingError),
         (errors.LimitExceededError, ValueError),

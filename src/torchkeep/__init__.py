@@ -63,6 +63,7 @@ from torchkeep.errors import (
     NonFiniteCheckpointWarning,
     NotAModelError,
     NotAStateDictError,
+    OutputExistsError,
     NoValidCheckpointError,
     PathIsDirectoryError,
     RngRestoreWarning,
