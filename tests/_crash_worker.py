@@ -1,4 +1,9 @@
-"""A process that saves checkpoints until it is killed (used by the crash test)."""
+"""A process that saves checkpoints until it is killed (used by the crash test).
+
+The model has a part that changes at every save and a frozen part that never does: the
+frozen part is written by the run's first save only and shared by every later checkpoint
+(retention removes that first checkpoint while its pack must stay).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,17 @@ WIDTH = 700  # ~2 MB of weights: a save takes long enough to be killed in the mi
 
 
 def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH))
+    torch.manual_seed(0)  # the frozen part is the same in every process
+    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH), nn.Linear(WIDTH, 64))
+
+
+def _changing(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("2.")}
 
 
 def fill(model: nn.Module, step: int) -> None:
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for tensor in _changing(model).values():
             tensor.fill_(step)
 
 
@@ -81,7 +91,10 @@ def crash_rounds(
         assert info is not None
         assert info.step is not None
         assert info.step >= newest, "a committed checkpoint was lost"
-        for tensor in model.state_dict().values():
+        for tensor in _changing(model).values():
             assert torch.all(tensor == info.step), "restored a checkpoint that is not the one committed"
-        assert all(entry.valid for entry in ckpts.list()), "a reader saw a checkpoint that is not whole"
+        frozen = make_model()[2]
+        assert torch.equal(model[2].weight, frozen.weight), "the shared frozen part was not restored"
+        # every tensor of every kept checkpoint, shared packs included, checked against its digest
+        assert all(entry.valid for entry in ckpts.list(verify=True)), "a kept checkpoint is not whole"
     return int(committed.value)
