@@ -20,10 +20,15 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import CorruptFileError, ModelFileNotFoundError, OutputExistsError
+from torchkeep.errors import (
+    CorruptFileError,
+    ModelFileNotFoundError,
+    NoValidCheckpointError,
+    OutputExistsError,
+)
 from torchkeep.run.blobs import read_indexed
 from torchkeep.run.layout import BLOBS, MANIFEST, TENSOR_INDEX
-from torchkeep.run.reader import open_local, step_folder, verify_step
+from torchkeep.run.reader import RunReader, is_run_folder, open_local, step_folder, verify_step
 from torchkeep.storage.base import open_store
 from torchkeep.storage.manifest import DIGEST, file_record, read_manifest, write_json
 from torchkeep.storage.remote import StorageOptions, is_url
@@ -61,6 +66,7 @@ def export_step(
 
     Raises:
         ModelFileNotFoundError: ``checkpoint`` is not a checkpoint or run folder.
+        NoValidCheckpointError: it is a run folder whose checkpoints all fail verification.
         CorruptFileError: the checkpoint does not verify (nothing is written).
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
 
@@ -72,6 +78,9 @@ def export_step(
         raise OutputExistsError(target_store.public(""))
     with open_local(checkpoint, storage_options if is_url(checkpoint) else None) as local:
         folder = step_folder(local)
+        if folder is None and is_run_folder(local):
+            reasons = {e.name: e.reason for e in RunReader(local).entries() if not e.valid}
+            raise NoValidCheckpointError(local, reasons)
         if folder is None:
             raise ModelFileNotFoundError(local)
         verdict = verify_step(folder)
