@@ -89,6 +89,10 @@ def test_frozen_tensors_are_written_by_the_first_save_only(tmp_path: Path) -> No
     for before, after in itertools.pairwise(sizes):
         # the head, its momentum and the random state, plus the pack's header: never the frozen part
         assert 2 * head + rng <= after - before < 2 * head + rng + 4096
+    entries = ckpts.list()
+    assert entries[0].new > frozen  # the first save wrote the frozen part
+    for entry in entries[1:]:
+        assert entry.size > frozen > 20 * entry.new  # whole, yet little of it new
     index = json.loads((tmp_path / "step-00000004" / "tensors.json").read_text())
     model_digests = index["files"]["model.safetensors"]["tensors"]
     assert model_digests["0.weight"] == tensor_digest(model[0].weight)

@@ -31,7 +31,11 @@ def ls_command(
         help="Also draw every metric over steps, best and kept marked (metrics.png, .svg, .pdf).",
     ),
 ) -> None:
-    """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest."""
+    """List the checkpoints of a run: step, time, size, metrics, valid or not, best and latest.
+
+    "size" is the whole checkpoint; "new" what its save added to the run (checkpoints share the
+    tensors that did not change between saves, e.g. a frozen backbone, written once).
+    """
     if not is_url(run_dir) and not Path(run_dir).is_dir():
         raise FileNotFoundError(
             f"{run_dir}: no such run folder; pass the folder given to torchkeep.Checkpointer"
@@ -55,6 +59,7 @@ def ls_command(
                 "epoch": e.epoch,
                 "created": e.created,
                 "size": e.size,
+                "new": e.new,
                 "metrics": e.metrics,
                 "valid": e.valid,
                 "reason": e.reason,
@@ -83,10 +88,12 @@ def ls_command(
         )
         created = e.created or ""
         epoch = "" if e.epoch is None else str(e.epoch)
-        table.append([e.name, str(e.step), epoch, created, format_bytes(e.size), metrics, status])
+        table.append(
+            [e.name, str(e.step), epoch, created, format_bytes(e.size), format_bytes(e.new), metrics, status]
+        )
     # plain, parseable lines in a pipe; a rich table on a terminal; names never cut either way
-    columns = ("checkpoint", "step", "epoch", "created", "size", "metrics", "status")
-    print_table(columns, table, right=(1, 4), whole=(0,))
+    columns = ("checkpoint", "step", "epoch", "created", "size", "new", "metrics", "status")
+    print_table(columns, table, right=(1, 4, 5), whole=(0,))
 
 
 def _nonfinite_text(found: dict[str, list[str]]) -> str:

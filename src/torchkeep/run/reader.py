@@ -86,7 +86,9 @@ class CheckpointEntry:
         step: its step.
         epoch: its epoch, if saved.
         created: when it was committed (ISO 8601, UTC).
-        size: bytes stored.
+        size: bytes of the whole checkpoint (its folder, and the run's packs it uses).
+        new: bytes its own save added to the run (its folder and its pack); the rest of
+            ``size`` is shared with other checkpoints (equal to ``size`` for a standalone one).
         metrics: the metrics saved with it.
         valid: whether it verified.
         reason: why not, when it did not.
@@ -99,6 +101,7 @@ class CheckpointEntry:
     epoch: int | None = None
     created: str | None = None
     size: int = 0
+    new: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     valid: bool = True
     reason: str = ""
@@ -201,12 +204,21 @@ class RunReader:
         manifest = verdict.manifest or {}
         version, problem = check_version(manifest) if verdict.ok else (None, "")
         metrics = manifest.get("metrics")
+        own = sum(sizes.values())
+        packs = manifest.get(BLOBS)
+        used = (
+            {r: e.get("size", 0) for r, e in packs.items() if isinstance(e, dict)}
+            if isinstance(packs, dict)
+            else {}
+        )
+        mine = sum(n for ref, n in used.items() if ref.startswith(f"{BLOBS}/{name}-") and isinstance(n, int))
         return CheckpointEntry(
             path=store.public(name),
             step=step,
             epoch=manifest.get("epoch"),
             created=manifest.get("created"),
-            size=sum(sizes.values()),
+            size=own + sum(n for n in used.values() if isinstance(n, int)),
+            new=own + mine,
             metrics=dict(metrics) if isinstance(metrics, dict) else {},
             valid=verdict.ok and not problem,
             reason=verdict.reason or problem,
