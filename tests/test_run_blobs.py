@@ -92,7 +92,7 @@ def test_frozen_tensors_are_written_by_the_first_save_only(tmp_path: Path) -> No
     entries = ckpts.list()
     assert entries[0].new > frozen  # the first save wrote the frozen part
     for entry in entries[1:]:
-        assert entry.size > frozen > 20 * entry.new  # whole, yet little of it new
+        assert entry.size - entry.new >= frozen  # whole, the frozen part shared, not new
     index = json.loads((tmp_path / "step-00000004" / "tensors.json").read_text())
     model_digests = index["files"]["model.safetensors"]["tensors"]
     assert model_digests["0.weight"] == tensor_digest(model[0].weight)
