@@ -14,9 +14,12 @@ Where each job lives (one owner per on-disk layout and per decision):
   numpy, Hugging Face folders and indexes);
 - ``safety/``: the readers that decide "safe" (strict zip, allowlist unpickler, ``.pt2``
   vetting, limits) and ``scan``, which reuses them;
-- ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, the tensor
-  file writer; ``run/``: everything about a Checkpointer run folder (layout, reader,
-  retention, snapshot, commit, restore, checkpointer, preemption);
+- ``storage/``: the ``Store`` protocol (local, fsspec), atomic writes, manifests, content
+  digests of tensors, the tensor file writer; ``run/``: everything about a Checkpointer run
+  folder (layout, reader, retention, snapshot, commit, restore, checkpointer, preemption, the
+  packs that store each distinct tensor once, export of one checkpoint as a standalone folder);
+- ``trainable_only.py``: adapter-style weight files (what trains, plus the digest of the frozen
+  base they belong to);
 - ``ema.py``: ``EMA``, a moving average of a model's weights that checkpoints as a Stateful;
   ``averaging.py``: ``average``, weighted averages of weights files (soups, SWA), one source at a time;
 - ``stats.py``: per-tensor statistics read a chunk at a time; ``plots.py``: pictures of a run's
