@@ -63,23 +63,38 @@ def crash_rounds(
     storage_options: dict[str, str] | None = None,
     window: tuple[float, float] = (0.05, 0.6),
 ) -> int:
-    """Start a saver, SIGKILL it at a random moment (``window`` seconds after its start), check that
-    the newest committed step survived and that readers see only whole checkpoints; repeat.
+    """Start a saver, SIGKILL it at a random moment, check that the newest committed step survived
+    and that readers see only whole checkpoints; repeat.
+
+    Even rounds kill ``window`` seconds after the start, whatever the saver is doing by then
+    (starting, restoring, taking the lock, cleaning up, saving). Odd rounds first wait for the
+    saver to commit a new step, however long a loaded machine takes, then kill it up to
+    ``window[1]`` seconds later, so the run always makes progress without depending on timing.
 
     Returns:
         The newest step committed in the last round.
     """
     import multiprocessing
     import random
+    import time
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchkeep", "_crash_worker"])
     committed = context.Value("q", -1)
     rng = random.Random(1234)
-    for _ in range(rounds):
+    for round_ in range(rounds):
         process = context.Process(target=save_forever, args=(run_dir, committed, async_save, storage_options))
+        before = committed.value
         process.start()
-        process.join(timeout=rng.uniform(*window))
+        if round_ % 2:
+            for _ in range(60_000):  # 10 min at most: a saver that never commits fails below
+                if committed.value > before or not process.is_alive():
+                    break
+                time.sleep(0.01)
+            assert committed.value > before, "the saver committed nothing in 10 minutes"
+            process.join(timeout=rng.uniform(0.0, window[1]))
+        else:
+            process.join(timeout=rng.uniform(*window))
         process.kill()  # SIGKILL: no cleanup, no atexit
         process.join()
         newest = committed.value
