@@ -182,3 +182,49 @@ def _train_step_on(model: nn.Module, opt: torch.optim.Optimizer, device: str) ->
     opt.zero_grad()
     model(torch.randn(4, 3, 26, 26, device=device)).sum().backward()
     opt.step()
+
+
+def _wide() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])  # 2 MiB of weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 256)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_staging_budget_bounds_host_memory_and_every_checkpoint_is_exact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, incremental: bool
+) -> None:
+    model, optimizer = _wide()
+    budget = 1 << 20  # the state is 4 MiB: weights and momentum
+    expected = []
+    with (
+        caplog.at_level("INFO", logger="torchkeep.run.checkpointer"),
+        torchkeep.Checkpointer(
+            tmp_path, async_save=True, staging_budget="1MiB", incremental=incremental
+        ) as ckpts,
+    ):
+        for step in range(3):
+            ckpts.save(step, model=model, optimizer=optimizer)
+            assert ckpts._staging.nbytes <= budget  # never more host memory than the budget
+            expected.append({k: v.clone() for k, v in model.state_dict().items()})
+            with torch.no_grad():  # right away, while the background thread may still write
+                for p in model.parameters():
+                    p.add_(1.0)
+    said = [r.getMessage() for r in caplog.records if "does not fit staging_budget" in r.getMessage()]
+    assert len(said) == 1  # said once, not at every save
+    assert ("before it returns, the rest in the background" in said[0]) is incremental
+    for step, state in enumerate(expected):
+        fresh, _ = _wide()
+        torchkeep.Checkpointer(tmp_path).restore(model=fresh, path=tmp_path / f"step-{step:08d}")
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(value, state[key]), (step, key)
+
+
+def test_a_staging_budget_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match="async_save=True"):
+        torchkeep.Checkpointer(tmp_path, staging_budget="1GiB")
+    with pytest.raises(torchkeep.InvalidArgumentError, match="1GiB"):
+        torchkeep.Checkpointer(tmp_path, async_save=True, staging_budget="lots")

@@ -60,6 +60,7 @@ __all__ = [
     "read_indexed",
     "verify_packs",
     "version_token",
+    "write_ahead",
     "write_indexed",
 ]
 
@@ -252,13 +253,15 @@ def write_indexed(
     index: BlobIndex,
     durable: bool,
     versions: Mapping[str, Versions | None] | None = None,
+    known: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Write the tensors no pack holds yet as one new pack, and ``tensors.json`` into ``folder``.
 
     ``files`` maps each tensor file's name to (tensors, header metadata,
     check for NaN/Inf). ``versions`` (file -> key -> (token, storage)) lets a
     tensor whose token equals the last save's keep that save's digest
-    without being read.
+    without being read. ``known`` (file -> key -> digest) names tensors of
+    the checkpoint already stored by :func:`write_ahead`.
 
     Returns:
         The manifest's ``blobs`` table (each pack used, with its size), and
@@ -268,23 +271,16 @@ def write_indexed(
     digests = {
         name: _digests(name, tensors, versions.get(name), index) for name, (tensors, _, _) in files.items()
     }
+    for name, given in (known or {}).items():
+        digests.setdefault(name, {}).update(given)
     new: dict[str, torch.Tensor] = {}
     for name, (tensors, _, _) in files.items():
-        for key, digest in digests[name].items():
+        for key, t in tensors.items():
+            digest = digests[name][key]
             if digest not in index.where and digest not in new:
-                new[digest] = tensors[key]
+                new[digest] = t
     if new:
-        ref = f"{BLOBS}/{step_name(step)}-{secrets.token_hex(4)}.safetensors"
-        with store.stage(ref, durable=durable) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                result = write_safetensors(fd, new, _PACK_META, check_finite=True)
-            finally:
-                os.close(fd)
-        index.where.update(dict.fromkeys(new, ref))
-        index.sizes[ref] = result.size
-        index.nonfinite.update(result.nonfinite)
-        logger.info("stored %d new tensors (%d bytes) in %s", len(new), result.size, ref)
+        _write_pack(new, step=step, store=store, index=index, durable=durable)
     for name in files:  # what torch counted for each tensor, for the next save's fast path
         for key, (token, storage) in (versions.get(name) or {}).items():
             index.seen[f"{name}:{key}"] = _Seen(token, digests[name][key], storage)
@@ -307,6 +303,57 @@ def write_indexed(
     ]
     blobs = {ref: {"size": index.sizes[ref]} for ref in sorted(set(packs.values()))}
     return blobs, nonfinite
+
+
+def _write_pack(
+    new: Mapping[str, torch.Tensor], *, step: int, store: Store, index: BlobIndex, durable: bool
+) -> str:
+    """Write ``new`` (digest -> contiguous CPU tensor) as one pack of the run; return its ref."""
+    ref = f"{BLOBS}/{step_name(step)}-{secrets.token_hex(4)}.safetensors"
+    with store.stage(ref, durable=durable) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            result = write_safetensors(fd, new, _PACK_META, check_finite=True)
+        finally:
+            os.close(fd)
+    index.where.update(dict.fromkeys(new, ref))
+    index.sizes[ref] = result.size
+    index.nonfinite.update(result.nonfinite)
+    logger.info("stored %d new tensors (%d bytes) in %s", len(new), result.size, ref)
+    return ref
+
+
+def write_ahead(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    step: int,
+    store: Store,
+    index: BlobIndex,
+    durable: bool,
+    chunk_bytes: int,
+) -> dict[str, str]:
+    """Store live tensors now, before a save returns (those an async save could not stage).
+
+    Each is hashed; the ones no pack holds are copied to host memory (only
+    when on another device or strided) and written in packs of about
+    ``chunk_bytes``, so host memory stays bounded. Returns each name's digest.
+    """
+    digests: dict[str, str] = {}
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors.items():
+        digest = digests[name] = tensor_digest(t)
+        if digest in index.where or digest in chunk:
+            continue
+        host = t.detach().to("cpu").contiguous()
+        if chunk and size + host.nbytes > chunk_bytes:
+            _write_pack(chunk, step=step, store=store, index=index, durable=durable)
+            chunk, size = {}, 0
+        chunk[digest] = host
+        size += host.nbytes
+    if chunk:
+        _write_pack(chunk, step=step, store=store, index=index, durable=durable)
+    return digests
 
 
 # -- reading -------------------------------------------------------------------------------------

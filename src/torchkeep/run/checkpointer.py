@@ -17,20 +17,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchkeep.checkpoint import CheckpointInfo, Stateful
 from torchkeep.distributed import Coordinator
-from torchkeep.errors import AsyncSaveError, MissingMetricError
+from torchkeep.errors import AsyncSaveError, InvalidArgumentError, InvalidShardSizeError, MissingMetricError
 from torchkeep.run import retention
-from torchkeep.run.blobs import BlobIndex, collect
+from torchkeep.run.blobs import BlobIndex, collect, write_ahead
 from torchkeep.run.commit import Committed, commit, warn_nonfinite
 from torchkeep.run.layout import WRITER_LEASE, WRITER_LOCK, is_step, step_name
 from torchkeep.run.preemption import Preemption, PreemptionOption
 from torchkeep.run.reader import CheckpointEntry, RunReader, is_number, metric_value
 from torchkeep.run.restore import restore_run
 from torchkeep.run.retention import from_options
-from torchkeep.run.snapshot import Snapshot, capture
+from torchkeep.run.snapshot import Snapshot, TensorFile, capture
+from torchkeep.shards import parse_shard_size
 from torchkeep.storage.base import NO_LOCK, WriterLock, open_store
 from torchkeep.storage.remote import StorageOptions
 from torchkeep.storage.staging import StagingBuffers
@@ -41,6 +43,25 @@ __all__ = ["CheckpointEntry", "Checkpointer"]
 logger = logging.getLogger(__name__)
 
 _RESERVED = {"model", "optimizer", "scheduler", "scaler"}
+
+
+def _budget(value: int | str | None, *, async_save: bool) -> int | None:
+    """``staging_budget`` in bytes (None: no limit)."""
+    if value is None:
+        return None
+    if not async_save:
+        raise InvalidArgumentError(
+            "staging_budget",
+            value,
+            "limits the staging buffers of asynchronous saves",
+            "pass async_save=True",
+        )
+    try:
+        return parse_shard_size(value)
+    except InvalidShardSizeError:
+        raise InvalidArgumentError(
+            "staging_budget", value, "is not a size", "pass bytes or text like '1GiB', '500MB'"
+        ) from None
 
 
 def _log_failure(future: Future[Committed]) -> None:
@@ -74,7 +95,14 @@ class Checkpointer:
             next ``save()`` waits for it); ``wait()`` or leaving a ``with``
             block flushes; a background failure is raised by the next call as
             :class:`AsyncSaveError`. Staging costs host memory equal to the
-            state's size.
+            state's size, or at most ``staging_budget``.
+        staging_budget (int | str | None, default None): with ``async_save``,
+            the most host memory the staging buffers may hold (bytes, or text
+            like ``"1GiB"``, ``"500MB"``). A state that does not fit is saved
+            in two parts: what fits is copied and written in the background,
+            the rest is written before ``save()`` returns (in pieces of at most
+            the budget; logged once). With ``incremental=False`` such a save is
+            written whole before ``save()`` returns. None: no limit.
         storage_options (Mapping | None, default None): options of the fsspec
             filesystem of a URL (credentials, ``endpoint_url``, …).
         distributed (bool | None, default None): None: coordinate with the
@@ -160,6 +188,7 @@ class Checkpointer:
         grace_period: float | None = None,
         incremental: bool = True,
         trust_version_counters: bool = False,
+        staging_budget: int | str | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -188,7 +217,8 @@ class Checkpointer:
         self._blobs = BlobIndex() if incremental else None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Committed]] | None = None
-        self._staging = StagingBuffers()
+        self._staging = StagingBuffers(_budget(staging_budget, async_save=async_save))
+        self._budget_logged = False
         self._coordinator = Coordinator(enabled=False if read_only else distributed)  # readers join no group
         if read_only and preemption is not False:
             raise ValueError("a read_only=True Checkpointer never saves; drop preemption= or read_only=True")
@@ -370,6 +400,7 @@ class Checkpointer:
             raise MissingMetricError(self.monitor, list(clean_metrics), where="this Checkpointer")
         objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **stateful}
         self.preemption.save_started()
+        self._staging.begin()
         snapshot = capture(
             step,
             model=model,
@@ -382,7 +413,9 @@ class Checkpointer:
             track_versions=self.trust_version_counters,
         )
         self._take_lock(step)  # after the snapshot, so a refused value leaves the folder untouched
-        if not self.async_save:
+        if self.async_save and self._staging.unstaged and not self._write_unstaged(snapshot):
+            self._staging.settle(set())  # the state is written whole below: nothing to keep staged
+        if not self.async_save or self._staging.unstaged:
             committed = self._write(snapshot, bad_metrics)
             warn_nonfinite(committed, stacklevel=2)
             return committed.folder
@@ -393,6 +426,46 @@ class Checkpointer:
         future.add_done_callback(_log_failure)
         self._pending = (step, future)
         return self._store.public(step_name(step))
+
+    def _write_unstaged(self, snapshot: Snapshot) -> bool:
+        """Store now what the staging budget left out (live tensors); False: it cannot be split,
+        so the caller writes the whole save now."""
+        unstaged, budget = self._staging.unstaged, self._staging.budget or 0
+        live: dict[str, torch.Tensor] = {}
+        owners: dict[str, tuple[TensorFile, str]] = {}
+        for name, content in snapshot.files.items():
+            if isinstance(content, TensorFile):
+                for key in content.tensors:
+                    if f"{name}:{key}" in unstaged:
+                        live[f"{name}:{key}"] = content.tensors[key]
+                        owners[f"{name}:{key}"] = (content, key)
+        split = self._blobs is not None and set(live) == unstaged  # sharded (DCP) tensors: not split
+        if not self._budget_logged:
+            self._budget_logged = True
+            total = sum(t.nbytes for t in live.values())
+            logger.info(
+                "async save: the state does not fit staging_budget=%d bytes; %s",
+                budget,
+                f"save() writes {total} bytes before it returns, the rest in the background"
+                if split
+                else "save() writes it whole before it returns (incremental=False or sharded state)",
+            )
+        if not split or self._blobs is None:
+            return False
+        digests = write_ahead(
+            live,
+            step=snapshot.step,
+            store=self._store,
+            index=self._blobs,
+            durable=self.durable,
+            chunk_bytes=max(budget, 1),
+        )
+        for staged_key, digest in digests.items():
+            content, key = owners[staged_key]
+            del content.tensors[key]
+            content.known[key] = digest
+        self._staging.unstaged = set()
+        return True
 
     def _write(self, snapshot: Snapshot, bad_metrics: builtins.list[str]) -> Committed:
         lock = self._lock

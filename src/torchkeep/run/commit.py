@@ -80,6 +80,7 @@ def write_files(
             index=blobs,
             durable=durable,
             versions={name: c.versions for name, c in tensor_files.items()},
+            known={name: c.known for name, c in tensor_files.items()},
         )
         out.records[TENSOR_INDEX] = file_record(tmp / TENSOR_INDEX).entry()
     for name, content in snapshot.files.items():

@@ -18,7 +18,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +84,16 @@ class TensorFile:
 
     ``versions`` (only with ``Checkpointer(trust_version_counters=True)``)
     holds, for frozen parameters, torch's version token of the live tensor
-    and its storage, so an unchanged one need not be read again.
+    and its storage, so an unchanged one need not be read again. ``known``
+    names tensors of the file already stored in the run's packs (by digest)
+    and no longer in ``tensors``.
     """
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     check_finite: bool = False
     versions: dict[str, tuple[VersionToken, torch.UntypedStorage]] | None = None
+    known: dict[str, str] = field(default_factory=dict)  # key -> digest of tensors stored already
 
 
 @dataclass(frozen=True)
