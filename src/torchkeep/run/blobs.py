@@ -34,17 +34,18 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep.run.layout import BLOBS, TENSOR_INDEX, is_step, step_name
+from torchkeep.errors import TorchkeepError
+from torchkeep.run.layout import BLOBS, MODEL, STATE_TENSORS, TENSOR_INDEX, is_step, step_name
 from torchkeep.storage.base import Store
 from torchkeep.storage.digests import is_digest, tensor_digest
-from torchkeep.storage.manifest import Verdict, write_json
+from torchkeep.storage.manifest import DIGEST, FileRecord, Verdict, file_record, write_json
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
 
 __all__ = [
@@ -55,9 +56,11 @@ __all__ = [
     "fetch_packs",
     "is_pack_ref",
     "local_size",
+    "pack_owner",
     "pack_refs",
     "read_index",
     "read_indexed",
+    "read_indexed_files",
     "verify_packs",
     "version_token",
     "write_ahead",
@@ -67,6 +70,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+TENSOR_FILES = (MODEL, STATE_TENSORS)  # the tensor files an index may describe
 _PACK_REF = re.compile(rf"^{BLOBS}/[A-Za-z0-9][A-Za-z0-9._-]{{0,200}}\.safetensors$")
 _PACK_META = {"format": "pt", "torchkeep.pack": str(INDEX_VERSION)}
 _INDEX_MAX_BYTES = 256 << 20
@@ -77,7 +81,7 @@ VersionToken = tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], torch
 
 def is_pack_ref(ref: object) -> bool:
     """Whether ``ref`` names a pack of a run (``blobs/<name>.safetensors``, nothing outside ``blobs/``)."""
-    return isinstance(ref, str) and _PACK_REF.match(ref) is not None and ".." not in ref
+    return isinstance(ref, str) and _PACK_REF.fullmatch(ref) is not None and ".." not in ref
 
 
 def version_token(t: torch.Tensor) -> VersionToken:
@@ -109,58 +113,103 @@ class _Seen:
     storage: torch.UntypedStorage  # held so no other tensor can take this address meanwhile
 
 
+def _manifest_packs(manifest: object) -> dict[str, dict[str, Any]] | None:
+    """The ``blobs`` table of a parsed manifest, if it is well formed."""
+    recorded = manifest.get(BLOBS) if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    good = {
+        ref: entry
+        for ref, entry in recorded.items()
+        if is_pack_ref(ref)
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get(DIGEST), str)
+    }
+    return good if len(good) == len(recorded) else None
+
+
+def _flagged(manifest: dict[str, Any]) -> list[str]:
+    found = manifest.get("nonfinite")
+    names = found.get("tensors") if isinstance(found, dict) else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 @dataclass
 class BlobIndex:
     """The writer's view of a run's packs: where each digest is stored, and what uses which pack.
 
-    Built from the run's checkpoint folders on the writer's first save, then
-    kept up to date by the writer alone.
+    Built from the run's checkpoint folders each time the writer takes the
+    run's lock, then kept up to date by the writer alone.
     """
 
     where: dict[str, str] = field(default_factory=dict)  # digest -> pack ref
-    sizes: dict[str, int] = field(default_factory=dict)  # pack ref -> bytes
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack ref -> size and digest
     nonfinite: set[str] = field(default_factory=set)  # digests holding NaN/Inf (model tensors)
     uses: dict[str, set[str]] = field(default_factory=dict)  # step folder -> pack refs it uses
     seen: dict[str, _Seen] = field(default_factory=dict)  # "file:key" -> the last save's token
-    loaded: bool = False
+    checked: set[str] = field(default_factory=set)  # packs known whole: written or re-read here
 
-    def load(self, store: Store) -> None:
-        """Learn the packs from the run's checkpoint folders (only those whose packs are all there)."""
+    @classmethod
+    def load(cls, store: Store) -> BlobIndex:
+        """The packs of the run's checkpoint folders (of those whose packs are all there)."""
+        index = cls()
         present = {f"{BLOBS}/{name}": size for name, size in (store.sizes(BLOBS) or {}).items()}
         for name in store.folders():
             if not is_step(name):
                 continue
             try:
-                index = read_index(store.read(name, TENSOR_INDEX))
+                parsed = read_index(store.read(name, TENSOR_INDEX))
                 manifest = json.loads(store.read(name, "manifest.json"))
             except (FileNotFoundError, ValueError, UnicodeDecodeError):
                 continue  # standalone, unfinished or damaged: nothing to share from it
-            recorded = manifest.get(BLOBS) if isinstance(manifest, dict) else None
-            if not isinstance(recorded, dict):
-                continue
-            refs = set(index.packs.values())
-            self.uses[name] = refs
-            whole = all(
-                present.get(ref) is not None and present.get(ref) == (recorded.get(ref) or {}).get("size")
-                for ref in refs
-            )
-            if not whole:
+            recorded = _manifest_packs(manifest)
+            refs = set(parsed.packs.values())
+            index.uses[name] = refs
+            if recorded is None or not all(
+                ref in recorded and present.get(ref) == recorded[ref]["size"] for ref in refs
+            ):
                 continue  # a pack is missing or damaged: never point a new checkpoint at it
-            self.where.update(index.packs)
-            self.sizes.update({ref: present[ref] for ref in refs})
-            flagged = manifest.get("nonfinite", {}).get("tensors", [])
-            model = index.files.get("model.safetensors")
-            if model is not None and isinstance(flagged, list):
-                self.nonfinite.update(model.tensors[k] for k in flagged if k in model.tensors)
-        self.loaded = True
+            index.where.update(parsed.packs)
+            index.records.update({ref: dict(recorded[ref]) for ref in refs})
+            model = parsed.files.get("model.safetensors")
+            if model is not None:
+                index.nonfinite.update(model.tensors[k] for k in _flagged(manifest) if k in model.tensors)
+        return index
+
+    def usable(self, digest: str, store: Store) -> bool:
+        """Whether a new checkpoint may refer to the stored ``digest``.
+
+        The first time a pack this writer did not write is reused, a local
+        pack is read back and checked against its recorded digest, so damage
+        that kept its size is not carried into new checkpoints (a damaged pack
+        is forgotten and its tensors written anew). Packs on object stores are
+        trusted by size (the store checks uploads).
+        """
+        ref = self.where.get(digest)
+        if ref is None:
+            return False
+        if ref in self.checked or not store.in_place:
+            return True
+        self.checked.add(ref)
+        recorded = self.records.get(ref, {})
+        try:
+            with store.fetch(ref) as local:
+                whole = file_record(local).digest == recorded.get(DIGEST)
+        except (OSError, TorchkeepError):
+            whole = False
+        if not whole:
+            logger.warning("%s does not match its checksum: its tensors are stored again", ref)
+            self.forget({ref})
+        return whole
 
     def forget(self, refs: set[str]) -> None:
-        """Drop deleted packs (and every digest stored in them)."""
+        """Drop deleted or damaged packs (and every digest stored in them)."""
         if not refs:
             return
         self.where = {d: ref for d, ref in self.where.items() if ref not in refs}
         for ref in refs:
-            self.sizes.pop(ref, None)
+            self.records.pop(ref, None)
 
 
 @dataclass(frozen=True)
@@ -172,7 +221,8 @@ class Index:
 
 
 def read_index(text: str | bytes) -> Index:
-    """Parse and check ``tensors.json`` (every digest well formed and in a pack inside ``blobs/``).
+    """Parse and check ``tensors.json``: only the tensor files a checkpoint has, every digest well
+    formed and in a pack inside ``blobs/``, every name and metadata entry text.
 
     Raises:
         ValueError: it is not a valid index.
@@ -190,16 +240,18 @@ def read_index(text: str | bytes) -> Index:
             raise ValueError(f"{TENSOR_INDEX} names an invalid pack entry {digest!r}: {ref!r}")
     parsed: dict[str, IndexedFile] = {}
     for name, entry in files.items():
+        if name not in TENSOR_FILES:
+            raise ValueError(f"{TENSOR_INDEX} names a tensor file {name!r}; a checkpoint has {TENSOR_FILES}")
         tensors = entry.get("tensors") if isinstance(entry, dict) else None
         metadata = entry.get("metadata", {}) if isinstance(entry, dict) else None
         if not isinstance(tensors, dict) or not isinstance(metadata, dict):
             raise ValueError(f"{TENSOR_INDEX}: entry {name!r} is not a tensor file")
         for key, digest in tensors.items():
-            if not isinstance(key, str) or digest not in packs:
+            if not isinstance(digest, str) or digest not in packs:
                 raise ValueError(f"{TENSOR_INDEX}: {name} {key!r} names no stored tensor")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError(f"{TENSOR_INDEX}: the metadata of {name} is not text")
-        parsed[str(name)] = IndexedFile(dict(tensors), dict(metadata))
+        parsed[name] = IndexedFile(dict(tensors), dict(metadata))
     return Index(parsed, dict(packs))
 
 
@@ -216,10 +268,11 @@ def local_size(run: Path) -> Callable[[str], int | None]:
 
 
 def pack_refs(folder: Path) -> set[str]:
-    """The packs the checkpoint ``folder`` uses (empty for a standalone one)."""
+    """The packs the checkpoint ``folder`` uses (empty for a standalone one, or when its index
+    cannot be read: verifying the folder says why)."""
     try:
         return set(read_index((folder / TENSOR_INDEX).read_bytes()).packs.values())
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return set()
 
 
@@ -254,7 +307,7 @@ def write_indexed(
     durable: bool,
     versions: Mapping[str, Versions | None] | None = None,
     known: Mapping[str, Mapping[str, str]] | None = None,
-) -> tuple[dict[str, dict[str, int]], list[str]]:
+) -> tuple[dict[str, dict[str, Any]], list[str], FileRecord]:
     """Write the tensors no pack holds yet as one new pack, and ``tensors.json`` into ``folder``.
 
     ``files`` maps each tensor file's name to (tensors, header metadata,
@@ -264,8 +317,9 @@ def write_indexed(
     the checkpoint already stored by :func:`write_ahead`.
 
     Returns:
-        The manifest's ``blobs`` table (each pack used, with its size), and
-        the non-finite tensors of the files checked for them.
+        The manifest's ``blobs`` table (each pack used, with its size and
+        digest), the non-finite tensors of the files checked for them, and
+        the manifest record of ``tensors.json``.
     """
     versions = versions or {}
     digests = {
@@ -274,16 +328,21 @@ def write_indexed(
     for name, given in (known or {}).items():
         digests.setdefault(name, {}).update(given)
     new: dict[str, torch.Tensor] = {}
-    for name, (tensors, _, _) in files.items():
+    check: set[str] = set()
+    for name, (tensors, _, checked) in files.items():
         for key, t in tensors.items():
             digest = digests[name][key]
-            if digest not in index.where and digest not in new:
+            if digest not in new and not index.usable(digest, store):
                 new[digest] = t
+            if checked:
+                check.add(digest)
     if new:
-        _write_pack(new, step=step, store=store, index=index, durable=durable)
-    for name in files:  # what torch counted for each tensor, for the next save's fast path
+        _write_pack(new, step=step, store=store, index=index, durable=durable, check=check)
+    seen: dict[str, _Seen] = {}  # what torch counted for each tensor, for the next save's fast path
+    for name in files:  # (only this save's: a storage no longer saved is not held)
         for key, (token, storage) in (versions.get(name) or {}).items():
-            index.seen[f"{name}:{key}"] = _Seen(token, digests[name][key], storage)
+            seen[f"{name}:{key}"] = _Seen(token, digests[name][key], storage)
+    index.seen = seen
     used = sorted({d for per in digests.values() for d in per.values()})
     packs = {d: index.where[d] for d in used}
     content = {
@@ -293,7 +352,7 @@ def write_indexed(
         },
         "packs": packs,
     }
-    write_json(folder / TENSOR_INDEX, content, durable=durable)
+    record = write_json(folder / TENSOR_INDEX, content, durable=durable)
     nonfinite = [
         key
         for name, (_, _, check) in files.items()
@@ -301,23 +360,34 @@ def write_indexed(
         for key, digest in digests[name].items()
         if digest in index.nonfinite
     ]
-    blobs = {ref: {"size": index.sizes[ref]} for ref in sorted(set(packs.values()))}
-    return blobs, nonfinite
+    blobs = {ref: dict(index.records[ref]) for ref in sorted(set(packs.values()))}
+    return blobs, nonfinite, record
 
 
 def _write_pack(
-    new: Mapping[str, torch.Tensor], *, step: int, store: Store, index: BlobIndex, durable: bool
+    new: Mapping[str, torch.Tensor],
+    *,
+    step: int,
+    store: Store,
+    index: BlobIndex,
+    durable: bool,
+    check: set[str] | None = None,
 ) -> str:
-    """Write ``new`` (digest -> contiguous CPU tensor) as one pack of the run; return its ref."""
+    """Write ``new`` (digest -> contiguous CPU tensor) as one pack of the run; return its ref.
+
+    The pack's XXH3-128 is computed while it is written; ``check`` names the
+    digests to look at for NaN/Inf (the model's tensors; all when None).
+    """
     ref = f"{BLOBS}/{step_name(step)}-{secrets.token_hex(4)}.safetensors"
     with store.stage(ref, durable=durable) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            result = write_safetensors(fd, new, _PACK_META, check_finite=True)
+            result = write_safetensors(fd, new, _PACK_META, digest=DIGEST, check_finite=True, only=check)
         finally:
             os.close(fd)
     index.where.update(dict.fromkeys(new, ref))
-    index.sizes[ref] = result.size
+    index.records[ref] = {"size": result.size, DIGEST: result.digest}
+    index.checked.add(ref)
     index.nonfinite.update(result.nonfinite)
     logger.info("stored %d new tensors (%d bytes) in %s", len(new), result.size, ref)
     return ref
@@ -343,7 +413,7 @@ def write_ahead(
     size = 0
     for name, t in tensors.items():
         digest = digests[name] = tensor_digest(t)
-        if digest in index.where or digest in chunk:
+        if digest in chunk or index.usable(digest, store):
             continue
         host = t.detach().to("cpu").contiguous()
         if chunk and size + host.nbytes > chunk_bytes:
@@ -371,46 +441,59 @@ def read_indexed(
     Raises:
         CorruptFileError: the index or a pack is damaged or missing a tensor.
     """
+    return read_indexed_files(folder, (name,), device=device, mmap=mmap).get(name)
+
+
+def read_indexed_files(
+    folder: Path, names: Collection[str], *, device: torch.device, mmap: bool = True
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """:func:`read_indexed` for several tensor files at once: each pack is opened once, and only
+    the tensors asked for are made. Files the checkpoint does not have are left out (none at
+    all for a standalone checkpoint)."""
     from torchkeep.errors import CorruptFileError
     from torchkeep.formats import read_safetensors_header
 
     try:
         index = read_index((folder / TENSOR_INDEX).read_bytes())
     except FileNotFoundError:
-        return None
+        return {}
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptFileError(folder / TENSOR_INDEX, str(err)) from err
-    entry = index.files.get(name)
-    if entry is None:
-        return None
-    run = folder.parent
+    entries = {name: index.files[name] for name in names if name in index.files}
     needed: dict[str, set[str]] = {}
-    for digest in entry.tensors.values():
-        needed.setdefault(index.packs[digest], set()).add(digest)
+    for entry in entries.values():
+        for digest in entry.tensors.values():
+            needed.setdefault(index.packs[digest], set()).add(digest)
     by_digest: dict[str, torch.Tensor] = {}
     for ref, wanted in needed.items():
-        path = run / ref
+        path = folder.parent / ref
         try:
             header = read_safetensors_header(path)
-            stored = read_safetensors(path, header, device=device, mmap=mmap)
+            stored = read_safetensors(path, header, device=device, mmap=mmap, names=wanted)
         except FileNotFoundError as err:
             raise CorruptFileError(path, f"the pack is missing ({err})") from err
         missing = wanted - set(stored)
         if missing:
             raise CorruptFileError(path, f"the pack does not hold {len(missing)} tensor(s) the index names")
-        by_digest.update({d: stored[d] for d in wanted})
-    out: dict[str, torch.Tensor] = {}
+        by_digest.update(stored)
+    out: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
     used: set[str] = set()
-    for key, digest in entry.tensors.items():
-        t = by_digest[digest]
-        out[key] = t.clone() if digest in used else t  # equal values, separate tensors
-        used.add(digest)
-    return out, dict(entry.metadata)
+    for name, entry in entries.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for key, digest in entry.tensors.items():
+            t = by_digest[digest]
+            tensors[key] = t.clone() if digest in used else t  # equal values, separate tensors
+            used.add(digest)
+        out[name] = (tensors, dict(entry.metadata))
+    return out
 
 
 @contextlib.contextmanager
 def fetch_packs(store: Store, folder: Path) -> Iterator[None]:
-    """Make the packs a downloaded checkpoint ``folder`` uses readable beside it (no-op locally)."""
+    """Make the packs a downloaded checkpoint ``folder`` uses readable beside it (no-op locally).
+
+    A pack that cannot be downloaded is left out; verifying the folder then says it is missing.
+    """
     if store.in_place:
         yield
         return
@@ -420,8 +503,11 @@ def fetch_packs(store: Store, folder: Path) -> Iterator[None]:
         for ref in sorted(refs):
             target = folder.parent / ref
             target.parent.mkdir(parents=True, exist_ok=True)
-            with store.fetch(ref) as local:
-                shutil.move(os.fspath(local), target)
+            try:
+                with store.fetch(ref) as local:
+                    shutil.move(os.fspath(local), target)
+            except FileNotFoundError:  # gone (pruned meanwhile, or lost): reported by verification
+                continue
             placed.append(target)
         yield
     finally:
@@ -433,8 +519,8 @@ def fetch_packs(store: Store, folder: Path) -> Iterator[None]:
 def verify_packs(
     folder: Path | None, manifest: Mapping[str, Any], size_of: Callable[[str], int | None], *, checksums: bool
 ) -> Verdict:
-    """Check the packs an incremental checkpoint uses: recorded, present, the size its manifest says,
-    and (``checksums``) every tensor it uses hashing to its digest.
+    """Check the packs an incremental checkpoint uses: recorded, present, the size its manifest
+    says, and (``checksums``, with ``folder``) the XXH3-128 its manifest records.
 
     ``folder`` (the checkpoint's local folder; ``None``: sizes only) lets
     its ``tensors.json`` be checked against the manifest too.
@@ -443,7 +529,7 @@ def verify_packs(
     if not isinstance(recorded, dict):
         return Verdict(False, "manifest.json has an invalid 'blobs' table", dict(manifest))
     for ref, entry in recorded.items():
-        if not is_pack_ref(ref) or not isinstance(entry, dict):
+        if not is_pack_ref(ref) or not isinstance(entry, dict) or not isinstance(entry.get(DIGEST), str):
             return Verdict(False, f"manifest.json lists an invalid pack {ref!r}", dict(manifest))
         size = size_of(ref)
         if size is None:
@@ -464,34 +550,14 @@ def verify_packs(
             False, f"{TENSOR_INDEX} uses packs its manifest does not list: {sorted(unlisted)}", dict(manifest)
         )
     if checksums:
-        return _check_digests(folder, index, manifest)
-    return Verdict(True, "", dict(manifest))
-
-
-def _check_digests(folder: Path, index: Index, manifest: Mapping[str, Any]) -> Verdict:
-    from torchkeep.errors import TorchkeepError
-    from torchkeep.formats import read_safetensors_header
-
-    wanted: dict[str, set[str]] = {}
-    for digest, ref in index.packs.items():
-        wanted.setdefault(ref, set()).add(digest)
-    for ref, digests in sorted(wanted.items()):
-        path = folder.parent / ref
-        try:
-            stored = read_safetensors(
-                path, read_safetensors_header(path), device=torch.device("cpu"), mmap=True
-            )
-        except (OSError, TorchkeepError) as err:
-            return Verdict(False, f"{ref} cannot be read ({err})", dict(manifest))
-        for digest in sorted(digests):
-            t = stored.get(digest)
-            if t is None:
-                return Verdict(False, f"{ref} does not hold tensor {digest}", dict(manifest))
-            if tensor_digest(t) != digest:
+        for ref, entry in sorted(recorded.items()):
+            try:
+                digest = file_record(folder.parent / ref).digest
+            except FileNotFoundError:
+                return Verdict(False, f"{ref} is missing (a pack this checkpoint uses)", dict(manifest))
+            if digest != entry[DIGEST]:
                 return Verdict(
-                    False,
-                    f"{ref}: tensor {digest} does not match its xxh3_128 checksum (its content changed)",
-                    dict(manifest),
+                    False, f"{ref} does not match its {DIGEST} checksum (its content changed)", dict(manifest)
                 )
     return Verdict(True, "", dict(manifest))
 
@@ -499,11 +565,20 @@ def _check_digests(folder: Path, index: Index, manifest: Mapping[str, Any]) -> V
 # -- deleting ------------------------------------------------------------------------------------
 
 
-def collect(store: Store, index: BlobIndex, *, durable: bool) -> list[str]:
-    """Delete every pack (and leftover temporary file in ``blobs/``) no checkpoint folder uses.
+def pack_owner(ref: str) -> str:
+    """The step folder whose save wrote pack ``ref`` (``blobs/step-00000120-….safetensors``)."""
+    return ref.removeprefix(f"{BLOBS}/").rsplit("-", 1)[0]
 
-    Only the writer calls this, between saves. Checkpoint folders that
-    cannot be read (damaged) keep no pack alive; standalone ones use none.
+
+_LEFTOVER = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors\.tmp-[0-9a-f]+/[A-Za-z0-9._-]+$")
+
+
+def collect(store: Store, index: BlobIndex, *, durable: bool) -> list[str]:
+    """Delete every pack (and leftover temporary pack) that no checkpoint folder uses.
+
+    Only the writer calls this, between saves. Standalone checkpoints use no
+    pack. When a checkpoint's ``tensors.json`` cannot be read, nothing is
+    deleted (what it used is unknown) and a warning says which.
     """
     present = store.sizes(BLOBS)
     if not present:
@@ -518,11 +593,12 @@ def collect(store: Store, index: BlobIndex, *, durable: bool) -> list[str]:
                 index.uses[name] = set(read_index(store.read(name, TENSOR_INDEX)).packs.values())
             except FileNotFoundError:
                 index.uses[name] = set()
-            except (ValueError, UnicodeDecodeError):
-                logger.warning("%s: %s is damaged; it keeps no pack alive", name, TENSOR_INDEX)
-                continue
+            except (ValueError, UnicodeDecodeError) as err:
+                logger.warning("%s: %s cannot be read (%s); no pack is deleted", name, TENSOR_INDEX, err)
+                return []
         used |= index.uses[name]
-    unused = sorted(ref for ref in (f"{BLOBS}/{n}" for n in present) if ref not in used)
+    ours = [f"{BLOBS}/{n}" for n in present if is_pack_ref(f"{BLOBS}/{n}") or _LEFTOVER.match(n)]
+    unused = sorted(ref for ref in ours if ref not in used)
     if not unused:
         return []
     store.sync()  # the removals of checkpoints reach the disk before the packs they used go

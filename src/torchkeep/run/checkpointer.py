@@ -214,7 +214,7 @@ class Checkpointer:
                 "trust_version_counters=True needs incremental=True (it skips re-reading shared tensors)"
             )
         self.trust_version_counters = trust_version_counters
-        self._blobs = BlobIndex() if incremental else None
+        self._blobs: BlobIndex | None = None  # rank 0's view of the packs, read when it takes the lock
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Committed]] | None = None
         self._staging = StagingBuffers(_budget(staging_budget, async_save=async_save))
@@ -239,9 +239,9 @@ class Checkpointer:
             lock = self._store.lock_writer(WRITER_LOCK if self._store.atomic_publish else WRITER_LEASE)
             # holding the lock, every leftover belongs to a writer that is gone
             self._store.clean_leftovers(is_step)
-            if self._blobs is not None:
-                self._blobs.load(self._store)
-                collect(self._store, self._blobs, durable=self.durable)  # packs of interrupted saves
+            # anew each time: another writer may have changed the packs since this one last held the run
+            self._blobs = BlobIndex.load(self._store)
+            collect(self._store, self._blobs, durable=self.durable)  # packs of interrupted saves
             return lock
 
         self._lock = self._coordinator.attempt(take, step=step, stage="lock") or NO_LOCK
@@ -439,7 +439,8 @@ class Checkpointer:
                     if f"{name}:{key}" in unstaged:
                         live[f"{name}:{key}"] = content.tensors[key]
                         owners[f"{name}:{key}"] = (content, key)
-        split = self._blobs is not None and set(live) == unstaged  # sharded (DCP) tensors: not split
+        blobs = self._blobs if self.incremental else None
+        split = blobs is not None and set(live) == unstaged  # sharded (DCP) tensors: not split
         if not self._budget_logged:
             self._budget_logged = True
             total = sum(t.nbytes for t in live.values())
@@ -450,13 +451,13 @@ class Checkpointer:
                 if split
                 else "save() writes it whole before it returns (incremental=False or sharded state)",
             )
-        if not split or self._blobs is None:
+        if not split or blobs is None:
             return False
         digests = write_ahead(
             live,
             step=snapshot.step,
             store=self._store,
-            index=self._blobs,
+            index=blobs,
             durable=self.durable,
             chunk_bytes=max(budget, 1),
         )
@@ -478,7 +479,7 @@ class Checkpointer:
             durable=self.durable,
             bad_metrics=bad_metrics,
             before_publish=(lock or NO_LOCK).refresh,
-            blobs=self._blobs if self._coordinator.is_main else None,
+            blobs=self._blobs if self.incremental and self._coordinator.is_main else None,
         )
         logger.info("saved checkpoint %s", committed.folder)
         self.preemption.save_finished()

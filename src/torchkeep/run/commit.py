@@ -53,7 +53,7 @@ class Written:
 
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonfinite: builtins.list[str] = field(default_factory=list)
-    blobs: dict[str, dict[str, int]] = field(default_factory=dict)
+    blobs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def write_files(
@@ -72,7 +72,7 @@ def write_files(
     out = Written()
     tensor_files = {name: c for name, c in snapshot.files.items() if isinstance(c, TensorFile)}
     if blobs is not None and store is not None and tensor_files:
-        out.blobs, out.nonfinite = write_indexed(
+        out.blobs, out.nonfinite, record = write_indexed(
             tmp,
             {name: (c.tensors, c.metadata, c.check_finite) for name, c in tensor_files.items()},
             step=snapshot.step,
@@ -82,12 +82,11 @@ def write_files(
             versions={name: c.versions for name, c in tensor_files.items()},
             known={name: c.known for name, c in tensor_files.items()},
         )
-        out.records[TENSOR_INDEX] = file_record(tmp / TENSOR_INDEX).entry()
+        out.records[TENSOR_INDEX] = record.entry()
     for name, content in snapshot.files.items():
         path = tmp / name
         if isinstance(content, JsonFile):
-            write_json(path, content.data, durable=durable)
-            out.records[name] = file_record(path).entry()
+            out.records[name] = write_json(path, content.data, durable=durable).entry()
             continue
         if name in tensor_files and blobs is not None:
             continue

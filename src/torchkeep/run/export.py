@@ -11,7 +11,6 @@ archive.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from torchkeep.errors import (
     NoValidCheckpointError,
     OutputExistsError,
 )
-from torchkeep.run.blobs import read_indexed
+from torchkeep.run.blobs import TENSOR_FILES, read_indexed_files
 from torchkeep.run.layout import BLOBS, MANIFEST, TENSOR_INDEX
 from torchkeep.run.reader import RunReader, is_run_folder, open_local, step_folder, verify_step
 from torchkeep.storage.base import open_store
@@ -104,14 +103,9 @@ def _write_standalone(source: Path, tmp: Path, *, durable: bool) -> dict[str, An
     """Fill ``tmp`` with ``source``'s files, its indexed tensor files written out; return the manifest."""
     manifest = read_manifest(source)
     files: dict[str, Any] = {}
-    indexed: list[str] = []
-    if (source / TENSOR_INDEX).is_file():
-        indexed = list(json.loads((source / TENSOR_INDEX).read_text(encoding="utf-8"))["files"])
-    for name in indexed:
-        found = read_indexed(source, name, device=torch.device("cpu"))
-        if found is None:  # pragma: no cover - names come from the same index
-            continue
-        tensors, metadata = found
+    for name, (tensors, metadata) in read_indexed_files(
+        source, TENSOR_FILES, device=torch.device("cpu")
+    ).items():
         path = tmp / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

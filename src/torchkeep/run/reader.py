@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from torchkeep.run.blobs import fetch_packs, local_size, read_indexed, verify_packs
+from torchkeep.errors import TorchkeepError
+from torchkeep.run.blobs import fetch_packs, local_size, pack_owner, read_indexed, verify_packs
 from torchkeep.run.layout import (
     BLOBS,
     FORMAT_VERSION,
@@ -198,7 +199,9 @@ class RunReader:
         try:
             verdict = self._verdict(name, sizes, checksums=checksums, pack_size=pack_size)
         except FileNotFoundError as err:  # a file went between the listing and its read
-            verdict = Verdict(False, f"{err.filename} vanished while it was read")
+            verdict = Verdict(False, f"{err.filename or err} vanished while it was read")
+        except (ValueError, UnicodeDecodeError, TorchkeepError) as err:  # pragma: no cover - defensive
+            verdict = Verdict(False, f"cannot be read ({err})")
         if not verdict.ok and store.sizes(name) is None:
             return None  # removed while it was read
         manifest = verdict.manifest or {}
@@ -211,7 +214,7 @@ class RunReader:
             if isinstance(packs, dict)
             else {}
         )
-        mine = sum(n for ref, n in used.items() if ref.startswith(f"{BLOBS}/{name}-") and isinstance(n, int))
+        mine = sum(n for ref, n in used.items() if pack_owner(ref) == name and isinstance(n, int))
         return CheckpointEntry(
             path=store.public(name),
             step=step,

@@ -8,6 +8,7 @@ Nothing in storage is changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from torchkeep.checkpoint import CheckpointInfo
 from torchkeep.distributed import Coordinator
-from torchkeep.errors import NewerFormatError, NoValidCheckpointError
+from torchkeep.errors import NewerFormatError, NoValidCheckpointError, TorchkeepError
 from torchkeep.run.layout import FORMAT_VERSION, step_name
 from torchkeep.run.reader import RunReader, check_version, verify_step
 from torchkeep.run.snapshot import apply_checkpoint
@@ -68,8 +69,14 @@ def restore_run(
     if coordinator.is_main:
         skipped: dict[str, str] = {}
         for name in candidates:
-            with reader.open(name) as folder:
-                verdict = _check(reader, folder, name, skipped)
+            with contextlib.ExitStack() as stack:
+                try:  # a download that fails, or a folder pruned meanwhile: the next candidate
+                    folder = stack.enter_context(reader.open(name))
+                    verdict = _check(reader, folder, name, skipped)
+                except (OSError, ValueError, TorchkeepError) as err:
+                    skipped[name] = f"cannot be read ({err})"
+                    logger.warning("skipping checkpoint %s: %s", store.public(name), skipped[name])
+                    continue
                 if verdict == "ok":
                     coordinator.share(("ok", name))
                     return apply(folder, name)

@@ -36,7 +36,7 @@ from torchkeep.distributed import (
 from torchkeep.errors import CheckpointMismatchError, RngRestoreWarning
 from torchkeep.restoring import apply_states, check_states
 from torchkeep.rng import capture_rng_state, restore_rng_state
-from torchkeep.run.blobs import VersionToken, read_indexed, version_token
+from torchkeep.run.blobs import VersionToken, read_indexed_files, version_token
 from torchkeep.run.layout import (
     FORMAT_VERSION,
     MODEL,
@@ -291,7 +291,8 @@ def _read_tensors(
     from safetensors.torch import load_file
 
     device = str(torch.device(map_location))
-    indexed = read_indexed(folder, STATE_TENSORS, device=torch.device(device))
+    files = read_indexed_files(folder, (MODEL, STATE_TENSORS), device=torch.device(device))
+    indexed = files.get(STATE_TENSORS)
     v1 = indexed is None and (folder / V1_TENSORS).is_file()
     if indexed is not None:
         tensors = indexed[0]
@@ -303,7 +304,7 @@ def _read_tensors(
         return None, tensors
     if v1:
         return {key: tensors[f"{V1_MODEL}{key}"] for key in state["model"]}, tensors
-    model = read_indexed(folder, MODEL, device=torch.device(device))
+    model = files.get(MODEL)
     if model is not None:
         weights = restore_aliases(*model, folder / MODEL)
     else:

@@ -109,8 +109,11 @@ class LocalStore:
         found: dict[str, int] = {}
         try:
             for path in folder.rglob("*"):
-                if path.is_file():
-                    found[path.relative_to(folder).as_posix()] = path.stat().st_size
+                try:
+                    if path.is_file():
+                        found[path.relative_to(folder).as_posix()] = path.stat().st_size
+                except FileNotFoundError:  # removed while listed (retention): not there
+                    continue
         except FileNotFoundError:
             return None
         return found if folder.is_dir() else None

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from torchkeep.storage.atomic import fsync_file
 
 __all__ = [
     "DIGEST",
@@ -85,13 +84,17 @@ def file_record(path: Path, algorithm: str = DIGEST) -> FileRecord:
     return FileRecord(size, algorithm, digest.hexdigest())
 
 
-def write_json(path: Path, data: Any, *, durable: bool = True) -> None:
-    """Write JSON and (by default) fsync it."""
-    with path.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=False)  # key order is data too
-        f.write("\n")
-    if durable:
-        fsync_file(path)
+def write_json(path: Path, data: Any, *, durable: bool = True) -> FileRecord:
+    """Write JSON and (by default) fsync it; return its size and digest (from the bytes written)."""
+    text = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")  # key order is data too
+    with path.open("wb") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    digest = new_digest(DIGEST)
+    digest.update(text)
+    return FileRecord(len(text), DIGEST, digest.hexdigest())
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

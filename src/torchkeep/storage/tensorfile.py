@@ -21,7 +21,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +182,7 @@ def write_safetensors(
     digest: str | None = None,
     fsync: bool = False,
     check_finite: bool = False,
+    only: Collection[str] | None = None,
 ) -> WriteResult:
     """Write ``tensors`` (contiguous CPU tensors) as a safetensors file to the open descriptor ``fd``.
 
@@ -195,13 +196,15 @@ def write_safetensors(
             finishes meanwhile).
         check_finite (bool, default False): also list the floating-point
             tensors holding NaN or Inf (on the hashing thread, beside the writes).
+        only (Collection[str] | None, default None): with ``check_finite``,
+            look at these tensors only (None: all).
 
     Returns:
         A :class:`WriteResult`.
     """
     header, ordered = safetensors_layout(tensors, metadata)
     views = [memoryview(header), *(_byte_view(t) for t in ordered if t.numel())]
-    finite = [(name, t) for name, t in tensors.items()] if check_finite else []
+    finite = [(n, t) for n, t in tensors.items() if only is None or n in only] if check_finite else []
     hasher = _Hasher(digest, finite) if digest or check_finite else None
     pending: list[memoryview] = []
     pending_size = 0
@@ -229,7 +232,12 @@ _READ_CHUNK = 64 << 20
 
 
 def read_safetensors(
-    path: Path, header: SafetensorsHeader, *, device: torch.device, mmap: bool
+    path: Path,
+    header: SafetensorsHeader,
+    *,
+    device: torch.device,
+    mmap: bool,
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file whose ``header`` was checked (tiling, sizes, dtypes).
 
@@ -237,7 +245,8 @@ def read_safetensors(
     its bytes: nothing is read until used, and for another device each tensor
     is copied from the mapping straight to it. Without, the data section is
     read into one buffer with a few large reads, and each tensor is a slice of
-    it (a storage of exactly its own size).
+    it (a storage of exactly its own size). ``names`` (mapped reads only)
+    makes only those tensors.
     """
     if mmap:
         size = header.data_start + sum(t.nbytes for t in header.tensors)
@@ -252,6 +261,8 @@ def read_safetensors(
         base = 0
     out: dict[str, torch.Tensor] = {}
     for info in header.tensors:
+        if mmap and names is not None and info.name not in names:
+            continue
         dtype = getattr(torch, info.dtype.removeprefix("torch."))
         if math.prod(info.shape) * dtype.itemsize != info.nbytes:  # packed sub-byte dtypes
             raise UnsupportedDtypeError(info.name, info.dtype)
