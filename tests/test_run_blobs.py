@@ -400,3 +400,120 @@ def test_an_index_naming_a_file_outside_the_packs_is_refused(tmp_path: Path, ref
     with pytest.raises(torchkeep.CorruptFileError, match="invalid pack entry"):
         torchkeep.load_weights(folder)
     assert not blobs.is_pack_ref(ref)
+
+
+def test_a_checkpointer_used_again_after_another_writer_pruned_reads_the_packs_anew(tmp_path: Path) -> None:
+    model, optimizer = _frozen_net()
+    first = torchkeep.Checkpointer(tmp_path)
+    for step in (0, 1):
+        _train(model, optimizer)
+        first.save(step, model=model, optimizer=optimizer)
+    first.close()
+    with torchkeep.Checkpointer(tmp_path, keep_last=1) as second:  # collects what only 0 and 1 used
+        _train(model, optimizer)
+        second.save(5, model=model, optimizer=optimizer)
+    _train(model, optimizer)
+    first.save(6, model=model, optimizer=optimizer)  # the same object, taking the lock again
+    first.close()
+    assert all(e.valid for e in torchkeep.Checkpointer(tmp_path).list(verify=True))
+    fresh, _ = _frozen_net()
+    torchkeep.Checkpointer(tmp_path).restore(model=fresh, restore_rng=False)
+    assert_state_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
+def test_damage_that_keeps_a_packs_size_is_not_carried_into_new_checkpoints(tmp_path: Path) -> None:
+    model, optimizer = _frozen_net()
+    with torchkeep.Checkpointer(tmp_path) as first:
+        first.save(0, model=model, optimizer=optimizer)
+    _flip_a_byte_of(tmp_path / "step-00000000", "0.weight")
+    with torchkeep.Checkpointer(tmp_path) as second:
+        for step in (1, 2):
+            _train(model, optimizer)
+            second.save(step, model=model, optimizer=optimizer)
+    entries = torchkeep.Checkpointer(tmp_path).list(verify=True)
+    assert [(e.step, e.valid) for e in entries] == [(0, False), (1, True), (2, True)]
+    fresh, _ = _frozen_net()
+    torchkeep.Checkpointer(tmp_path).restore(model=fresh, restore_rng=False)
+    assert_state_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
+def test_an_index_naming_another_tensor_file_is_refused_and_export_writes_nothing(tmp_path: Path) -> None:
+    folder = Path(torchkeep.Checkpointer(tmp_path / "run").save(1, model=_net()))
+    index = json.loads((folder / "tensors.json").read_text())
+    outside = str(tmp_path / "outside.safetensors")
+    index["files"][outside] = index["files"]["model.safetensors"]
+    (folder / "tensors.json").write_text(json.dumps(index))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["tensors.json"] = file_record(folder / "tensors.json").entry()  # re-signed
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not torchkeep.Checkpointer(tmp_path / "run").list(verify=True)[0].valid
+    with pytest.raises(torchkeep.CorruptFileError, match="names a tensor file"):
+        torchkeep.load_weights(folder)
+    with pytest.raises(torchkeep.CorruptFileError):
+        torchkeep.export_step(folder, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_remote_restore_falls_back_past_a_checkpoint_whose_pack_is_gone(tmp_path: Path) -> None:
+    import fsspec
+
+    url = f"memory://torchkeep-fallback-{os.getpid()}/run"
+    model, optimizer = _frozen_net()
+    ckpts = torchkeep.Checkpointer(url)
+    for step in (1, 2):
+        _train(model, optimizer)
+        ckpts.save(step, model=model, optimizer=optimizer)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts.close()
+    fs = fsspec.filesystem("memory")
+    index = json.loads(fs.cat_file(f"{url}/step-00000002/tensors.json"))
+    digest = index["files"]["model.safetensors"]["tensors"]["4.weight"]
+    fs.rm_file(f"{url}/{index['packs'][digest]}")  # step 2's own pack
+    _train(model, optimizer)  # the live model moves on; the restore must give step 1
+    entries = torchkeep.Checkpointer(url).list(verify=True)
+    assert [(e.step, e.valid) for e in entries] == [(1, True), (2, False)]
+    assert "is missing" in entries[1].reason
+    fresh, _ = _frozen_net()
+    info = torchkeep.Checkpointer(url).restore(model=fresh, restore_rng=False)
+    assert info is not None
+    assert info.step == 1
+    for key, value in fresh.state_dict().items():
+        if key.startswith("0."):  # the frozen part, shared: step 1's and step 2's alike
+            assert torch.equal(value, expected[key])
+    fs.rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+
+
+def test_a_standalone_writer_still_deletes_packs_no_checkpoint_uses(tmp_path: Path) -> None:
+    model, optimizer = _frozen_net()
+    with torchkeep.Checkpointer(tmp_path) as incremental:
+        incremental.save(0, model=model, optimizer=optimizer)
+    with torchkeep.Checkpointer(tmp_path, incremental=False, keep_last=1) as standalone:
+        for step in (1, 2):
+            standalone.save(step, model=model, optimizer=optimizer)
+    assert [e.step for e in torchkeep.Checkpointer(tmp_path).list()] == [2]
+    assert _packs(tmp_path) == {}
+
+
+def test_an_unreadable_index_keeps_every_pack(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, optimizer = _frozen_net()
+    ckpts = torchkeep.Checkpointer(tmp_path, keep_last=1)
+    ckpts.save(0, model=model, optimizer=optimizer)
+    (tmp_path / "step-00000000" / "tensors.json").write_text("{damaged")
+    ckpts.close()
+    before = set(_packs(tmp_path))
+    with torchkeep.Checkpointer(tmp_path) as again, caplog.at_level("WARNING", logger="torchkeep"):
+        _train(model, optimizer)
+        again.save(1, model=model, optimizer=optimizer)
+    assert before <= set(_packs(tmp_path))  # what the damaged checkpoint used is unknown: kept
+    assert "no pack is deleted" in caplog.text
+
+
+def test_load_checkpoint_restores_a_checkpoint_folder(tmp_path: Path) -> None:
+    model, optimizer = _frozen_net()
+    _train(model, optimizer)
+    folder = torchkeep.Checkpointer(tmp_path).save(3, model=model, optimizer=optimizer, epoch=2)
+    fresh, fresh_optimizer = _frozen_net()
+    info = torchkeep.load_checkpoint(folder, model=fresh, optimizer=fresh_optimizer)
+    assert (info.step, info.epoch) == (3, 2)
+    assert_state_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+    assert str(fresh_optimizer.state_dict()) == str(optimizer.state_dict())

@@ -349,6 +349,27 @@ def load_checkpoint(
             f"file's code; it rebuilds {', '.join(sorted(VALUE_TYPES))} (or pass trust=True for a file "
             "you trust)"
         )
+    if (
+        p.is_dir()
+        and (p / "manifest.json").is_file()
+        and not isinstance(optimizer, Sequence)
+        and not isinstance(scheduler, Sequence)
+    ):  # a Checkpointer's checkpoint folder: the run package owns that layout (and its shared packs)
+        from torchkeep.run import Checkpointer
+
+        info = Checkpointer(p.parent, read_only=True).restore(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            restore_rng=restore_rng,
+            strict=strict,
+            map_location=map_location,
+            path=p,
+        )
+        if info is None:  # pragma: no cover - restore(path=) restores that folder or raises
+            raise RuntimeError(f"{p}: nothing restored")
+        return info
     reading = Reading(map_location, trust, limits, opaque == "placeholder", rebuild_types)
     given: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     saved = read_checkpoint(p, reading, {name for name, obj in given.items() if obj is not None} | {"rng"})

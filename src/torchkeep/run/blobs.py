@@ -404,18 +404,19 @@ def write_ahead(
 ) -> dict[str, str]:
     """Store live tensors now, before a save returns (those an async save could not stage).
 
-    Each is hashed; the ones no pack holds are copied to host memory (only
-    when on another device or strided) and written in packs of about
-    ``chunk_bytes``, so host memory stays bounded. Returns each name's digest.
+    Each is copied to host memory only when on another device or strided,
+    hashed, and, when no pack holds it, written in packs of about
+    ``chunk_bytes`` (a larger tensor alone), so host memory stays within
+    ``chunk_bytes`` plus the largest tensor. Returns each name's digest.
     """
     digests: dict[str, str] = {}
     chunk: dict[str, torch.Tensor] = {}
     size = 0
     for name, t in tensors.items():
-        digest = digests[name] = tensor_digest(t)
+        host = t.detach().to("cpu").contiguous()  # one host copy, only for another device or strides
+        digest = digests[name] = tensor_digest(host)
         if digest in chunk or index.usable(digest, store):
             continue
-        host = t.detach().to("cpu").contiguous()
         if chunk and size + host.nbytes > chunk_bytes:
             _write_pack(chunk, step=step, store=store, index=index, durable=durable)
             chunk, size = {}, 0

@@ -100,9 +100,10 @@ class Checkpointer:
             the most host memory the staging buffers may hold (bytes, or text
             like ``"1GiB"``, ``"500MB"``). A state that does not fit is saved
             in two parts: what fits is copied and written in the background,
-            the rest is written before ``save()`` returns (in pieces of at most
-            the budget; logged once). With ``incremental=False`` such a save is
-            written whole before ``save()`` returns. None: no limit.
+            the rest is hashed and, where the run does not hold it yet,
+            written before ``save()`` returns (in packs of about the budget, a
+            larger tensor alone; logged once). With ``incremental=False`` such
+            a save is written whole before ``save()`` returns. None: no limit.
         storage_options (Mapping | None, default None): options of the fsspec
             filesystem of a URL (credentials, ``endpoint_url``, …).
         distributed (bool | None, default None): None: coordinate with the
@@ -138,10 +139,12 @@ class Checkpointer:
             skip reading a frozen parameter (``requires_grad=False``) whose
             torch version counter, memory and layout are unchanged since the
             last save. Off by default because torch does not count every
-            write: writes through ``.data`` and through NumPy or DLPack views
-            leave the counter as it was (see :mod:`torchkeep.run.blobs`).
-            Buffers are always read. Without it every tensor is hashed
-            (XXH3, about 10 GB/s here), which is exact.
+            write: writes through ``.data``, through NumPy or DLPack views,
+            through ``untyped_storage()`` or another tensor ``set_()`` on the
+            same storage leave the counter as it was. Buffers are always read
+            (BatchNorm's kernel updates running statistics without counting).
+            Without it every tensor is hashed (XXH3, about 10 GB/s here),
+            which sees every change.
 
     One writer per run: the first ``save`` takes the run's writer lock (an
     ``flock`` on a local run, a lease object on an object store) and then
