@@ -62,6 +62,7 @@ _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_MAP_BELOW = 64 << 10  # bytes per record under which the headers are read through a map
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,17 @@ class ZipArchive:
         self.members = {}
         self._flags = {}
         self._folded: dict[str, str] = {}
-        # Parsing reads thousands of small headers: slicing a map beats a syscall each.
-        if self._size and isinstance(self._f, io.BufferedReader | io.FileIO):
-            self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             cd_offset, cd_size, count, cd_end = self._find_directory()
+            # Thousands of small headers: slicing a map beats a syscall each. Not for a few large
+            # records: a fault maps a whole large folio of the page cache, so touching each header
+            # mapped every byte of a big file (its peak RSS, in a lazy load that reads nothing).
+            if (
+                count
+                and self._size // count < _MAP_BELOW
+                and isinstance(self._f, io.BufferedReader | io.FileIO)
+            ):
+                self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
             self._parse_directory(cd_offset, cd_size, count)
             self._check_layout(cd_offset, cd_end)
         finally:
