@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchkeep.errors import UnsupportedDtypeError
-from torchkeep.storage.buffers import host_buffer
 from torchkeep.storage.manifest import new_digest
 
 if TYPE_CHECKING:
@@ -246,7 +245,7 @@ def read_safetensors(
         base = header.data_start
     else:
         length = sum(t.nbytes for t in header.tensors)
-        buffer = host_buffer(length)
+        buffer = torch.empty(length, dtype=torch.uint8)
         if length:
             parallel_read(path, header.data_start, buffer.numpy().data)
         whole = buffer.untyped_storage()
