@@ -164,6 +164,11 @@ def save_ops(state: dict[str, torch.Tensor], folder: Path) -> dict[str, SaveOp]:
             "raw",
             _settle,
         ),
+        "torchkeep .pt durable": (
+            lambda: torchkeep.save_weights(state, folder / "tkd.pt"),
+            "raw+fsync",
+            _settle,
+        ),
         "Checkpointer.save (durable)": (sync_save, "raw+fsync", _settle),
         # the training stall: until save() returns; the previous write finishes outside the clock,
         # as it does behind the training steps between two checkpoints
@@ -188,6 +193,7 @@ def median_time(op: Callable[[], object], repeat: int, prepare: Callable[[], obj
 _CHILD = r"""
 import json, resource, sys, time
 import torch
+torch.set_num_threads(1)  # OpenMP spin-waits on a shared 2-core machine made the touch pass vary 20 ms..2 s
 import torchkeep
 from safetensors.torch import load_file
 kind, path = sys.argv[1], sys.argv[2]
@@ -241,6 +247,7 @@ def load_ops(files: dict[str, Path]) -> dict[str, tuple[str, Path]]:
         "torchkeep .safetensors eager": ("torchkeep eager", files["st"]),
         "torchkeep .pt lazy": ("torchkeep lazy", files["pt"]),
         "torchkeep .pt eager": ("torchkeep eager", files["pt"]),
+        "torchkeep .pt eager (its own .pt)": ("torchkeep eager", files["tk_pt"]),
     }
 
 
@@ -285,7 +292,7 @@ def run_case(name: str, state: dict[str, torch.Tensor], folder: Path, repeat: in
             f"  {op_name:<34}{seconds:>8.3f}{row['gb_per_s']:>8.2f}{row['vs_baseline']:>8.2f}x"
             f"{row['vs_torch']:>9.2f}x   (vs {baseline})"
         )
-    files = {"pt": folder / "torch.pt", "st": folder / "tk.safetensors"}
+    files = {"pt": folder / "torch.pt", "st": folder / "tk.safetensors", "tk_pt": folder / "tk.pt"}
     load_rows = []
     results = {op: fresh_load(kind, path, repeat) for op, (kind, path) in load_ops(files).items()}
     raw, torch_load = results["raw readinto"], results["torch.load weights_only"]

@@ -388,11 +388,11 @@ def test_failed_save_leaves_the_previous_file_untouched(
     path = torchkeep.save_weights({"a": torch.ones(3)}, tmp_path / "w.pt")
     before = path.read_bytes()
 
-    def broken_save(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        Path(str(f)).write_bytes(b"PK\x03\x04 half written")
+    def broken_write(fd: int, *args: object, **kwargs: object) -> int:
+        os.write(fd, b"PK\x03\x04 half written")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(torchkeep.storage.torchzip, "write_torch_zip", broken_write)
     with pytest.raises(OSError, match="No space"):
         torchkeep.save_weights({"a": torch.zeros(3)}, path)
     assert path.read_bytes() == before

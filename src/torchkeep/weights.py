@@ -46,6 +46,7 @@ from torchkeep.shards import parse_shard_size, save_shards
 from torchkeep.storage import atomic_target, file_store
 from torchkeep.storage.remote import StorageOptions, resolve
 from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
+from torchkeep.storage.torchzip import save_torch_zip
 from torchkeep.trainable_only import trainable_state
 
 __all__ = [
@@ -325,12 +326,10 @@ def _write_safetensors(target: Path, kept: StateDict, aliases: dict[str, str], m
 
 
 def _write_torch_zip(target: Path, state: StateDict, meta: dict[str, str]) -> None:
-    torch.save(state, target)  # the store's temporary path has the final name: so has the zip's root
-    if meta:
-        # An extra zip record: torch.load ignores it, torchkeep reads it back.
-        with zipfile.ZipFile(target, "a") as archive:
-            prefix = archive.namelist()[0].split("/", 1)[0]
-            archive.writestr(f"{prefix}/{_PT_METADATA_RECORD}", json.dumps(meta, sort_keys=True))
+    # An extra zip record holds the metadata: torch.load ignores it, torchkeep reads it back.
+    # (the store's temporary path has the final name: so has the zip's root)
+    records = {_PT_METADATA_RECORD: json.dumps(meta, sort_keys=True).encode()} if meta else {}
+    save_torch_zip(target, state, records=records)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -207,6 +207,14 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return value
 
 
+def _all_ints(values: tuple[Any, ...]) -> bool:
+    # a plain loop: a generator in all() cost a microsecond a tensor, twice
+    for v in values:  # noqa: SIM110
+        if type(v) is not int:
+            return False
+    return True
+
+
 def _empty_hooks(value: Any) -> None:
     if value and not (isinstance(value, dict) and not value):
         raise Refusal("tensors with backward hooks are not allowed (torch.save never stores hooks)")
@@ -234,8 +242,11 @@ def _tensor(
         raise Refusal("a tensor rebuilt from something that is not a storage")
     if type(offset) is not int or not 0 <= offset <= _INT64_MAX:
         raise Refusal(f"invalid storage offset {brief(offset, 40)}")
-    shape = _ints(size, "size")
-    strides = _ints(stride, "stride")
+    if type(size) is not tuple or type(stride) is not tuple or not _all_ints(size + stride):
+        _ints(size, "size")  # raises the message that names the culprit
+        _ints(stride, "stride")
+    shape: tuple[int, ...] = size
+    strides: tuple[int, ...] = stride
     if len(shape) != len(strides):
         raise Refusal(f"size {brief(shape)} and stride {brief(strides)} differ in length")
     if len(shape) > 64:
@@ -268,9 +279,12 @@ def _tensor(
         )
     if not numel and offset > available:
         raise Refusal(f"a tensor offset {offset} past the end of its storage")
-    return torch.empty((0,), dtype=dtype, device=storage.storage.device).set_(
-        storage.storage, offset, shape, strides
+    device = storage.storage.device
+    # (a device argument costs a third of the call: CPU tensors go without)
+    empty = (
+        torch.empty(0, dtype=dtype) if device.type == "cpu" else torch.empty(0, dtype=dtype, device=device)
     )
+    return empty.set_(storage.storage, offset, shape, strides)
 
 
 def _finish(t: torch.Tensor, requires_grad: Any, hooks: Any, metadata: Any) -> torch.Tensor:

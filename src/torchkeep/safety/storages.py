@@ -36,8 +36,17 @@ class Storages:
         self.meta = meta
         self.total = 0
         self.loaded: dict[str, StorageRef] = {}
+        self._targets: dict[str, torch.device] = {}
 
     def _target(self, location: str) -> torch.device:
+        known = self._targets.get(location)
+        if known is not None:  # every storage of a file names the same location or two
+            return known
+        target = self._resolve(location)
+        self._targets[location] = target
+        return target
+
+    def _resolve(self, location: str) -> torch.device:
         if not _LOCATION.fullmatch(location):
             raise CorruptFileError(self.path, f"a storage has the invalid location {location!r}")
         if self.device is not None:
