@@ -517,3 +517,26 @@ def test_load_checkpoint_restores_a_checkpoint_folder(tmp_path: Path) -> None:
     assert (info.step, info.epoch) == (3, 2)
     assert_state_equal(dict(fresh.state_dict()), dict(model.state_dict()))
     assert str(fresh_optimizer.state_dict()) == str(optimizer.state_dict())
+
+
+def test_verifying_reads_only_what_a_checkpoint_uses_of_a_large_pack(tmp_path: Path) -> None:
+    model = _net()
+    model[4].bias.requires_grad_(False)  # the one tensor later checkpoints share with the first
+    ckpts = torchkeep.Checkpointer(tmp_path)
+    for step in (0, 1):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name != "4.bias":
+                    p.add_(1.0)
+        ckpts.save(step, model=model)
+    first = tensor_data(tmp_path / "step-00000000")
+    index = json.loads((tmp_path / "step-00000001" / "tensors.json").read_text())
+    assert sorted(set(index["packs"].values())) == sorted(
+        {f"blobs/{first.name}", f"blobs/{tensor_data(tmp_path / 'step-00000001').name}"}
+    )
+    _flip_a_byte_of(tmp_path / "step-00000000", "0.weight")  # not used by step 1
+    assert [e.valid for e in ckpts.list(verify=True)] == [False, True]
+    _flip_a_byte_of(tmp_path / "step-00000000", "4.bias")  # used by step 1 too
+    checked = ckpts.list(verify=True)
+    assert [e.valid for e in checked] == [False, False]
+    assert "xxh3_128 checksum" in checked[1].reason
