@@ -121,7 +121,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     copy = statistics.median(copies)
     report: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}",
         "state_mib": size / 2**20,
         "budget_mib": budget / 2**20,
         "one_copy_s": copy,
@@ -135,7 +136,8 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
     print(
-        f"state {report['state_mib']:.1f} MiB, budget {report['budget_mib']:.1f} MiB; one copy {copy * 1e3:.1f} ms"
+        f"state {report['state_mib']:.1f} MiB, budget {report['budget_mib']:.1f} MiB; "
+        f"one copy {copy * 1e3:.1f} ms"
     )
     for name, value in report["stall_s"].items():
         print(f"stall, {name}: {value * 1e3:.1f} ms = {report['stall_vs_copy'][name]:.2f}x one copy")
