@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,6 +64,16 @@ def _flip_a_byte_of(folder: Path, key: str) -> Path:
     data[8 + length + start] ^= 0x01  # same size: only the checksums see it
     pack.write_bytes(bytes(data))
     return pack
+
+
+def _rewrite_index(folder: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Edit a checkpoint's tensors.json and re-sign its manifest, as someone crafting one would."""
+    index = json.loads((folder / "tensors.json").read_text())
+    change(index)
+    (folder / "tensors.json").write_text(json.dumps(index))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["tensors.json"] = file_record(folder / "tensors.json").entry()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -390,12 +401,7 @@ def test_an_index_naming_a_file_outside_the_packs_is_refused(tmp_path: Path, ref
     model = _net()
     folder = Path(torchkeep.Checkpointer(tmp_path / "run").save(1, model=model))
     (tmp_path / "outside.safetensors").write_bytes(b"x")
-    index = json.loads((folder / "tensors.json").read_text())
-    index["packs"] = dict.fromkeys(index["packs"], ref)
-    (folder / "tensors.json").write_text(json.dumps(index))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["tensors.json"] = file_record(folder / "tensors.json").entry()  # re-signed
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_index(folder, lambda index: index.update(packs=dict.fromkeys(index["packs"], ref)))
     assert not torchkeep.Checkpointer(tmp_path / "run").list(verify=True)[0].valid
     with pytest.raises(torchkeep.CorruptFileError, match="invalid pack entry"):
         torchkeep.load_weights(folder)
@@ -439,13 +445,10 @@ def test_damage_that_keeps_a_packs_size_is_not_carried_into_new_checkpoints(tmp_
 
 def test_an_index_naming_another_tensor_file_is_refused_and_export_writes_nothing(tmp_path: Path) -> None:
     folder = Path(torchkeep.Checkpointer(tmp_path / "run").save(1, model=_net()))
-    index = json.loads((folder / "tensors.json").read_text())
     outside = str(tmp_path / "outside.safetensors")
-    index["files"][outside] = index["files"]["model.safetensors"]
-    (folder / "tensors.json").write_text(json.dumps(index))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["tensors.json"] = file_record(folder / "tensors.json").entry()  # re-signed
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_index(
+        folder, lambda index: index["files"].update({outside: index["files"]["model.safetensors"]})
+    )
     assert not torchkeep.Checkpointer(tmp_path / "run").list(verify=True)[0].valid
     with pytest.raises(torchkeep.CorruptFileError, match="names a tensor file"):
         torchkeep.load_weights(folder)
