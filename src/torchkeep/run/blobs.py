@@ -28,6 +28,7 @@ readers only read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -224,9 +225,17 @@ def read_index(text: str | bytes) -> Index:
     """Parse and check ``tensors.json``: only the tensor files a checkpoint has, every digest well
     formed and in a pack inside ``blobs/``, every name and metadata entry text.
 
+    The result is shared by callers passing the same text (a restore checks, then reads): treat
+    it as read-only.
+
     Raises:
         ValueError: it is not a valid index.
     """
+    return _parsed_index(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_index(text: bytes) -> Index:
     if len(text) > _INDEX_MAX_BYTES:
         raise ValueError(f"{TENSOR_INDEX} is larger than {_INDEX_MAX_BYTES} bytes")
     data = json.loads(text)

@@ -14,6 +14,7 @@ digest. That is the threat model of a run folder its own writer fills.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +23,7 @@ import xxhash
 __all__ = ["DIGEST_HEX_LENGTH", "is_digest", "state_digest", "tensor_digest"]
 
 DIGEST_HEX_LENGTH = 32  # XXH3-128 as lowercase hex
-_HEX = frozenset("0123456789abcdef")
+_DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_HEX_LENGTH}}}")
 
 
 def _describe(t: torch.Tensor) -> bytes:
@@ -59,4 +60,4 @@ def state_digest(digests: Mapping[str, str]) -> str:
 
 def is_digest(text: object) -> bool:
     """Whether ``text`` is a digest as :func:`tensor_digest` writes it."""
-    return isinstance(text, str) and len(text) == DIGEST_HEX_LENGTH and set(text) <= _HEX
+    return isinstance(text, str) and _DIGEST.fullmatch(text) is not None
