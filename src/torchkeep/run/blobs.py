@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from torchkeep.errors import TorchkeepError
-from torchkeep.run.layout import BLOBS, MODEL, STATE_TENSORS, TENSOR_INDEX, is_step, step_name
+from torchkeep.run.layout import BLOBS, MANIFEST, MODEL, STATE_TENSORS, TENSOR_INDEX, is_step, step_name
+from torchkeep.storage.atomic import TEMP_MARKER
 from torchkeep.storage.base import Store
 from torchkeep.storage.digests import is_digest, tensor_digest
 from torchkeep.storage.manifest import DIGEST, FileRecord, Verdict, file_record, write_json
@@ -161,7 +162,7 @@ class BlobIndex:
                 continue
             try:
                 parsed = read_index(store.read(name, TENSOR_INDEX))
-                manifest = json.loads(store.read(name, "manifest.json"))
+                manifest = json.loads(store.read(name, MANIFEST))
             except (FileNotFoundError, ValueError, UnicodeDecodeError):
                 continue  # standalone, unfinished or damaged: nothing to share from it
             recorded = _manifest_packs(manifest)
@@ -173,7 +174,7 @@ class BlobIndex:
                 continue  # a pack is missing or damaged: never point a new checkpoint at it
             index.where.update(parsed.packs)
             index.records.update({ref: dict(recorded[ref]) for ref in refs})
-            model = parsed.files.get("model.safetensors")
+            model = parsed.files.get(MODEL)
             if model is not None:
                 index.nonfinite.update(model.tensors[k] for k in _flagged(manifest) if k in model.tensors)
         return index
@@ -601,7 +602,10 @@ def pack_owner(ref: str) -> str:
     return ref.removeprefix(f"{BLOBS}/").rsplit("-", 1)[0]
 
 
-_LEFTOVER = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors\.tmp-[0-9a-f]+/[A-Za-z0-9._-]+$")
+# what atomic_target leaves of a killed pack write: .<pack>.tmp-<hex>/<pack>
+_LEFTOVER = re.compile(
+    rf"^\.[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors{re.escape(TEMP_MARKER)}[0-9a-f]+/[A-Za-z0-9._-]+$"
+)
 
 
 def collect(store: Store, index: BlobIndex, *, durable: bool) -> list[str]:

@@ -28,6 +28,7 @@ from torchkeep.errors import (
 from torchkeep.run.blobs import TENSOR_FILES, read_indexed_files
 from torchkeep.run.layout import BLOBS, MANIFEST, TENSOR_INDEX
 from torchkeep.run.reader import RunReader, is_run_folder, open_local, step_folder, verify_step
+from torchkeep.storage.atomic import fsync_file
 from torchkeep.storage.base import open_store
 from torchkeep.storage.manifest import DIGEST, file_record, read_manifest, write_json
 from torchkeep.storage.remote import StorageOptions, is_url
@@ -120,8 +121,7 @@ def _write_standalone(source: Path, tmp: Path, *, durable: bool) -> dict[str, An
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, path)
         if durable:
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
         files[name] = file_record(path).entry()
     out = {key: value for key, value in manifest.items() if key != BLOBS}
     out["files"] = dict(sorted(files.items()))
