@@ -5,17 +5,19 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import xxhash
 from torch import nn
 
 import torchkeep
 import torchkeep.run.blobs as blobs
-from conftest import TiedNet, assert_state_equal, tensor_data
+from conftest import STORABLE_DTYPES, TiedNet, assert_state_equal, tensor_data
 from torchkeep.cli import main
 from torchkeep.storage.digests import tensor_digest
 from torchkeep.storage.manifest import file_record
@@ -32,6 +34,23 @@ def _net() -> nn.Module:
     return nn.Sequential(
         nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 3)
     )
+
+
+@pytest.mark.parametrize("dtype", STORABLE_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "slice", "scalar", "empty", "grad"])
+def test_a_digest_is_xxh3_of_dtype_shape_and_row_major_bytes(dtype: torch.dtype, layout: str) -> None:
+    base = (torch.randn(6, 5, generator=torch.Generator().manual_seed(1)) * 20).to(dtype)
+    t = {
+        "contiguous": base,
+        "transposed": base.t(),
+        "slice": base[1:4, ::2],
+        "scalar": base[2, 3],
+        "empty": base[:0],
+        "grad": base.float().requires_grad_() if dtype.is_floating_point else base,
+    }[layout]
+    expected = xxhash.xxh3_128(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    expected.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert tensor_digest(t) == expected.hexdigest()
 
 
 def _frozen_net() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -251,6 +270,32 @@ def test_trusting_version_counters_skips_reading_unchanged_frozen_parameters(
     assert sorted(hashed) == first  # buffers, the head, its momentum, the random state: hashed again
     with pytest.raises(ValueError, match="incremental=True"):
         torchkeep.Checkpointer(tmp_path / "x", incremental=False, trust_version_counters=True)
+
+
+def test_tensors_are_hashed_beside_the_pack_write_not_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full fine-tuning (everything new): the digests come from a second thread while the main
+    thread writes, so hashing adds nothing to the save's time where the write is the bottleneck."""
+    threads: set[str] = set()
+    real = blobs.tensor_digest
+
+    def where(t: torch.Tensor) -> str:
+        threads.add(threading.current_thread().name)
+        return real(t)
+
+    monkeypatch.setattr(blobs, "tensor_digest", where)
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpts = torchkeep.Checkpointer(tmp_path)
+    for step in range(2):
+        _train(model, optimizer)
+        ckpts.save(step, model=model, optimizer=optimizer)
+    assert threads == {"torchkeep-choose"}
+    assert _cli(["verify", str(tmp_path / "step-00000001")]) == 0  # checksums of the packs included
+    fresh = _net()
+    torchkeep.Checkpointer(tmp_path, read_only=True).restore(model=fresh, restore_rng=False)
+    assert_state_equal(dict(fresh.state_dict()), dict(model.state_dict()))
 
 
 def test_retention_deletes_the_packs_no_kept_checkpoint_uses(tmp_path: Path) -> None:

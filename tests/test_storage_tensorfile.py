@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import torchkeep
@@ -167,3 +172,120 @@ def test_the_writer_names_non_finite_tensors_as_it_hashes(
         os.close(fd)
     assert result.nonfinite == ["bad"]
     assert result.digest == file_record(tmp_path / "t.safetensors").digest
+
+
+# -- the header, written piece by piece --------------------------------------------------------------
+
+
+def test_the_header_is_what_json_dumps_writes_for_any_name(tmp_path: Path) -> None:
+    names = ["plain.weight", 'quote"d', "back\\slash", "ünï", "tab\tname", "\x7f", "~[]{}"]
+    state = {name: torch.full((2, i + 1), float(i)) for i, name in enumerate(names)}
+    header, _ = tensorfile.safetensors_layout(state, {"k": 'v"'})
+    table: dict[str, Any] = {"__metadata__": {"k": 'v"'}}
+    offset = 0
+    for name, t in state.items():
+        table[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    expected = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode()
+    assert header[8:].rstrip(b" ") == expected
+    _write(tmp_path / "w.safetensors", state)
+    _assert_bitwise(load_file(str(tmp_path / "w.safetensors")), state)
+
+
+# -- write_chosen: deciding while writing ------------------------------------------------------------
+
+
+def _chosen(
+    path: Path, tensors: list[torch.Tensor], pick: Callable[[int, torch.Tensor], str | None], **kwargs: Any
+) -> tuple[tensorfile.ChosenWrite, list[int]]:
+    opened: list[int] = []
+
+    def open_fd() -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        opened.append(fd)
+        return fd
+
+    try:
+        return tensorfile.write_chosen(
+            open_fd, tensors, pick, {"who": "test"}, name_length=32, **kwargs
+        ), opened
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _name(i: int) -> str:
+    return f"{i:032x}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    picks=st.lists(st.booleans(), min_size=1, max_size=12),
+    sizes=st.lists(st.integers(0, 3000), min_size=12, max_size=12),
+    dtypes=st.lists(st.sampled_from(STORABLE_DTYPES), min_size=12, max_size=12),
+)
+def test_write_chosen_writes_exactly_the_chosen_tensors(
+    tmp_path: Path, picks: list[bool], sizes: list[int], dtypes: list[torch.dtype]
+) -> None:
+    g = torch.Generator().manual_seed(len(picks))
+    tensors = [(torch.randn(sizes[i], generator=g) * 50).to(dtypes[i]) for i in range(len(picks))]
+    path = tmp_path / "chosen.safetensors"
+    path.unlink(missing_ok=True)
+    written, opened = _chosen(path, tensors, lambda i, t: _name(i) if picks[i] else None, digest="xxh3_128")
+    assert written.names == [_name(i) if p else None for i, p in enumerate(picks)]
+    if not any(picks):
+        assert written.result is None
+        assert not opened
+        assert not path.exists()
+        return
+    assert written.result is not None
+    assert len(opened) == 1
+    assert written.result.size == path.stat().st_size
+    assert written.result.digest == file_record(path).digest  # hashed from memory = the file's bytes
+    expected = {_name(i): t for i, t in enumerate(tensors) if picks[i]}
+    _assert_bitwise(load_file(str(path)), expected)  # the reference reader
+    header = torchkeep.formats.read_safetensors_header(path)  # our strict one: ranges tile the data
+    assert header.metadata == {"who": "test"}
+    assert header.data_start % 8 == 0
+
+
+def test_write_chosen_keeps_room_for_every_candidate_and_pads_what_is_left(tmp_path: Path) -> None:
+    tensors = [torch.randn(10_000) for _ in range(50)]
+    written, _ = _chosen(tmp_path / "c.safetensors", tensors, lambda i, t: _name(i) if i == 7 else None)
+    raw = (tmp_path / "c.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    assert raw[8 : 8 + length].rstrip(b" ").endswith(b"}")
+    assert raw[8 + length - 1 : 8 + length] == b" "
+    assert written.result is not None
+    assert written.result.size == 8 + length + tensors[7].nbytes
+
+
+def test_write_chosen_checks_only_the_chosen_candidates_it_is_asked_to(tmp_path: Path) -> None:
+    tensors = [torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")]), torch.tensor([float("nan")])]
+    written, _ = _chosen(
+        tmp_path / "c.safetensors", tensors, lambda i, t: None if i == 2 else _name(i), check_finite=[0, 2]
+    )
+    assert written.result is not None
+    assert written.result.nonfinite == [_name(0)]
+
+
+@pytest.mark.parametrize("bad", ["short", "0" * 31 + '"', "dup"])
+def test_write_chosen_refuses_names_it_cannot_place(tmp_path: Path, bad: str) -> None:
+    tensors = [torch.ones(3), torch.ones(3)]
+
+    def pick(i: int, t: torch.Tensor) -> str:
+        return _name(0) if bad == "dup" else bad
+
+    with pytest.raises(ValueError, match="not a new name of 32 plain char"):
+        _chosen(tmp_path / "c.safetensors", tensors, pick)
+
+
+def test_an_error_while_choosing_reaches_the_caller_after_the_thread_ends(tmp_path: Path) -> None:
+    def pick(i: int, t: torch.Tensor) -> str:
+        if i == 3:
+            raise KeyError("the index broke")
+        return _name(i)
+
+    with pytest.raises(KeyError, match="the index broke"):
+        _chosen(tmp_path / "c.safetensors", [torch.ones(4) for _ in range(6)], pick)
+    assert not any(t.name == "torchkeep-choose" for t in threading.enumerate())

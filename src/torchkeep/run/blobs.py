@@ -46,9 +46,9 @@ from torchkeep.errors import TorchkeepError
 from torchkeep.run.layout import BLOBS, MANIFEST, MODEL, STATE_TENSORS, TENSOR_INDEX, is_step, step_name
 from torchkeep.storage.atomic import TEMP_MARKER
 from torchkeep.storage.base import Store
-from torchkeep.storage.digests import is_digest, tensor_digest
+from torchkeep.storage.digests import DIGEST_HEX_LENGTH, is_digest, tensor_digest
 from torchkeep.storage.manifest import DIGEST, FileRecord, Verdict, file_record, write_json
-from torchkeep.storage.tensorfile import read_safetensors, write_safetensors
+from torchkeep.storage.tensorfile import read_safetensors, write_chosen
 
 __all__ = [
     "BlobIndex",
@@ -292,19 +292,13 @@ def pack_refs(folder: Path) -> set[str]:
 Versions = Mapping[str, tuple[VersionToken, torch.UntypedStorage]]
 
 
-def _digests(
-    name: str, tensors: Mapping[str, torch.Tensor], versions: Versions | None, index: BlobIndex
-) -> dict[str, str]:
-    """Each tensor's digest: hashed, or (``versions``) the last save's where torch counted no change."""
-    out: dict[str, str] = {}
-    for key, t in tensors.items():
-        seen = index.seen.get(f"{name}:{key}")
-        mine = versions.get(key) if versions is not None else None
-        if mine is not None and seen is not None and seen.token == mine[0] and seen.digest in index.where:
-            out[key] = seen.digest
-            continue
-        out[key] = tensor_digest(t)
-    return out
+def _known_digest(name: str, key: str, versions: Versions | None, index: BlobIndex) -> str | None:
+    """The last save's digest of ``name:key`` when torch counted no change since (``versions``)."""
+    seen = index.seen.get(f"{name}:{key}")
+    mine = versions.get(key) if versions is not None else None
+    if mine is not None and seen is not None and seen.token == mine[0] and seen.digest in index.where:
+        return seen.digest
+    return None
 
 
 def write_indexed(
@@ -332,22 +326,21 @@ def write_indexed(
         the manifest record of ``tensors.json``.
     """
     versions = versions or {}
-    digests = {
-        name: _digests(name, tensors, versions.get(name), index) for name, (tensors, _, _) in files.items()
-    }
+    slots = [(name, key) for name, (tensors, _, _) in files.items() for key in tensors]
+    found = _store_new(
+        [files[name][0][key] for name, key in slots],
+        [_known_digest(name, key, versions.get(name), index) for name, key in slots],
+        [i for i, (name, _) in enumerate(slots) if files[name][2]],
+        step=step,
+        store=store,
+        index=index,
+        durable=durable,
+    )
+    digests: dict[str, dict[str, str]] = {name: {} for name in files}
+    for (name, key), digest in zip(slots, found, strict=True):
+        digests[name][key] = digest
     for name, given in (known or {}).items():
         digests.setdefault(name, {}).update(given)
-    new: dict[str, torch.Tensor] = {}
-    check: set[str] = set()
-    for name, (tensors, _, checked) in files.items():
-        for key, t in tensors.items():
-            digest = digests[name][key]
-            if digest not in new and not index.usable(digest, store):
-                new[digest] = t
-            if checked:
-                check.add(digest)
-    if new:
-        _write_pack(new, step=step, store=store, index=index, durable=durable, check=check)
     seen: dict[str, _Seen] = {}  # what torch counted for each tensor, for the next save's fast path
     for name in files:  # (only this save's: a storage no longer saved is not held)
         for key, (token, storage) in (versions.get(name) or {}).items():
@@ -374,33 +367,62 @@ def write_indexed(
     return blobs, nonfinite, record
 
 
-def _write_pack(
-    new: Mapping[str, torch.Tensor],
+def _store_new(
+    tensors: list[torch.Tensor],
+    given: list[str | None],
+    check: list[int],
     *,
     step: int,
     store: Store,
     index: BlobIndex,
     durable: bool,
-    check: set[str] | None = None,
-) -> str:
-    """Write ``new`` (digest -> contiguous CPU tensor) as one pack of the run; return its ref.
+) -> list[str]:
+    """Store the ``tensors`` (contiguous CPU tensors) no pack holds yet, as one new pack; return
+    each one's digest.
 
-    The pack's XXH3-128 is computed while it is written; ``check`` names the
-    digests to look at for NaN/Inf (the model's tensors; all when None).
+    ``given[i]``, where not ``None``, is tensor ``i``'s digest, known without
+    reading it. The others are hashed on a second thread while the new ones
+    are written (:func:`~torchkeep.storage.tensorfile.write_chosen`), so a save
+    where everything changed costs about what writing it costs. ``check``
+    names the tensors to look at for NaN/Inf (the model's).
     """
+    digests: list[str] = [""] * len(tensors)
+    chosen: set[str] = set()
+
+    def choose(i: int, t: torch.Tensor) -> str | None:
+        digest = digests[i] = given[i] or tensor_digest(t)
+        if digest in chosen or index.usable(digest, store):
+            return None
+        chosen.add(digest)
+        return digest
+
     ref = f"{BLOBS}/{step_name(step)}-{secrets.token_hex(4)}.safetensors"
-    with store.stage(ref, durable=durable) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            result = write_safetensors(fd, new, _PACK_META, digest=DIGEST, check_finite=True, only=check)
-        finally:
-            os.close(fd)
-    index.where.update(dict.fromkeys(new, ref))
+    with contextlib.ExitStack() as stack:
+
+        def open_pack() -> int:
+            tmp = stack.enter_context(store.stage(ref, durable=durable))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            stack.callback(os.close, fd)
+            return fd
+
+        written = write_chosen(
+            open_pack,
+            tensors,
+            choose,
+            _PACK_META,
+            name_length=DIGEST_HEX_LENGTH,
+            digest=DIGEST,
+            check_finite=check,
+        )
+    result = written.result
+    if result is None:
+        return digests
+    index.where.update(dict.fromkeys(chosen, ref))
     index.records[ref] = {"size": result.size, DIGEST: result.digest}
     index.checked.add(ref)
     index.nonfinite.update(result.nonfinite)
-    logger.info("stored %d new tensors (%d bytes) in %s", len(new), result.size, ref)
-    return ref
+    logger.info("stored %d new tensors (%d bytes) in %s", len(chosen), result.size, ref)
+    return digests
 
 
 def write_ahead(
@@ -415,25 +437,33 @@ def write_ahead(
     """Store live tensors now, before a save returns (those an async save could not stage).
 
     Each is copied to host memory only when on another device or strided,
-    hashed, and, when no pack holds it, written in packs of about
+    and they are stored (:func:`_store_new`) in groups of about
     ``chunk_bytes`` (a larger tensor alone), so host memory stays within
     ``chunk_bytes`` plus the largest tensor. Returns each name's digest.
     """
     digests: dict[str, str] = {}
-    chunk: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    chunk: list[torch.Tensor] = []
     size = 0
+
+    def store_chunk() -> None:
+        found = _store_new(
+            chunk, [None] * len(chunk), [], step=step, store=store, index=index, durable=durable
+        )
+        digests.update(zip(names, found, strict=True))
+        names.clear()
+        chunk.clear()
+
     for name, t in tensors.items():
         host = t.detach().to("cpu").contiguous()  # one host copy, only for another device or strides
-        digest = digests[name] = tensor_digest(host)
-        if digest in chunk or index.usable(digest, store):
-            continue
         if chunk and size + host.nbytes > chunk_bytes:
-            _write_pack(chunk, step=step, store=store, index=index, durable=durable)
-            chunk, size = {}, 0
-        chunk[digest] = host
+            store_chunk()
+            size = 0
+        names.append(name)
+        chunk.append(host)
         size += host.nbytes
     if chunk:
-        _write_pack(chunk, step=step, store=store, index=index, durable=durable)
+        store_chunk()
     return digests
 
 

@@ -487,6 +487,8 @@ class Checkpointer:
         logger.info("saved checkpoint %s", committed.folder)
         self.preemption.save_finished()
         if self._coordinator.is_main:
+            if self._blobs is not None:
+                self._blobs.uses[step_name(snapshot.step)] = set(committed.packs)  # (not read back)
             self._prune(just_written=snapshot.step)
             if self._blobs is not None:
                 collect(self._store, self._blobs, durable=self.durable)

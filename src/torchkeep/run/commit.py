@@ -40,11 +40,12 @@ __all__ = ["Committed", "Written", "commit", "warn_nonfinite", "write_files"]
 
 @dataclass(frozen=True)
 class Committed:
-    """A published checkpoint: its folder and what was found non-finite in it."""
+    """A published checkpoint: its folder, what was found non-finite in it, and the packs it uses."""
 
     folder: Path | str
     nonfinite: builtins.list[str]
     bad_metrics: builtins.list[str]
+    packs: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -184,7 +185,8 @@ def commit(
             blobs=packs,
         )
         write_json(folder / MANIFEST, manifest, durable=durable)
-        return Committed(store.publish(folder, name, durable=durable), tensors, bad_metrics)
+        published = store.publish(folder, name, durable=durable)
+        return Committed(published, tensors, bad_metrics, frozenset(packs))
 
     try:
         written = coordinator.attempt(

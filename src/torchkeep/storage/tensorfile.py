@@ -15,13 +15,15 @@ ordered by item size, largest first, so each starts aligned to its item size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import queue
+import re
 import struct
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,13 +36,22 @@ from torchkeep.storage.manifest import new_digest
 if TYPE_CHECKING:
     from torchkeep.formats import SafetensorsHeader
 
-__all__ = ["WriteResult", "parallel_read", "read_safetensors", "safetensors_layout", "write_safetensors"]
+__all__ = [
+    "ChosenWrite",
+    "WriteResult",
+    "parallel_read",
+    "read_safetensors",
+    "safetensors_layout",
+    "write_chosen",
+    "write_safetensors",
+]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 # Bytes per writev call: large enough to cost nothing per call, small enough that the
 # hashing thread works on one batch while the next is written (Linux caps a write at ~2 GiB).
 _MAX_WRITE = 64 << 20
 _HASH_BATCH = 8 << 20
+_HASH_VIEWS = 4096  # and at most this many views a batch (small tensors)
 
 
 def _codes() -> dict[torch.dtype, str]:
@@ -72,6 +83,50 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return flat.numpy().data
 
 
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON writes it as it is
+
+
+def _header_json(entries: Iterable[tuple[str, torch.Tensor, int]], metadata: Mapping[str, str] | None) -> str:
+    """The JSON text of a safetensors header for ``entries`` (name, tensor, start of its data).
+
+    Written piece by piece (as ``json.dumps`` of the whole header would write it), so a header of
+    100k tensors costs one string per tensor, not a dict and two lists.
+
+    Raises:
+        KeyError: a tensor's dtype has no safetensors code (callers check dtypes first).
+    """
+    parts = []
+    if metadata:
+        parts.append(
+            '"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)
+        )
+    for name, t, start in entries:
+        shape = ",".join(map(str, t.shape))
+        quoted = f'"{name}"' if _PLAIN.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+        parts.append(
+            f'{quoted}:{{"dtype":"{_TORCH_TO_CODE[t.dtype]}",'
+            f'"shape":[{shape}],"data_offsets":[{start},{start + t.nbytes}]}}'
+        )
+    return "{" + ",".join(parts) + "}"
+
+
+def _framed(header: str, length: int | None = None) -> bytes:
+    """The 8-byte length and the header, padded with spaces to ``length`` (default: a multiple of 8)."""
+    raw = header.encode("utf-8")
+    length = len(raw) + (-len(raw) % 8) if length is None else length
+    if len(raw) > length:
+        raise ValueError(f"a safetensors header of {len(raw)} bytes does not fit the {length} reserved")
+    return struct.pack("<Q", length) + raw + b" " * (length - len(raw))
+
+
+def _by_item_size(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """(position, start of its data) of each of ``tensors``, in the order their data is laid out:
+    largest item size first (stable), so each tensor starts aligned to its item size."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    starts = itertools.accumulate((tensors[i].nbytes for i in order), initial=0)
+    return list(zip(order, starts, strict=False))  # (starts has one more: the end)
+
+
 def safetensors_layout(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[torch.Tensor]]:
@@ -80,39 +135,28 @@ def safetensors_layout(
     Raises:
         KeyError: a tensor's dtype has no safetensors code (callers check dtypes first).
     """
-    order = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())  # stable: ties keep their order
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, t in order:
-        header[name] = {
-            "dtype": _TORCH_TO_CODE[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, [t for _, t in order]
+    names = list(tensors)
+    values = list(tensors.values())
+    order = _by_item_size(values)
+    header = _header_json(((names[i], values[i], start) for i, start in order), metadata)
+    return _framed(header), [values[i] for i, _ in order]
 
 
-def _batches(views: list[memoryview]) -> list[list[memoryview]]:
-    """Group views into writev calls: at most IOV_MAX views and about 1 GiB each."""
-    batches: list[list[memoryview]] = []
+def _batches(views: Iterable[memoryview]) -> Iterator[list[memoryview]]:
+    """Group views into writev calls of at most IOV_MAX views and about ``_MAX_WRITE`` bytes,
+    made as they are consumed (a save of 100k tensors never holds a view of each at once)."""
     current: list[memoryview] = []
     size = 0
     for view in views:
         for start in range(0, max(len(view), 1), _MAX_WRITE):
             part = view[start : start + _MAX_WRITE]
             if current and (len(current) >= _IOV_MAX or size + len(part) > _MAX_WRITE):
-                batches.append(current)
+                yield current
                 current, size = [], 0
             current.append(part)
             size += len(part)
     if current:
-        batches.append(current)
-    return batches
+        yield current
 
 
 def _write_all(fd: int, batch: list[memoryview]) -> None:
@@ -148,22 +192,31 @@ def _nonfinite(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
 
 class _Hasher:
     """A digest of a byte stream (and a NaN/Inf check), computed on a second thread from the
-    writer's own memory."""
+    writer's own memory.
+
+    At most a few batches wait for it (``feed`` blocks meanwhile), so the writer never holds a
+    view of every tensor of a large save at once.
+    """
 
     def __init__(self, algorithm: str | None, finite: list[tuple[str, torch.Tensor]]) -> None:
         self.digest = new_digest(algorithm) if algorithm else None
         self.nonfinite: list[str] = []
         self._finite = finite
-        self._queue: queue.Queue[list[memoryview] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[list[memoryview] | None] = queue.Queue(maxsize=4)
         self._thread = threading.Thread(target=self._run, name="torchkeep-digest", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            if self.digest is not None:
-                for view in batch:
-                    self.digest.update(view)
-        self.nonfinite = _nonfinite(self._finite)  # the bytes are hot in the cache by now
+            if self.digest is not None and self._error is None:
+                try:
+                    for view in batch:
+                        self.digest.update(view)
+                except BaseException as err:  # kept for finish(); the queue is still drained
+                    self._error = err
+        if self._error is None:
+            self.nonfinite = _nonfinite(self._finite)  # the bytes are hot in the cache by now
 
     def feed(self, batch: list[memoryview]) -> None:
         self._queue.put(batch)
@@ -171,7 +224,34 @@ class _Hasher:
     def finish(self) -> str | None:
         self._queue.put(None)
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return None if self.digest is None else str(self.digest.hexdigest())
+
+
+class _Feeder:
+    """Hands what was written to a :class:`_Hasher` in batches of about ``_HASH_BATCH`` bytes."""
+
+    def __init__(self, hasher: _Hasher | None) -> None:
+        self.hasher = hasher
+        self._pending: list[memoryview] = []
+        self._size = 0
+
+    def add(self, batch: list[memoryview]) -> None:
+        if self.hasher is None:
+            return
+        self._pending += batch
+        self._size += sum(len(v) for v in batch)
+        if self._size >= _HASH_BATCH or len(self._pending) >= _HASH_VIEWS:
+            self.hasher.feed(self._pending)
+            self._pending, self._size = [], 0
+
+    def finish(self) -> tuple[str | None, list[str]]:
+        if self.hasher is None:
+            return None, []
+        self.hasher.feed(self._pending)
+        self._pending = []
+        return self.hasher.finish(), self.hasher.nonfinite
 
 
 def write_safetensors(
@@ -203,29 +283,145 @@ def write_safetensors(
         A :class:`WriteResult`.
     """
     header, ordered = safetensors_layout(tensors, metadata)
-    views = [memoryview(header), *(_byte_view(t) for t in ordered if t.numel())]
+    views = itertools.chain((memoryview(header),), (_byte_view(t) for t in ordered if t.numel()))
     finite = [(n, t) for n, t in tensors.items() if only is None or n in only] if check_finite else []
-    hasher = _Hasher(digest, finite) if digest or check_finite else None
-    pending: list[memoryview] = []
-    pending_size = 0
+    feeder = _Feeder(_Hasher(digest, finite) if digest or check_finite else None)
+    hexdigest: str | None = None
+    nonfinite: list[str] = []
     try:
         for batch in _batches(views):
             _write_all(fd, batch)
-            if hasher is not None:  # hash what was just written while the next batch is written
-                pending += batch
-                pending_size += sum(len(v) for v in batch)
-                if pending_size >= _HASH_BATCH:
-                    hasher.feed(pending)
-                    pending, pending_size = [], 0
+            feeder.add(batch)  # hashed while the next batch is written
         if fsync:
             os.fsync(fd)
     finally:
-        hexdigest, nonfinite = None, []
-        if hasher is not None:
-            hasher.feed(pending)
-            hexdigest = hasher.finish()
-            nonfinite = hasher.nonfinite
+        hexdigest, nonfinite = feeder.finish()
     return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest, nonfinite)
+
+
+@dataclass(frozen=True)
+class ChosenWrite:
+    """What :func:`write_chosen` did: each candidate's name in the file (``None``: left out), and
+    the file written (``None``: no candidate was chosen, no file opened)."""
+
+    names: list[str | None]
+    result: WriteResult | None
+
+
+_DONE = object()
+
+
+def write_chosen(
+    open_fd: Callable[[], int],
+    tensors: Sequence[torch.Tensor],
+    choose: Callable[[int, torch.Tensor], str | None],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    name_length: int,
+    digest: str | None = None,
+    check_finite: Collection[int] = (),
+) -> ChosenWrite:
+    """Write the candidates that ``choose`` names as a safetensors file, deciding while writing.
+
+    ``choose(i, tensor)`` runs on a second thread, candidate by candidate in
+    the order their data is laid out (largest item size first), and returns
+    the name the tensor gets in the file or ``None`` to leave it out (e.g.
+    its content digest, or ``None`` when that content is stored already).
+    Each chosen tensor is written as soon as it is chosen, so the choosing
+    (hashing every candidate) overlaps the writing instead of preceding it.
+    The header, known once every candidate is decided, goes last into room
+    kept at the start of the file for all candidates (the unused rest is
+    padding spaces, which the safetensors format allows). The same thread
+    then computes the file's ``digest`` from the tensors' memory, beside the
+    writes, and checks the candidates at ``check_finite`` that were chosen
+    for NaN/Inf.
+
+    ``open_fd`` is called, once, when the first candidate is chosen: nothing
+    is opened when none is. Every name must be ``name_length`` characters of
+    JSON-plain text (hex digests are).
+
+    Raises:
+        ValueError: a name chosen twice, of another length, or one JSON would escape.
+        Whatever ``choose`` or the writes raised (the second thread is joined first).
+    """
+    order = _by_item_size(tensors)
+    placeholder = "0" * name_length  # the header can only shrink as candidates are left out
+    room = len(_framed(_header_json(((placeholder, tensors[i], start) for i, start in order), metadata)))
+    names: list[str | None] = [None] * len(tensors)
+    decided: queue.Queue[Any] = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def decide() -> None:
+        try:
+            chosen: list[tuple[str, torch.Tensor, int]] = []
+            taken: set[str] = set()
+            offset = 0
+            for i, _ in order:
+                name = choose(i, tensors[i])
+                if name is not None:
+                    if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
+                        raise ValueError(
+                            f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
+                        )
+                    taken.add(name)
+                    chosen.append((name, tensors[i], offset))
+                    offset += tensors[i].nbytes
+                names[i] = name
+                decided.put(i)
+            decided.put(_DONE)
+            if not chosen:
+                return
+            header = outcome["header"] = _framed(_header_json(chosen, metadata), room - 8)
+            if digest is not None:
+                hasher = new_digest(digest)
+                hasher.update(header)
+                for _, t, _ in chosen:
+                    if t.numel():
+                        hasher.update(_byte_view(t))
+                outcome["digest"] = str(hasher.hexdigest())
+            outcome["nonfinite"] = _nonfinite(
+                [(name, tensors[i]) for i in check_finite if (name := names[i]) is not None]
+            )
+        except BaseException as err:
+            outcome["error"] = err
+            decided.put(_DONE)
+
+    worker = threading.Thread(target=decide, name="torchkeep-choose", daemon=True)
+    worker.start()
+    fd: int | None = None
+    size = 0
+    try:
+        current: list[memoryview] = []
+        pending = 0
+        while (i := decided.get()) is not _DONE:
+            if names[i] is not None:
+                if fd is None:
+                    fd = open_fd()
+                    os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
+                t = tensors[i]
+                size += t.nbytes
+                if t.numel():
+                    current.append(_byte_view(t))
+                    pending += t.nbytes
+            # write what is decided whenever nothing more is ready (or a batch is full)
+            if current and (decided.empty() or pending >= _HASH_BATCH or len(current) >= _IOV_MAX):
+                assert fd is not None
+                for batch in _batches(current):
+                    _write_all(fd, batch)
+                current, pending = [], 0
+        if current:
+            assert fd is not None
+            for batch in _batches(current):
+                _write_all(fd, batch)
+    finally:
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if fd is None:
+        return ChosenWrite(names, None)
+    header = outcome["header"]
+    os.pwrite(fd, header, 0)
+    return ChosenWrite(names, WriteResult(len(header) + size, outcome.get("digest"), outcome["nonfinite"]))
 
 
 _READ_CHUNK = 64 << 20
