@@ -1,9 +1,9 @@
 """The benchmark suite: saves and loads side by side against raw I/O, torch and safetensors.
 
-Run: python -m benchmarks.run --size 1GiB [--repeat 3] [--dir /tmp] [--no-plot]
+Run: python -m benchmarks.run --size 512MiB --small 64MiB [--repeat 5] [--dir DIR] [--no-plot]
 
-Three state dicts: (a) SIZE in 100 float32 tensors, (b) SIZE/10 in 2000
-tensors, (c) torchvision's resnet50 (random weights). Saves run in this
+Three state dicts: (a) SIZE in 100 float32 tensors, (b) SMALL (default
+SIZE/10) in 2000 tensors, (c) torchvision's resnet50 (random weights). Saves run in this
 process; every load runs in a fresh Python process (imports done before the
 clock starts), so nothing of the reader is warm, while the file is in the page
 cache (warm) as for a file just written. Figures are medians of ``--repeat``
@@ -261,6 +261,31 @@ def fresh_load(kind: str, path: Path, repeat: int) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in ("load", "touch", "rss")}
 
 
+def restore_vs_read(state: dict[str, torch.Tensor], run: Path, repeat: int) -> dict[str, float]:
+    """``Checkpointer.restore`` of the newest checkpoint of ``run`` (verify every digest, read, copy into
+    the model) against reading every byte of the files it uses; interleaved, medians, in this process."""
+    holder = Holder({k: torch.empty_like(v) for k, v in state.items()})
+    reader = torchkeep.Checkpointer(run, read_only=True)
+    folder = Path(reader.list()[-1].path)
+    index = folder / "tensors.json"
+    used = [folder / n for n in ("model.safetensors", "state.json", "manifest.json") if (folder / n).exists()]
+    if index.exists():
+        used += [index, *(run / ref for ref in set(json.loads(index.read_text())["packs"].values()))]
+    restores, reads = [], []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        for path in used:
+            buffer = bytearray(path.stat().st_size)
+            with path.open("rb", buffering=0) as f:
+                f.readinto(buffer)
+        reads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reader.restore(model=holder, restore_rng=False)
+        restores.append(time.perf_counter() - start)
+    read, restored = statistics.median(reads[1:]), statistics.median(restores[1:])
+    return {"restore": restored, "read": read, "ratio": restored / read}
+
+
 # -- one data set -------------------------------------------------------------------------------------
 
 
@@ -292,6 +317,11 @@ def run_case(name: str, state: dict[str, torch.Tensor], folder: Path, repeat: in
             f"  {op_name:<34}{seconds:>8.3f}{row['gb_per_s']:>8.2f}{row['vs_baseline']:>8.2f}x"
             f"{row['vs_torch']:>9.2f}x   (vs {baseline})"
         )
+    restore = restore_vs_read(state, folder / "run-sync", repeat)
+    print(
+        f"  Checkpointer.restore {restore['restore']:.3f} s, reading its files {restore['read']:.3f} s: "
+        f"{restore['ratio']:.2f}x"
+    )
     files = {"pt": folder / "torch.pt", "st": folder / "tk.safetensors", "tk_pt": folder / "tk.pt"}
     load_rows = []
     results = {op: fresh_load(kind, path, repeat) for op, (kind, path) in load_ops(files).items()}
@@ -318,7 +348,14 @@ def run_case(name: str, state: dict[str, torch.Tensor], folder: Path, repeat: in
     for path in folder.iterdir():  # free the disk before the next data set
         if path.is_file():
             path.unlink()
-    return {"name": name, "tensors": len(state), "bytes": nbytes, "save": save_rows, "load": load_rows}
+    return {
+        "name": name,
+        "tensors": len(state),
+        "bytes": nbytes,
+        "save": save_rows,
+        "load": load_rows,
+        "restore": restore,
+    }
 
 
 # -- reports -----------------------------------------------------------------------------------------
@@ -327,9 +364,14 @@ def run_case(name: str, state: dict[str, torch.Tensor], folder: Path, repeat: in
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} (torch {report['torch']}), "
-        f"`python -m benchmarks.run --size {report['size']}`; medians of {report['repeat']}; "
-        "page cache warm. Peak RSS: extra resident memory of the loading process after every byte "
-        "was touched (mapped file pages count once touched).",
+        f"`python -m benchmarks.run --size {report['size']} --small {report['small']}`; medians of "
+        f"{report['repeat']}; page cache warm. Peak RSS: extra resident memory of the loading process "
+        "after every byte was touched (mapped file pages count once touched).",
+        "",
+        '**Targets** of the issue "Speed at every size" (the async rows from the latest '
+        '`benchmarks.async_budget` run; the scale curve: "How it scales" below)',
+        "",
+        targets_markdown(report["targets"]),
         "",
     ]
     for case in report["cases"]:
@@ -354,7 +396,99 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {r['op']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} | {r['vs_raw']:.2f}x | "
                 f"{r['vs_torch']:.2f}x | {r['touch_seconds']:.3f} | {r['peak_rss_ratio']:.2f} |"
             )
-        lines.append("")
+        restore = case["restore"]
+        lines += [
+            "",
+            f"`Checkpointer.restore` of the checkpoint saved above: {restore['restore']:.3f} s, reading "
+            f"the files it uses {restore['read']:.3f} s ({restore['ratio']:.2f}x).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _row(case: dict[str, Any], kind: str, op: str) -> dict[str, Any]:
+    return next(r for r in case[kind] if r["op"] == op)
+
+
+def targets(report: dict[str, Any]) -> list[tuple[str, str, float, str, bool]]:
+    """The targets of the issue "Speed at every size" this run measures: (what, figures, ratio, goal,
+    held). The scale curve and the async budget have benchmarks of their own (benchmarks.scale,
+    benchmarks.async_budget); their latest results are read from benchmarks/results."""
+    rows: list[tuple[str, str, float, str, bool]] = []
+    for case in report["cases"][:2]:
+        short = case["name"].split(" ")[0]
+        raw = _row(case, "save", "raw write + fsync")["seconds"]
+        torch_save = _row(case, "save", "torch.save")["seconds"]
+        for fmt in (".safetensors", ".pt"):
+            ours = _row(case, "save", f"torchkeep {fmt} durable")["seconds"]
+            rows.append(
+                (
+                    f"{short} durable save_weights {fmt} vs raw write + fsync",
+                    f"{ours * 1e3:.0f} ms vs {raw * 1e3:.0f} ms",
+                    raw / ours,
+                    ">= 0.90",
+                    raw / ours >= 0.9,
+                )
+            )
+            rows.append(
+                (
+                    f"{short} durable save_weights {fmt} vs torch.save (no fsync)",
+                    f"{ours * 1e3:.0f} ms vs {torch_save * 1e3:.0f} ms",
+                    torch_save / ours,
+                    ">= 1.00",
+                    torch_save / ours >= 1.0,
+                )
+            )
+    small = report["cases"][1]
+    theirs = _row(small, "load", "torch.load weights_only")["touch_seconds"]
+    ours = _row(small, "load", "torchkeep .pt eager")["touch_seconds"]
+    rows.append(
+        (
+            f"(b) load .pt of {small['tensors']} tensors, bytes touched, vs torch.load(weights_only=True)",
+            f"{ours * 1e3:.0f} ms vs {theirs * 1e3:.0f} ms",
+            theirs / ours,
+            ">= 2.50",
+            theirs / ours >= 2.5,
+        )
+    )
+    restore = small["restore"]
+    rows.append(
+        (
+            f"(b) Checkpointer.restore of {small['tensors']} tensors vs reading its files",
+            f"{restore['restore'] * 1e3:.0f} ms vs {restore['read'] * 1e3:.0f} ms",
+            restore["ratio"],
+            "<= 1.20",
+            restore["ratio"] <= 1.2,
+        )
+    )
+    budget = RESULTS / "async_budget.json"
+    if budget.exists():
+        found = json.loads(budget.read_text())
+        rows.append(
+            (
+                "async save: stall with the state within the budget vs one copy (benchmarks.async_budget)",
+                f"{found['stall_s']['no budget'] * 1e3:.0f} ms vs {found['one_copy_s'] * 1e3:.0f} ms",
+                found["stall_vs_copy"]["no budget"],
+                "<= 1.10",
+                found["stall_vs_copy"]["no budget"] <= 1.1,
+            )
+        )
+        rows.append(
+            (
+                "async save: training step during a background save (benchmarks.async_budget)",
+                f"{found['step_during_save_s'] * 1e3:.0f} ms vs {found['step_alone_s'] * 1e3:.0f} ms",
+                found["step_slowdown"],
+                "<= 1.10",
+                found["step_slowdown"] <= 1.1,
+            )
+        )
+    return rows
+
+
+def targets_markdown(rows: list[tuple[str, str, float, str, bool]]) -> str:
+    lines = ["| target | measured | ratio | goal | |", "| --- | --- | ---: | --- | --- |"]
+    for what, figures, ratio, goal, held in rows:
+        lines.append(f"| {what} | {figures} | {ratio:.2f} | {goal} | {'held' if held else '**missed**'} |")
     return "\n".join(lines)
 
 
@@ -405,6 +539,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="size of state dict (a)")
+    parser.add_argument(
+        "--small", type=parse_size, default=None, help="size of state dict (b) (default: SIZE / 10)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write the files (default: a temp dir)"
@@ -412,10 +549,11 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
     args = parser.parse_args()
+    small = args.small or args.size // 10
     label = f"{args.size / 2**30:g}GiB" if args.size >= 2**30 else f"{args.size / 2**20:g}MiB"
     cases = {
         f"(a) {label} in 100 tensors": random_state(args.size, 100),
-        f"(b) {args.size // 10 / 2**20:.0f}MiB in 2000 tensors": random_state(args.size // 10, 2000),
+        f"(b) {small / 2**20:.0f}MiB in 2000 tensors": random_state(small, 2000),
     }
     resnet = resnet50_state()
     if resnet is not None:
@@ -426,12 +564,15 @@ def main() -> None:
         f"{platform.python_version()}",
         "torch": str(torch.__version__),
         "size": label,
+        "small": f"{small / 2**20:g}MiB",
         "repeat": args.repeat,
         "cases": [],
     }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for name, state in cases.items():
             report["cases"].append(run_case(name, state, Path(tmp), args.repeat))
+    report["targets"] = targets(report)
+    print("\n" + targets_markdown(report["targets"]))
     if args.no_save:
         return
     RESULTS.mkdir(exist_ok=True)

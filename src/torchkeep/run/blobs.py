@@ -8,6 +8,10 @@ pack holding each digest. A pack (``blobs/step-00000120-3fa9c2d1.safetensors``)
 is a standard safetensors file whose tensor names are digests; a save writes
 one pack holding only the tensors no pack of the run holds yet (none at all
 when nothing changed), so a frozen backbone is written by the first save only.
+The tensors are hashed on a second thread while the new ones are written, so
+a save where everything changed costs about what writing it costs; the pack's
+header, known once every tensor is decided, is written last into room kept at
+the start of the file (:func:`~torchkeep.storage.tensorfile.write_chosen`).
 
 Safety of shared data, step by step:
 
