@@ -86,50 +86,56 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 _PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON writes it as it is
 
 
-def _header_json(entries: Iterable[tuple[str, torch.Tensor, int]], metadata: Mapping[str, str] | None) -> str:
-    """The JSON text of a safetensors header for ``entries`` (name, tensor, start of its data).
+def _header(
+    entries: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None,
+    *,
+    room: int | None = None,
+) -> bytearray:
+    """A safetensors header for ``entries`` (name, tensor; their data laid out in this order):
+    the 8-byte length, then the JSON (as ``json.dumps`` of the whole table would write it),
+    padded with spaces to a multiple of 8, or to ``room`` bytes in all.
 
-    Written piece by piece (as ``json.dumps`` of the whole header would write it), so a header of
-    100k tensors costs one string per tensor, not a dict and two lists.
+    Written piece by piece into one buffer, so a header of 100k tensors costs its own bytes, not a
+    dict, two lists and three copies of the text per tensor.
 
     Raises:
         KeyError: a tensor's dtype has no safetensors code (callers check dtypes first).
+        ValueError: the header is larger than ``room``.
     """
-    parts = []
+    out = bytearray(8)
+    out += b"{"
     if metadata:
-        parts.append(
-            '"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)
-        )
-    for name, t, start in entries:
-        shape = ",".join(map(str, t.shape))
+        table = json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)
+        out += f'"__metadata__":{table}'.encode()
+    offset = 0
+    for name, t in entries:
+        if len(out) > 9:
+            out += b","
         quoted = f'"{name}"' if _PLAIN.fullmatch(name) else json.dumps(name, ensure_ascii=False)
-        parts.append(
-            f'{quoted}:{{"dtype":"{_TORCH_TO_CODE[t.dtype]}",'
-            f'"shape":[{shape}],"data_offsets":[{start},{start + t.nbytes}]}}'
-        )
-    return "{" + ",".join(parts) + "}"
+        shape = ",".join(map(str, t.shape))
+        end = offset + t.nbytes
+        code = _TORCH_TO_CODE[t.dtype]
+        out += f'{quoted}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{end}]}}'.encode()
+        offset = end
+    out += b"}"
+    size = len(out) + (-len(out) % 8) if room is None else room
+    if len(out) > size:
+        raise ValueError(f"a safetensors header of {len(out)} bytes does not fit the {size} kept for it")
+    out += b" " * (size - len(out))
+    out[:8] = struct.pack("<Q", size - 8)
+    return out
 
 
-def _framed(header: str, length: int | None = None) -> bytes:
-    """The 8-byte length and the header, padded with spaces to ``length`` (default: a multiple of 8)."""
-    raw = header.encode("utf-8")
-    length = len(raw) + (-len(raw) % 8) if length is None else length
-    if len(raw) > length:
-        raise ValueError(f"a safetensors header of {len(raw)} bytes does not fit the {length} reserved")
-    return struct.pack("<Q", length) + raw + b" " * (length - len(raw))
-
-
-def _by_item_size(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(position, start of its data) of each of ``tensors``, in the order their data is laid out:
-    largest item size first (stable), so each tensor starts aligned to its item size."""
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
-    starts = itertools.accumulate((tensors[i].nbytes for i in order), initial=0)
-    return list(zip(order, starts, strict=False))  # (starts has one more: the end)
+def _by_item_size(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Positions of ``tensors`` in the order their data is laid out: largest item size first
+    (stable), so each tensor starts aligned to its item size."""
+    return sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
 
 
 def safetensors_layout(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> tuple[bytes, list[torch.Tensor]]:
+) -> tuple[bytearray, list[torch.Tensor]]:
     """The header bytes (length prefix included) and the tensors in the order their data follows.
 
     Raises:
@@ -138,8 +144,7 @@ def safetensors_layout(
     names = list(tensors)
     values = list(tensors.values())
     order = _by_item_size(values)
-    header = _header_json(((names[i], values[i], start) for i, start in order), metadata)
-    return _framed(header), [values[i] for i, _ in order]
+    return _header(((names[i], values[i]) for i in order), metadata), [values[i] for i in order]
 
 
 def _batches(views: Iterable[memoryview]) -> Iterator[list[memoryview]]:
@@ -346,17 +351,16 @@ def write_chosen(
     """
     order = _by_item_size(tensors)
     placeholder = "0" * name_length  # the header can only shrink as candidates are left out
-    room = len(_framed(_header_json(((placeholder, tensors[i], start) for i, start in order), metadata)))
+    room = len(_header(((placeholder, tensors[i]) for i in order), metadata))
     names: list[str | None] = [None] * len(tensors)
     decided: queue.Queue[Any] = queue.Queue()
     outcome: dict[str, Any] = {}
 
     def decide() -> None:
         try:
-            chosen: list[tuple[str, torch.Tensor, int]] = []
+            chosen: list[tuple[str, torch.Tensor]] = []
             taken: set[str] = set()
-            offset = 0
-            for i, _ in order:
+            for i in order:
                 name = choose(i, tensors[i])
                 if name is not None:
                     if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
@@ -364,18 +368,17 @@ def write_chosen(
                             f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
                         )
                     taken.add(name)
-                    chosen.append((name, tensors[i], offset))
-                    offset += tensors[i].nbytes
+                    chosen.append((name, tensors[i]))
                 names[i] = name
                 decided.put(i)
             decided.put(_DONE)
             if not chosen:
                 return
-            header = outcome["header"] = _framed(_header_json(chosen, metadata), room - 8)
+            header = outcome["header"] = _header(chosen, metadata, room=room)
             if digest is not None:
                 hasher = new_digest(digest)
                 hasher.update(header)
-                for _, t, _ in chosen:
+                for _, t in chosen:
                     if t.numel():
                         hasher.update(_byte_view(t))
                 outcome["digest"] = str(hasher.hexdigest())
