@@ -289,3 +289,15 @@ def test_an_error_while_choosing_reaches_the_caller_after_the_thread_ends(tmp_pa
     with pytest.raises(KeyError, match="the index broke"):
         _chosen(tmp_path / "c.safetensors", [torch.ones(4) for _ in range(6)], pick)
     assert not any(t.name == "torchkeep-choose" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 13])
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_mapped_file_record_equals_a_read_one(tmp_path: Path, size: int, algorithm: str) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    read, mapped = file_record(path, algorithm), file_record(path, algorithm, mapped=True)
+    assert mapped == read
+    assert read.size == size
+    if algorithm == "sha256":
+        assert read.digest == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -201,7 +201,7 @@ class BlobIndex:
         recorded = self.records.get(ref, {})
         try:
             with store.fetch(ref) as local:
-                whole = file_record(local).digest == recorded.get(DIGEST)
+                whole = file_record(local, mapped=True).digest == recorded.get(DIGEST)
         except (OSError, TorchkeepError):
             whole = False
         if not whole:
@@ -621,7 +621,7 @@ def _pack_checks_out(path: Path, recorded: str, used: set[str]) -> bool:
     header = read_safetensors_header(path)
     sizes = {t.name: t.nbytes for t in header.tensors}
     if 2 * sum(sizes.get(d, 0) for d in used) >= sum(sizes.values()):
-        return bool(file_record(path).digest == recorded)
+        return bool(file_record(path, mapped=True).digest == recorded)
     if not used <= set(sizes):
         return False
     stored = read_safetensors(path, header, device=torch.device("cpu"), mmap=True, names=used)

@@ -9,8 +9,10 @@ and every listed file has exactly that size and digest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,11 +73,23 @@ class Verdict:
     manifest: dict[str, Any] | None = None
 
 
-def file_record(path: Path, algorithm: str = DIGEST) -> FileRecord:
-    """Size and digest of ``path``, read in large chunks."""
+def file_record(path: Path, algorithm: str = DIGEST, *, mapped: bool = False) -> FileRecord:
+    """Size and digest of ``path``, read in large chunks.
+
+    ``mapped`` hashes a memory map of the file instead: no copy into a buffer, so from the page
+    cache it is several times faster (64 MiB: 2.3 ms against 13-18 ms here). Only for files
+    that are never changed in place while open (a checkpoint's published files, packs): a file
+    truncated while mapped would stop the process with SIGBUS.
+    """
     digest = new_digest(algorithm)
     size = 0
     with path.open("rb", buffering=0) as f:
+        if mapped and (size := os.fstat(f.fileno()).st_size):
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as whole:
+                with contextlib.suppress(AttributeError, OSError):
+                    whole.madvise(mmap.MADV_SEQUENTIAL)
+                digest.update(whole)
+            return FileRecord(size, algorithm, digest.hexdigest())
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
         while n := f.readinto(buffer):
@@ -167,6 +181,6 @@ def verify_folder(folder: Path, *, checksums: bool = True) -> Verdict:
         return path.stat().st_size if path.is_file() else None
 
     def digest_of(name: str, algorithm: str) -> str:
-        return file_record(folder / name, algorithm).digest
+        return file_record(folder / name, algorithm, mapped=True).digest  # published: never changed
 
     return check_files(manifest, size_of, digest_of if checksums else None)
