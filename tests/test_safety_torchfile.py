@@ -458,3 +458,28 @@ def test_distinct_names_that_only_look_alike_are_fine(tmp_path: Path) -> None:
     )
     with path.open("rb") as f:
         assert len(ZipArchive(path, f, path.stat().st_size, limits=Limits()).members) == 4
+
+
+def test_data_descriptors_must_agree_with_the_directory(tmp_path: Path) -> None:
+    # the descriptor bytes are taken from the read of the next record's header: a forged one
+    # (its CRC-32 changed) is still refused, and an intact file reads as torch.load reads it
+    import zipfile
+
+    from torchkeep.errors import UnsafeFileError
+
+    state = {f"w{i}": torch.full((3,), float(i)) for i in range(4)}
+    path = tmp_path / "d.pt"
+    torch.save(state, path)
+    assert_same(load_torch_file(path), torch.load(path, weights_only=True))
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    assert all(info.flag_bits & 0x8 for info in infos)  # torch writes data descriptors
+    following = infos[2].header_offset  # the descriptor of record 1 ends here
+    signature = raw.rfind(b"PK\x07\x08", following - 24, following)
+    assert signature > 0
+    raw[signature + 4] ^= 0xFF  # the first byte of its CRC-32
+    forged = tmp_path / "forged.pt"
+    forged.write_bytes(bytes(raw))
+    with pytest.raises(UnsafeFileError, match="data descriptor that disagrees"):
+        load_torch_file(forged)

@@ -145,16 +145,16 @@ def _read_legacy(
     storages = Storages(path, device=device, limits=limits, meta=meta)
     views: dict[str, StorageRef] = {}
 
-    def load(key: str, stype: StorageType, numel: int, location: str, view: Any) -> StorageRef:
-        def build(nbytes: int) -> torch.UntypedStorage | None:
-            if meta:
-                return None
-            try:
-                storage, _crc = read_into(f, offsets[key], nbytes)
-            except (OSError, EOFError) as err:
-                raise CorruptFileError(path, f"reading storage {key!r} failed ({err})") from err
-            return storage
+    def build(key: str, nbytes: int) -> torch.UntypedStorage | None:
+        if meta:
+            return None
+        try:
+            storage, _crc = read_into(f, offsets[key], nbytes)
+        except (OSError, EOFError) as err:
+            raise CorruptFileError(path, f"reading storage {key!r} failed ({err})") from err
+        return storage
 
+    def load(key: str, stype: StorageType, numel: int, location: str, view: Any) -> StorageRef:
         root = storages.get(key, stype, numel, location, build)
         if view is None:
             return root

@@ -64,6 +64,11 @@ class Storages:
         return saved
 
     def get(self, key: str, stype: StorageType, numel: int, location: str, build: Any) -> StorageRef:
+        """The storage ``key``: built by ``build(key, nbytes)`` the first time, then the same one.
+
+        ``build`` is one function for every key (not a closure made per
+        storage: this runs once per tensor).
+        """
         if not STORAGE_KEY.fullmatch(key):
             raise CorruptFileError(self.path, f"a storage has the invalid key {key[:40]!r}")
         known = self.loaded.get(key)
@@ -84,9 +89,9 @@ class Storages:
         device = self._target(location)
         if self.meta:
             storage = meta_storage(nbytes)
-            build(nbytes)  # still checks that the record exists and has the declared size
+            build(key, nbytes)  # still checks that the record exists and has the declared size
         else:
-            storage = build(nbytes)
+            storage = build(key, nbytes)
             if device.type != "cpu":
                 storage = _move(storage, device)
         ref = StorageRef(key, storage, stype.dtype, numel)

@@ -30,10 +30,10 @@ from torchkeep.safety.findings import Finding
 from torchkeep.safety.legacy import LEGACY_PREFIX, load_legacy
 from torchkeep.safety.limits import DEFAULT_LIMITS, Limits
 from torchkeep.safety.records import Arena
-from torchkeep.safety.storages import STORAGE_KEY, Storages
+from torchkeep.safety.storages import Storages
 from torchkeep.safety.structure import check_structure
 from torchkeep.safety.unpickler import Collector, Unpickler
-from torchkeep.safety.ziparchive import ZipArchive, ZipMember
+from torchkeep.safety.ziparchive import ZipArchive
 
 __all__ = [
     "METADATA_RECORD",
@@ -184,33 +184,33 @@ def _load_zip(
     stored = [m for m in records if m.stored]
     arena = Arena(path, archive, stored) if stored and not mmap and not meta else None
     mapped: list[torch.UntypedStorage] = []
+    folder = prefix + "data/"
 
-    def build_record(member: ZipMember) -> Any:
-        def build(nbytes: int) -> torch.UntypedStorage | None:
-            if member.size != nbytes:
-                raise CorruptFileError(
-                    path,
-                    f"the storage needs {nbytes} bytes but its record holds {member.size} "
-                    "(a declared size that does not match the data is how CVE-2026-24747 files attack)",
-                    member=member.name,
-                )
-            if meta:
-                return None
-            if not member.stored:
-                raw = archive.read(member.name)
-                return (
-                    torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
-                    if raw
-                    else (torch.empty(0, dtype=torch.uint8).untyped_storage())
-                )
-            if arena is not None:
-                return arena.slice(member)
-            if not mapped:
-                whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-                mapped.append(cast(torch.UntypedStorage, whole))
-            return cast(torch.UntypedStorage, mapped[0][member.data_offset : member.data_offset + nbytes])
-
-        return build
+    def build(key: str, nbytes: int) -> torch.UntypedStorage | None:
+        # key matched STORAGE_KEY in Storages.get: a plain name inside the data folder
+        member = archive.member(folder + key)
+        if member.size != nbytes:
+            raise CorruptFileError(
+                path,
+                f"the storage needs {nbytes} bytes but its record holds {member.size} "
+                "(a declared size that does not match the data is how CVE-2026-24747 files attack)",
+                member=member.name,
+            )
+        if meta:
+            return None
+        if not member.stored:
+            raw = archive.read(member.name)
+            return (
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
+                if raw
+                else (torch.empty(0, dtype=torch.uint8).untyped_storage())
+            )
+        if arena is not None:
+            return arena.slice(member)
+        if not mapped:
+            whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+            mapped.append(cast(torch.UntypedStorage, whole))
+        return cast(torch.UntypedStorage, mapped[0][member.data_offset : member.data_offset + nbytes])
 
     storages = Storages(path, device=device, limits=limits, meta=meta)
 
@@ -219,10 +219,7 @@ def _load_zip(
             raise CorruptFileError(
                 path, "a storage view in a zip-format file (only the legacy format has them)"
             )
-        if not STORAGE_KEY.fullmatch(key):
-            raise CorruptFileError(path, f"a storage has the invalid key {key[:40]!r}")
-        member = archive.member(f"{prefix}data/{key}")
-        return storages.get(key, stype, numel, location, build_record(member))
+        return storages.get(key, stype, numel, location, build)
 
     unpickler = Unpickler(
         data,

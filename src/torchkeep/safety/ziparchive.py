@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import collections
 import io
-import mmap
 import os
 import re
 import struct
 import unicodedata
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from torchkeep.errors import CorruptFileError, LimitExceededError, UnsafeFileError
 from torchkeep.safety.crc import crc32
@@ -62,12 +60,18 @@ _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
-_MAP_BELOW = 64 << 10  # bytes per record under which the headers are read through a map
+_CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
+# A data descriptor (at most 24 bytes) ends right where the next local header starts: each header
+# is read with the bytes before it, so checking the layout reads nothing more
+_BEFORE = 24
+_DESCRIPTOR_GAPS = frozenset({12, 16, 20, 24})
+_NO_GAP = frozenset({0})
+_DESCRIPTOR32 = struct.Struct("<III")
+_DESCRIPTOR64 = struct.Struct("<IQQ")
 
 
-@dataclass(frozen=True)
-class ZipMember:
-    """One checked record of the archive."""
+class ZipMember(NamedTuple):
+    """One checked record of the archive (a named tuple: 2000 of them are made per archive)."""
 
     name: str
     header_offset: int
@@ -101,6 +105,10 @@ def _checked_table(archive: ZipArchive, key: _TableKey) -> tuple[dict[str, ZipMe
     return dict(found[0]), dict(found[1])
 
 
+def _header_offset(member: ZipMember) -> int:
+    return member.header_offset
+
+
 def _fold(name: str) -> str:
     """The form under which two member names are one record to some zip reader.
 
@@ -118,10 +126,11 @@ def _bad_name(name: str) -> str | None:
         return "an empty name"
     if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
         return "an absolute or Windows-style path"
-    parts = name.split("/")
-    if ".." in parts or "." in parts:
+    # a '.' or '..' component starts the name or follows a slash (most names have neither: no split)
+    if (name[0] == "." or "/." in name) and {".", ".."} & set(name.split("/")):
         return "a '..' or '.' path component (a path-escaping 'zip slip' name)"
-    if _CONTROL.search(name):
+    # printable ASCII has no control characters; anything else goes through the pattern
+    if not (name.isascii() and name.isprintable()) and _CONTROL.search(name):
         return "control characters"
     return None
 
@@ -141,8 +150,10 @@ class ZipArchive:
         self._f = stream
         self._size = size
         self._limits = limits
-        self._map: mmap.mmap | None = None
-        if not (size and isinstance(stream, io.BufferedReader | io.FileIO)):
+        # a file is read with pread: no seek, no buffer fill, and the stream's position is left alone.
+        # (Thousands of headers through a map were slower here: a page fault per header, and unmapping.)
+        self._fd = stream.fileno() if isinstance(stream, io.BufferedReader | io.FileIO) else None
+        if not (size and self._fd is not None):
             self.members, self._flags = self._parse()
             return
         # detect_format and the loader both open the same file: its checked table is kept,
@@ -156,23 +167,14 @@ class ZipArchive:
         self.members = {}
         self._flags = {}
         self._folded: dict[str, str] = {}
+        # header offset -> the bytes just before it (where the previous record's descriptor ends)
+        self._before: dict[int, bytes] = {}
         try:
             cd_offset, cd_size, count, cd_end = self._find_directory()
-            # Thousands of small headers: slicing a map beats a syscall each. Not for a few large
-            # records: a fault maps a whole large folio of the page cache, so touching each header
-            # mapped every byte of a big file (its peak RSS, in a lazy load that reads nothing).
-            if (
-                count
-                and self._size // count < _MAP_BELOW
-                and isinstance(self._f, io.BufferedReader | io.FileIO)
-            ):
-                self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
             self._parse_directory(cd_offset, cd_size, count)
             self._check_layout(cd_offset, cd_end)
         finally:
-            if self._map is not None:
-                self._map.close()
-            self._map = None
+            self._before = {}
         return self.members, self._flags
 
     # -- directory -------------------------------------------------------------
@@ -190,10 +192,11 @@ class ZipArchive:
             raise self._corrupt(
                 f"a record points outside the file (bytes {offset}..{offset + length})", offset=offset
             )
-        if self._map is not None:
-            return self._map[offset : offset + length]
-        self._f.seek(offset)
-        data = self._f.read(length)
+        if self._fd is not None:
+            data = os.pread(self._fd, length, offset)
+        else:
+            self._f.seek(offset)
+            data = self._f.read(length)
         if len(data) != length:
             raise self._corrupt("the file is shorter than its records claim", offset=offset)
         return data
@@ -278,7 +281,7 @@ class ZipArchive:
                 _int_attr,
                 _ext_attr,
                 local_offset,
-            ) = struct.unpack_from("<4sHHHHHHIIIHHHHHII", directory, pos)
+            ) = _CENTRAL_HEADER.unpack_from(directory, pos)
             start = pos + _CENTRAL_SIZE
             end = start + name_len + extra_len + comment_len
             if end > len(directory):
@@ -288,7 +291,8 @@ class ZipArchive:
             raw_name = directory[start : start + name_len]
             extra = directory[start + name_len : start + name_len + extra_len]
             name = self._decode_name(raw_name, flags, cd_offset + pos)
-            usize, csize, local_offset = self._apply_zip64(extra, usize, csize, local_offset, name)
+            if extra:
+                usize, csize, local_offset = self._apply_zip64(extra, usize, csize, local_offset, name)
             if disk not in {0, _U16_MAX}:
                 raise self._corrupt(f"member {name!r} claims to live on another disk")
             self._add_member(name, flags, method, crc, csize, usize, local_offset)
@@ -373,9 +377,16 @@ class ZipArchive:
                 f"member {name!r} uses compression method {method}; torch writes only stored records",
             )
         encoded = name.encode("utf-8")
-        # the header and the name it should carry in one read (a 2000-member archive reads 2000)
+        # the header and the name it should carry in one read (a 2000-member archive reads 2000),
+        # with the bytes before it, where the previous record's data descriptor ends
         span = _LOCAL_SIZE + len(encoded)
-        header = self._read_at(local_offset, span if local_offset + span <= self._size else _LOCAL_SIZE)
+        before = min(_BEFORE, local_offset)
+        if local_offset + span <= self._size:
+            window = self._read_at(local_offset - before, before + span)
+            self._before[local_offset] = window[:before]
+            header = window[before:]
+        else:
+            header = self._read_at(local_offset, _LOCAL_SIZE)
         sig, _, l_flags, l_method, _, _, _, _, _, l_name_len, l_extra_len = _LOCAL_HEADER.unpack_from(header)
         if sig != _LOCAL:
             raise self._corrupt(f"member {name!r} points to no local header", offset=local_offset)
@@ -401,16 +412,15 @@ class ZipArchive:
         self._flags[name] = l_flags
 
     def _check_layout(self, cd_offset: int, cd_end: int) -> None:
-        ordered = sorted(self.members.values(), key=lambda m: m.header_offset)
+        ordered = sorted(self.members.values(), key=_header_offset)
         if not ordered or ordered[0].header_offset != 0:
             raise self._unsafe("the first member does not start at the beginning of the file")
+        flags = self._flags
         for current, following in zip(ordered, [*ordered[1:], None], strict=True):
             end = current.data_offset + current.compressed_size
             next_start = following.header_offset if following else cd_offset
             gap = next_start - end
-            allowed = {0}
-            if self._flags[current.name] & _FLAG_DESCRIPTOR:
-                allowed = {12, 16, 20, 24}
+            allowed = _DESCRIPTOR_GAPS if flags[current.name] & _FLAG_DESCRIPTOR else _NO_GAP
             if gap not in allowed:
                 what = "overlaps the next record" if gap < 0 else f"is followed by {gap} unexplained bytes"
                 raise self._unsafe(f"member {current.name!r} {what}", member=current.name, offset=end)
@@ -418,12 +428,12 @@ class ZipArchive:
                 self._check_descriptor(current, end, gap)
 
     def _check_descriptor(self, member: ZipMember, at: int, length: int) -> None:
-        raw = self._read_at(at, length)
+        known = self._before.get(at + length, b"")
+        raw = known[len(known) - length :] if len(known) >= length else self._read_at(at, length)
         body = raw[4:] if raw.startswith(_DESCRIPTOR) else raw
         if len(body) not in {12, 20}:
             raise self._corrupt(f"member {member.name!r} has a malformed data descriptor", offset=at)
-        crc = struct.unpack_from("<I", body)[0]
-        csize, usize = struct.unpack_from("<QQ" if len(body) == 20 else "<II", body, 4)
+        crc, csize, usize = (_DESCRIPTOR64 if len(body) == 20 else _DESCRIPTOR32).unpack(body)
         if crc != member.crc or (csize, usize) != (member.compressed_size, member.size):
             raise self._unsafe(
                 f"member {member.name!r} has a data descriptor that disagrees with the directory",
