@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,18 +125,31 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    """moto's server in a process of its own: in this process, a garbage-collected fsspec
+    filesystem's finalizer could run on the server's thread and wait for fsspec's event loop,
+    which was waiting for that server (a test hung so)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        yield S3Server(f"http://{host}:{port}")
+        deadline = time.monotonic() + 120
+        while True:  # ready when it accepts a connection (no fixed wait)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's server did not start (exit code {server.poll()})") from None
+                time.sleep(0.05)
+        yield S3Server(f"http://127.0.0.1:{port}")
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 def tensor_data(folder: Path) -> Path:
