@@ -540,12 +540,16 @@ def write_torch_zip(
     count = 0
     storages = (storage for _, storage, _ in sharing.walk(items) if storage is not None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-crc") as pool:
-        # the CRCs run up to _AHEAD groups ahead of the writes; only those groups' views are alive
+        # the CRCs run ahead of the writes (see _AHEAD); only the queued groups' views are alive
         ahead: deque[tuple[list[memoryview], Future[list[int]]]] = deque()
+        queued = 0
         for views in _groups(storages):
             ahead.append((views, pool.submit(_crcs, views)))
-            if len(ahead) > _AHEAD:
-                count = _write_group(fd, layout, out, *ahead.popleft(), count)
+            queued += len(views)
+            while len(ahead) > _AHEAD or (len(ahead) > 1 and queued - len(ahead[0][0]) > _AHEAD_RECORDS):
+                done, crcs = ahead.popleft()
+                queued -= len(done)
+                count = _write_group(fd, layout, out, done, crcs, count)
                 out = []
         while ahead:
             count = _write_group(fd, layout, out, *ahead.popleft(), count)
@@ -598,12 +602,15 @@ def _write_group(
     return first + len(views)
 
 
-# a group of records ends at this many bytes or this many records, whichever comes first: big enough
-# that the CRC thread's hand-offs cost nothing; the CRC thread may run this many groups ahead of the
-# writes (on a busy machine it falls behind otherwise), so at most ~5k views (~3 MiB) are alive at once
+# A group of records ends at this many bytes or this many records, whichever comes first: big enough
+# that the CRC thread's hand-offs cost nothing, small enough that few views are alive at once.
 _GROUP_BYTES = 16 << 20
 _GROUP_RECORDS = 1024
+# The CRC thread runs up to _AHEAD groups ahead of the writes while those hold few records (large
+# tensors: it keeps ahead on a busy machine), else one group: a CRC per small view takes the GIL back
+# each time, and racing the main thread making the next group's views slowed those 2.5x (2000 x 32 KiB).
 _AHEAD = 4
+_AHEAD_RECORDS = 64
 
 
 def _groups(storages: Iterable[torch.UntypedStorage]) -> Iterator[list[memoryview]]:
