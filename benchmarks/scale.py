@@ -1,7 +1,8 @@
 """How saves and loads scale with size: time and peak memory from 64 MiB to 8 GiB, and 100k tensors.
 
-Run: python -m benchmarks.scale [--sizes 64MiB,512MiB,4GiB,8GiB] [--many 100000] [--repeat 3]
+Run: python -m benchmarks.scale [--sizes 64MiB,512MiB,4GiB,8GiB|none] [--many 100000] [--repeat 3]
                                 [--dir DIR] [--no-plot] [--no-save] [--replot]
+     (the many-tensor case alone, in about a minute: --sizes none --repeat 1 --no-save)
 
 Every measurement runs in a fresh Python process (imports done before the
 clock starts). A save's process builds the state dict (100 float32 tensors
@@ -12,6 +13,12 @@ memory above what the process held before the operation (Linux
 ``/proc/self/clear_refs``), so a save's figure is its own buffers, not the
 state dict, and a load's figure includes the tensors it returns; a lazy
 (memory-mapped) load is also measured before any byte is touched.
+
+For the ``--many`` case a floor is measured beside the loads: a process
+that merely builds the same dict of tensors in memory (``torch.empty`` each,
+filled). What it holds above the data is the tensors' own objects (a Python
+tensor, its TensorImpl and StorageImpl, an allocation each, the dict); an
+eager load that returns those tensors cannot hold less.
 ``--repeat`` runs for sizes up to 1 GiB, one above (a 8 GiB save takes
 seconds; its noise is small against that); figures are minima.
 
@@ -58,6 +65,9 @@ LOADS = {
     "torchkeep .pt lazy": "tk.pt",
 }
 
+# no file: the process builds the state dict itself (the --many case only)
+FLOOR = "floor: build the same dict in memory"
+
 _CHILD = r"""
 import json, os, sys, time
 import torch
@@ -101,9 +111,12 @@ def raw_read():
             done += f.readinto(view[done:done + (64 << 20)])
     return {"all": buffer}
 
-if role == "save":
+def build():
     per = max(1, total // 4 // count)
-    state = {f"layer{i}.weight": torch.empty(per).fill_(i % 251) for i in range(count)}
+    return {f"layer{i}.weight": torch.empty(per).fill_(i % 251) for i in range(count)}
+
+if role == "save":
+    state = build()
     saves = {
         "raw write + fsync": lambda: raw_write(state),
         "torch.save": lambda: torch.save(state, path),
@@ -127,6 +140,7 @@ else:
         "torchkeep .safetensors lazy": lambda: torchkeep.load_weights(path, mmap=True),
         "torchkeep .pt eager": lambda: torchkeep.load_weights(path, mmap=False),
         "torchkeep .pt lazy": lambda: torchkeep.load_weights(path, mmap=True),
+        "floor: build the same dict in memory": build,
     }
     base = field("VmRSS")
     reset_peak()
@@ -201,6 +215,15 @@ def run_size(label: str, total: int, count: int, folder: Path, repeat: int) -> d
                 f" (before touching {result['rss_loaded'] / total:5.2f})"
             )
         path.unlink(missing_ok=True)
+    if count > 100:
+        result = _best([_child("load", FLOOR, folder / "none", total, count) for _ in range(runs)])
+        case["load"][FLOOR] = result
+        per_tensor = (result["rss"] - total) / count
+        print(
+            f"  {FLOOR:<41}{result['seconds']:8.3f} s (+touch {result['touch_seconds']:7.3f} s)"
+            f"   peak extra RSS / data {result['rss'] / total:5.2f}"
+            f" ({per_tensor:.0f} bytes a tensor above its data)"
+        )
     return case
 
 
@@ -264,6 +287,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {op} | " + " | ".join(cells) + f" | {_linearity(cases, 'load', op, 'touch_seconds')} |"
         )
+    if any(FLOOR in c["load"] for c in cases):  # measured for the many-tensor case only
+        cells = [
+            _load_cell(c["load"][FLOOR], c["bytes"], lazy=False) if FLOOR in c["load"] else "n/a"
+            for c in cases
+        ]
+        lines.append(f"| {FLOOR} (no file) | " + " | ".join(cells) + " | n/a |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +403,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--sizes", default="64MiB,512MiB,4GiB,8GiB", help="comma-separated sizes, 100 tensors each"
+        "--sizes",
+        default="64MiB,512MiB,4GiB,8GiB",
+        help="comma-separated sizes, 100 tensors each ('none': only the --many case)",
     )
     parser.add_argument(
         "--many", type=int, default=100_000, help="also a file of this many 1 KiB tensors (0: none)"
@@ -405,7 +436,7 @@ def main() -> None:
         "cases": [],
     }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for text in args.sizes.split(","):
+        for text in [] if args.sizes.strip().lower() in {"", "none"} else args.sizes.split(","):
             total = parse_size(text)
             label = f"{total / 2**30:g} GiB" if total >= 2**30 else f"{total / 2**20:g} MiB"
             report["cases"].append(run_size(label, total, 100, Path(tmp), args.repeat))
