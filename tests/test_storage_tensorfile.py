@@ -223,15 +223,20 @@ def _name(i: int) -> str:
     picks=st.lists(st.booleans(), min_size=1, max_size=12),
     sizes=st.lists(st.integers(0, 3000), min_size=12, max_size=12),
     dtypes=st.lists(st.sampled_from(STORABLE_DTYPES), min_size=12, max_size=12),
+    batch=st.sampled_from([1, 5000, 8 << 20]),  # bytes chosen before the first write
 )
 def test_write_chosen_writes_exactly_the_chosen_tensors(
-    tmp_path: Path, picks: list[bool], sizes: list[int], dtypes: list[torch.dtype]
+    tmp_path: Path, picks: list[bool], sizes: list[int], dtypes: list[torch.dtype], batch: int
 ) -> None:
     g = torch.Generator().manual_seed(len(picks))
     tensors = [(torch.randn(sizes[i], generator=g) * 50).to(dtypes[i]) for i in range(len(picks))]
     path = tmp_path / "chosen.safetensors"
     path.unlink(missing_ok=True)
-    written, opened = _chosen(path, tensors, lambda i, t: _name(i) if picks[i] else None, digest="xxh3_128")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tensorfile, "_HASH_BATCH", batch)
+        written, opened = _chosen(
+            path, tensors, lambda i, t: _name(i) if picks[i] else None, digest="xxh3_128"
+        )
     assert written.names == [_name(i) if p else None for i, p in enumerate(picks)]
     if not any(picks):
         assert written.result is None
@@ -249,15 +254,30 @@ def test_write_chosen_writes_exactly_the_chosen_tensors(
     assert header.data_start % 8 == 0
 
 
-def test_write_chosen_keeps_room_for_every_candidate_and_pads_what_is_left(tmp_path: Path) -> None:
-    tensors = [torch.randn(10_000) for _ in range(50)]
-    written, _ = _chosen(tmp_path / "c.safetensors", tensors, lambda i, t: _name(i) if i == 7 else None)
-    raw = (tmp_path / "c.safetensors").read_bytes()
-    length = int.from_bytes(raw[:8], "little")
-    assert raw[8 : 8 + length].rstrip(b" ").endswith(b"}")
-    assert raw[8 + length - 1 : 8 + length] == b" "
-    assert written.result is not None
-    assert written.result.size == 8 + length + tensors[7].nbytes
+def test_write_chosen_keeps_room_for_undecided_candidates_only_once_it_writes_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tensorfile, "_HASH_BATCH", 100_000)  # writing starts after 100 kB chosen
+    tensors = [torch.randn(10_000) for _ in range(50)]  # 40 kB each
+
+    def header_of(path: Path) -> tuple[bytes, int]:
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        return raw[8 : 8 + length], length
+
+    few, _ = _chosen(tmp_path / "few.safetensors", tensors, lambda i, t: _name(i) if i in (7, 9) else None)
+    text, length = header_of(tmp_path / "few.safetensors")  # decided before any write: exact size
+    assert len(text.rstrip(b" ")) > length - 8
+    assert few.result is not None
+    assert few.result.size == 8 + length + 2 * tensors[7].nbytes
+    many, _ = _chosen(tmp_path / "many.safetensors", tensors, lambda i, t: _name(i) if i % 2 else None)
+    text, length = header_of(tmp_path / "many.safetensors")  # written early: room for the rest
+    assert text.rstrip(b" ").endswith(b"}")
+    assert len(text) - len(text.rstrip(b" ")) > 1000
+    assert many.result is not None
+    expected = {_name(i): t for i, t in enumerate(tensors) if i % 2}
+    _assert_bitwise(load_file(str(tmp_path / "many.safetensors")), expected)
+    assert many.result.digest is None
 
 
 def test_write_chosen_checks_only_the_chosen_candidates_it_is_asked_to(tmp_path: Path) -> None:

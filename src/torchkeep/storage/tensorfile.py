@@ -334,9 +334,12 @@ def write_chosen(
     its content digest, or ``None`` when that content is stored already).
     Each chosen tensor is written as soon as it is chosen, so the choosing
     (hashing every candidate) overlaps the writing instead of preceding it.
-    The header, known once every candidate is decided, goes last into room
-    kept at the start of the file for all candidates (the unused rest is
-    padding spaces, which the safetensors format allows). The same thread
+    Chosen tensors are written in batches of about ``_HASH_BATCH`` bytes; the
+    header, known once every candidate is decided, goes last into room kept
+    at the start of the file when the first batch is written: for the chosen
+    so far and every candidate not yet decided (the unused rest is padding
+    spaces, which the safetensors format allows), or exactly its size when
+    everything was decided before (few new tensors). The same thread
     then computes the file's ``digest`` from the tensors' memory, beside the
     writes, and checks the candidates at ``check_finite`` that were chosen
     for NaN/Inf.
@@ -351,29 +354,43 @@ def write_chosen(
     """
     order = _by_item_size(tensors)
     placeholder = "0" * name_length  # the header can only shrink as candidates are left out
-    room = len(_header(((placeholder, tensors[i]) for i in order), metadata))
     names: list[str | None] = [None] * len(tensors)
-    decided: queue.Queue[Any] = queue.Queue()
+    decided: queue.Queue[Any] = queue.Queue()  # (room for the header, chosen positions), then _DONE
     outcome: dict[str, Any] = {}
 
     def decide() -> None:
         try:
             chosen: list[tuple[str, torch.Tensor]] = []
             taken: set[str] = set()
-            for i in order:
-                name = choose(i, tensors[i])
-                if name is not None:
-                    if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
-                        raise ValueError(
-                            f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
-                        )
-                    taken.add(name)
-                    chosen.append((name, tensors[i]))
-                names[i] = name
-                decided.put(i)
-            decided.put(_DONE)
+            room: int | None = None
+            batch: list[int] = []
+            pending = 0
+            for k, i in enumerate(order):
+                name = names[i] = choose(i, tensors[i])
+                if name is None:
+                    continue
+                if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
+                    raise ValueError(
+                        f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
+                    )
+                taken.add(name)
+                chosen.append((name, tensors[i]))
+                batch.append(i)
+                pending += tensors[i].nbytes
+                if pending >= _HASH_BATCH:  # enough to start writing: keep room for what may follow
+                    if room is None:
+                        rest = ((placeholder, tensors[j]) for j in order[k + 1 :])
+                        room = len(_header(itertools.chain(chosen, rest), metadata))
+                    decided.put((room, batch))
+                    batch, pending = [], 0
             if not chosen:
+                decided.put(_DONE)
                 return
+            if room is None:  # all decided before any write: the header's exact size
+                room = len(_header(chosen, metadata))
+            if batch:
+                decided.put((room, batch))
+            decided.put(_DONE)
             header = outcome["header"] = _header(chosen, metadata, room=room)
             if digest is not None:
                 hasher = new_digest(digest)
@@ -394,28 +411,14 @@ def write_chosen(
     fd: int | None = None
     size = 0
     try:
-        current: list[memoryview] = []
-        pending = 0
-        while (i := decided.get()) is not _DONE:
-            if names[i] is not None:
-                if fd is None:
-                    fd = open_fd()
-                    os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
-                t = tensors[i]
-                size += t.nbytes
-                if t.numel():
-                    current.append(_byte_view(t))
-                    pending += t.nbytes
-            # write what is decided whenever nothing more is ready (or a batch is full)
-            if current and (decided.empty() or pending >= _HASH_BATCH or len(current) >= _IOV_MAX):
-                assert fd is not None
-                for batch in _batches(current):
-                    _write_all(fd, batch)
-                current, pending = [], 0
-        if current:
-            assert fd is not None
-            for batch in _batches(current):
-                _write_all(fd, batch)
+        while (item := decided.get()) is not _DONE:
+            room, batch = item
+            if fd is None:
+                fd = open_fd()
+                os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
+            size += sum(tensors[i].nbytes for i in batch)
+            for views in _batches(_byte_view(tensors[i]) for i in batch if tensors[i].numel()):
+                _write_all(fd, views)
     finally:
         worker.join()
     if "error" in outcome:
