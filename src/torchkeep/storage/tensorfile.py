@@ -332,9 +332,9 @@ def write_chosen(
     the order their data is laid out (largest item size first), and returns
     the name the tensor gets in the file or ``None`` to leave it out (e.g.
     its content digest, or ``None`` when that content is stored already).
-    Each chosen tensor is written as soon as it is chosen, so the choosing
-    (hashing every candidate) overlaps the writing instead of preceding it.
-    Chosen tensors are written in batches of about ``_HASH_BATCH`` bytes; the
+    Chosen tensors are written in batches of about ``_HASH_BATCH`` bytes as
+    soon as a batch is chosen, so the choosing (hashing every candidate)
+    overlaps the writing instead of preceding it. The
     header, known once every candidate is decided, goes last into room kept
     at the start of the file when the first batch is written: for the chosen
     so far and every candidate not yet decided (the unused rest is padding
@@ -344,8 +344,8 @@ def write_chosen(
     writes, and checks the candidates at ``check_finite`` that were chosen
     for NaN/Inf.
 
-    ``open_fd`` is called, once, when the first candidate is chosen: nothing
-    is opened when none is. Every name must be ``name_length`` characters of
+    ``open_fd`` is called, once, before the first batch is written: nothing
+    is opened when no candidate is chosen. Every name must be ``name_length`` characters of
     JSON-plain text (hex digests are).
 
     Raises:
