@@ -1,9 +1,9 @@
 """The benchmark suite: saves and loads side by side against raw I/O, torch and safetensors.
 
-Run: python -m benchmarks.run --size 512MiB --small 64MiB [--repeat 5] [--dir DIR] [--no-plot]
+Run: python -m benchmarks.run [--size 512MiB] [--small SIZE/8] [--repeat 5] [--dir DIR] [--no-plot]
 
-Three state dicts: (a) SIZE in 100 float32 tensors, (b) SMALL (default
-SIZE/10) in 2000 tensors, (c) torchvision's resnet50 (random weights). Saves run in this
+Three state dicts: (a) SIZE (default 512 MiB) in 100 float32 tensors, (b) SMALL
+(default SIZE/8: 64 MiB) in 2000 tensors, (c) torchvision's resnet50 (random weights). Saves run in this
 process; every load runs in a fresh Python process (imports done before the
 clock starts), so nothing of the reader is warm, while the file is in the page
 cache (warm) as for a file just written. Figures are medians of ``--repeat``
@@ -555,18 +555,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="size of state dict (a)")
     parser.add_argument(
-        "--small", type=parse_size, default=None, help="size of state dict (b) (default: SIZE / 10)"
+        "--size", type=parse_size, default=parse_size("512MiB"), help="size of state dict (a) (512MiB)"
     )
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--small", type=parse_size, default=None, help="size of state dict (b) (default: SIZE / 8)"
+    )
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write the files (default: a temp dir)"
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
     args = parser.parse_args()
-    small = args.small or args.size // 10
+    small = args.small or args.size // 8
     label = f"{args.size / 2**30:g}GiB" if args.size >= 2**30 else f"{args.size / 2**20:g}MiB"
     cases = {
         f"(a) {label} in 100 tensors": random_state(args.size, 100),
