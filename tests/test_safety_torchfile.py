@@ -361,6 +361,19 @@ def test_a_flipped_data_byte_fails_the_crc_check(tmp_path: Path) -> None:
     assert info.value.member == "w/data/0"
 
 
+@pytest.mark.parametrize("which", [0, 7, 29])
+def test_a_flipped_byte_in_one_of_many_small_records_fails_the_crc_check(tmp_path: Path, which: int) -> None:
+    """Small records are read in groups and their CRCs checked once the interpreter is done."""
+    torch.save({f"t{i}": torch.full((300,), float(i)) for i in range(30)}, tmp_path / "w.pt")
+    data = bytearray((tmp_path / "w.pt").read_bytes())
+    at = data.index(b"FB", data.index(f"w/data/{which}".encode())) + 200  # inside the record
+    data[at] ^= 0xFF
+    (tmp_path / "w.pt").write_bytes(bytes(data))
+    with pytest.raises(torchkeep.CorruptFileError, match="CRC-32") as info:
+        load_torch_file(tmp_path / "w.pt")
+    assert info.value.member == f"w/data/{which}"
+
+
 def test_limits_are_checked_before_allocating(tmp_path: Path) -> None:
     torch.save({f"t{i}": torch.ones(100) for i in range(20)}, tmp_path / "w.pt")
     with pytest.raises(torchkeep.LimitExceededError, match="max_tensors") as info:

@@ -13,15 +13,19 @@ import torch
 from torchkeep.errors import CorruptFileError
 from torchkeep.safety.crc import crc32
 from torchkeep.safety.ziparchive import ZipArchive, ZipMember
-from torchkeep.storage.buffers import host_buffer
 
 __all__ = ["Arena", "read_into"]
 
 _READ_CHUNK = 64 << 20
 # Below this one thread reads: the interpreter builds tensors meanwhile and needs a core of its own
-# (with two readers on two cores, 2000 tensors took twice as long to build); into huge pages one
-# thread fills 64 MiB in ~17 ms, so a second pays only for large files.
+# (with two readers on two cores, 2000 tensors took twice as long to build), so a second reader
+# pays only for large files.
 _PARALLEL_FROM = 128 << 20
+# ... or from 32 MiB when records average 256 KiB or more (resnet50: 98 MiB in 320 records): the
+# reader's page faults (the kernel zeroing fresh pages, ~40 ms per 100 MiB here) are most of the
+# load, and two readers split them (one reader: 80 ms of a 90 ms load)
+_PARALLEL_LARGE_RECORDS_FROM = 32 << 20
+_LARGE_RECORD = 256 << 10
 _MAX_READERS = 4
 # Records this close together are read with one call: a reader thread that needs the GIL back
 # after every small read made the interpreter hand it over thousands of times (2000 records)
@@ -54,9 +58,11 @@ class Arena:
     records are split into a few runs of about equal size, each read by its
     own thread (page faults of the new buffer then happen on every core; two
     threads halved a 1 GiB read here) which also checks each record's CRC-32
-    right after reading it, while it is in the cache. The buffer is huge-page
-    backed (:mod:`torchkeep.storage.buffers`): a fault per 2 MiB instead of per
-    4 KiB, which also leaves the interpreter's allocations unstalled. Reads and CRCs release
+    right after reading it, while it is in the cache. The buffer has ordinary
+    pages: a huge-page buffer filled 64 MiB in 15 ms instead of 40 in a quiet
+    process, but in fresh processes beside others that allocate and free
+    memory its loads were bimodal (resnet50: median 253 ms against 102 ms with
+    ordinary pages, 2000 small tensors 214 against 115). Reads and CRCs release
     the GIL, so the interpreter meanwhile builds tensors on slices of the
     buffer: slices are separate storages of exactly their record's size that
     keep the buffer alive. :meth:`finish` waits and raises what the threads found.
@@ -68,14 +74,18 @@ class Arena:
         ordered = sorted(members, key=lambda m: m.data_offset)
         self.start = ordered[0].data_offset
         length = ordered[-1].data_offset + ordered[-1].size - self.start
-        self.storage = host_buffer(length).untyped_storage()
+        self.storage = torch.empty(length, dtype=torch.uint8).untyped_storage()
         self._view = torch.empty(0, dtype=torch.uint8).set_(self.storage).numpy().data
         self._stop = False
         self._finished = False
         self._errors: list[Exception] = []
+        # small records read in groups: their CRCs are checked by finish(), on the caller's thread,
+        # once the interpreter is done; checked by the reader, each CRC call gave up the GIL and
+        # waited for the interpreter to hand it back (the read of 2000 records then outlasted it)
+        self._small: list[ZipMember] = []
         self._threads = [
             threading.Thread(target=self._guard, args=(run,), name="torchkeep-read", daemon=True)
-            for run in _runs(ordered, _reader_count(length))
+            for run in _runs(ordered, _reader_count(length, len(ordered)))
         ]
         for thread in self._threads:
             thread.start()
@@ -101,11 +111,9 @@ class Arena:
                     j += 1
                 if j == i:
                     self._read_one(fd, run[i])
-                else:
+                else:  # their CRCs: by finish(), on the caller's thread (see _small)
                     self._fill(fd, run[i].data_offset, _end(run[j]))
-                    for member in run[i : j + 1]:
-                        begin = member.data_offset - self.start
-                        self._archive.check_crc(member, crc32(self._view[begin : begin + member.size]))
+                    self._small.extend(run[i : j + 1])
                 i = j + 1
         finally:
             os.close(fd)
@@ -145,7 +153,13 @@ class Arena:
             self._stop = True
         for thread in self._threads:
             thread.join()
-        self._view.release()
+        try:
+            if not self._errors and not abort:
+                for member in self._small:
+                    begin = member.data_offset - self.start
+                    self._archive.check_crc(member, crc32(self._view[begin : begin + member.size]))
+        finally:
+            self._view.release()
         if self._errors and not abort:
             raise self._errors[0]
 
@@ -154,10 +168,13 @@ def _end(member: ZipMember) -> int:
     return member.data_offset + member.size
 
 
-def _reader_count(length: int) -> int:
-    if length < _PARALLEL_FROM:
-        return 1
-    return max(1, min(_MAX_READERS, os.cpu_count() or 1))
+def _reader_count(length: int, records: int) -> int:
+    cores = max(1, min(_MAX_READERS, os.cpu_count() or 1))
+    if length >= _PARALLEL_FROM:
+        return cores
+    if length >= _PARALLEL_LARGE_RECORDS_FROM and length >= records * _LARGE_RECORD:
+        return min(2, cores)  # few large records: the interpreter is done early, a second core is free
+    return 1
 
 
 def _runs(members: list[ZipMember], count: int) -> list[list[ZipMember]]:
