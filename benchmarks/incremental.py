@@ -299,18 +299,26 @@ def bench_restore(
 # -- the targets --------------------------------------------------------------------------------------
 
 
-def bench_frozen(root: Path, rounds: int, saves: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Target 1 (and the frozen case of target 4, on the last round's runs)."""
-    configs = [INCR, TRUST, FULL]
+def rounds_of(
+    build: Build, configs: list[str], rounds: int, saves: int, root: Path
+) -> tuple[list[dict[str, list[dict[str, float]]]], dict[str, Any]]:
+    """``rounds`` series of image-step saves (the order of configurations rotating), and the restore
+    benchmark on the last round's runs; every run folder is deleted after its round."""
     runs: list[dict[str, list[dict[str, float]]]] = []
     restore: dict[str, Any] = {}
     for r in range(rounds):
-        out, dirs, model, optimizer = series(build_frozen, image_step, configs, saves, root, turn=r)
+        out, dirs, model, optimizer = series(build, image_step, configs, saves, root, turn=r)
         runs.append(out)
         if r == rounds - 1:
-            restore = bench_restore(build_frozen, dirs, (model, optimizer), repeat=15)
+            restore = bench_restore(build, dirs, (model, optimizer), repeat=15)
         for d in dirs.values():
             shutil.rmtree(d)
+    return runs, restore
+
+
+def bench_frozen(root: Path, rounds: int, saves: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Target 1 (and the frozen case of target 4, on the last round's runs)."""
+    runs, restore = rounds_of(build_frozen, [INCR, TRUST, FULL], rounds, saves, root)
     full_bytes = med([s["apparent"] for run in runs for s in run[FULL]])
     full_alloc = med([s["allocated"] for run in runs for s in run[FULL]])
     full_save = med([s["seconds"] for run in runs for s in run[FULL]])
@@ -396,15 +404,7 @@ def bench_adapters(root: Path, saves: int) -> tuple[dict[str, Any], dict[str, An
 def bench_full(root: Path, rounds: int, saves: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Target 3 (and the full fine-tuning case of target 4)."""
     configs = [INCR, FULL]
-    runs = []
-    restore: dict[str, Any] = {}
-    for r in range(rounds):
-        out, dirs, model, optimizer = series(build_full, image_step, configs, saves, root, turn=r)
-        runs.append(out)
-        if r == rounds - 1:
-            restore = bench_restore(build_full, dirs, (model, optimizer), repeat=15)
-        for d in dirs.values():
-            shutil.rmtree(d)
+    runs, restore = rounds_of(build_full, configs, rounds, saves, root)
 
     def later(name: str, key: str) -> list[float]:
         return [s[key] for run in runs for s in run[name][1:]]

@@ -183,10 +183,6 @@ def save_ops(state: dict[str, torch.Tensor], folder: Path) -> dict[str, SaveOp]:
     }
 
 
-def median_time(op: Callable[[], object], repeat: int, prepare: Callable[[], object] | None) -> float:
-    return time_runs(op, repeat, prepare)[0]
-
-
 def time_runs(
     op: Callable[[], object], repeat: int, prepare: Callable[[], object] | None
 ) -> tuple[float, float]:
@@ -307,6 +303,8 @@ def restore_vs_read(
         start = time.perf_counter()
         reader.restore(model=holder, restore_rng=False)
         restores.append(time.perf_counter() - start)
+    for buffer in warm.values():
+        buffer.close()
     read, restored = statistics.median(reads[1:]), statistics.median(restores[1:])
     copy = statistics.median(copies[1:])
     return {"restore": restored, "read": read, "ratio": restored / read, "copy": copy}

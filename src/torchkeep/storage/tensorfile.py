@@ -291,8 +291,6 @@ def write_safetensors(
     views = itertools.chain((memoryview(header),), (_byte_view(t) for t in ordered if t.numel()))
     finite = [(n, t) for n, t in tensors.items() if only is None or n in only] if check_finite else []
     feeder = _Feeder(_Hasher(digest, finite) if digest or check_finite else None)
-    hexdigest: str | None = None
-    nonfinite: list[str] = []
     try:
         for batch in _batches(views):
             _write_all(fd, batch)
