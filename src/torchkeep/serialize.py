@@ -64,12 +64,12 @@ def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], where: str 
             return _tag("odict", plain) if isinstance(obj, OrderedDict) else plain
         keys = [flatten(k, f"{prefix}/key", tensors, f"a key of {where}") for k, _ in items]
         return _tag("items", [[k, v] for k, (_, v) in zip(keys, items, strict=True)])
-    if isinstance(obj, list):
-        return [flatten(v, f"{prefix}/{i}", tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return _tag(
-            "tuple", [flatten(v, f"{prefix}/{i}", tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-        )
+    if isinstance(obj, list | tuple):
+        if all(type(v) is int or type(v) is str for v in obj):  # e.g. Python's RNG state: 625 ints
+            items = list(obj)
+        else:
+            items = [flatten(v, f"{prefix}/{i}", tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else _tag("tuple", items)
     if isinstance(obj, set | frozenset):
         return _tag("set", [flatten(v, f"{prefix}/{i}", tensors, f"{where}") for i, v in enumerate(obj)])
     if type(obj).__module__ == "numpy":

@@ -120,8 +120,10 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return dict(metadata)
 
 
-def _view_identity(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+def _view_identity(t: torch.Tensor, storage: torch.UntypedStorage | None = None) -> tuple[Any, ...]:
+    """What makes two tensors the very same view of the same memory (``storage``: ``t``'s, if known)."""
+    ptr = (storage if storage is not None else t.untyped_storage()).data_ptr()
+    return (t.device, ptr, t.storage_offset(), t.shape, t.stride(), t.dtype)
 
 
 def compact_tensors(
@@ -155,29 +157,34 @@ def compact_tensors(
                 f"tensor {key!r} on the meta device (it has no data)",
                 hint="materialize the model first, e.g. model.to_empty(device='cpu') and load real weights",
             )
+        storage = t.untyped_storage()
         if t.numel() > 0:
-            identity = _view_identity(t)
+            identity = _view_identity(t, storage)
             if identity in seen_views:
                 aliases[key] = seen_views[identity]
                 continue
             seen_views[identity] = key
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+            storage = t.untyped_storage()
         if stage is not None:
             kept[key] = stage(key, t)
             continue
-        t = t.to("cpu")
-        ptr = t.untyped_storage().data_ptr()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+            storage = t.untyped_storage()
+        ptr = storage.data_ptr()
         owns_exactly = (
             t.is_contiguous()
             and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.nbytes
+            and storage.nbytes() == t.nbytes
             and ptr not in used_storages
         )
         if not owns_exactly:
             t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr()
         if t.numel() > 0:
-            used_storages.add(t.untyped_storage().data_ptr())
+            used_storages.add(ptr)
         kept[key] = t
     return kept, aliases
 

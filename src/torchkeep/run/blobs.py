@@ -8,7 +8,8 @@ pack holding each digest. A pack (``blobs/step-00000120-3fa9c2d1.safetensors``)
 is a standard safetensors file whose tensor names are digests; a save writes
 one pack holding only the tensors no pack of the run holds yet (none at all
 when nothing changed), so a frozen backbone is written by the first save only.
-The tensors are hashed on a second thread while the new ones are written, so
+The tensors are hashed on two more threads (one from each end of the list,
+where the process has two CPUs) while the new ones are written, so
 a save where everything changed costs about what writing it costs; the pack's
 header, known once every tensor is decided, is written last into room kept at
 the start of the file (:func:`~torchkeep.storage.tensorfile.write_chosen`).
@@ -385,7 +386,7 @@ def _store_new(
     each one's digest.
 
     ``given[i]``, where not ``None``, is tensor ``i``'s digest, known without
-    reading it. The others are hashed on a second thread while the new ones
+    reading it. The others are hashed on two more threads while the new ones
     are written (:func:`~torchkeep.storage.tensorfile.write_chosen`), so a save
     where everything changed costs about what writing it costs. ``check``
     names the tensors to look at for NaN/Inf (the model's).
@@ -393,8 +394,11 @@ def _store_new(
     digests: list[str] = [""] * len(tensors)
     chosen: set[str] = set()
 
+    def prepare(i: int, t: torch.Tensor) -> None:
+        digests[i] = given[i] or tensor_digest(t)
+
     def choose(i: int, t: torch.Tensor) -> str | None:
-        digest = digests[i] = given[i] or tensor_digest(t)
+        digest = digests[i]
         if digest in chosen or index.usable(digest, store):
             return None
         chosen.add(digest)
@@ -415,6 +419,7 @@ def _store_new(
             choose,
             _PACK_META,
             name_length=DIGEST_HEX_LENGTH,
+            prepare=prepare,
             digest=DIGEST,
             check_finite=check,
         )

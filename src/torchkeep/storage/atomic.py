@@ -147,9 +147,12 @@ def _swap_in(tmp: Path, final: Path) -> Path | None:
     the two names with ``RENAME_EXCHANGE`` is just as atomic for readers and costs nothing;
     where it is unsupported, the old file gets a second name and ``os.replace`` does the job.
     """
-    for stale in final.parent.glob(f".{final.name}{_OLD_MARKER}*"):  # left by a killed save
+    stale = f".{final.name}{_OLD_MARKER}"
+    with os.scandir(final.parent) as entries:  # (not Path.glob: it compiles a new pattern each time)
+        left = [entry.path for entry in entries if entry.name.startswith(stale)]
+    for path in left:  # left by a killed save
         with contextlib.suppress(OSError):
-            stale.unlink()
+            os.unlink(path)
     if final.is_file() and _exchange(tmp, final):
         aside = final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4)}")
         os.rename(tmp, aside)  # to a new name: no flush

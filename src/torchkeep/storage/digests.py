@@ -26,8 +26,14 @@ DIGEST_HEX_LENGTH = 32  # XXH3-128 as lowercase hex
 _DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_HEX_LENGTH}}}")
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _describe(t: torch.Tensor) -> bytes:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode()
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).removeprefix("torch.")
+    return f"{name}{list(t.shape)}".encode()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -42,8 +48,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     """
     digest = xxhash.xxh3_128(_describe(t))
     if t.numel():
-        data = t.detach()
-        if data.device.type != "cpu":
+        data = t.detach() if t.requires_grad else t
+        if not data.is_cpu:
             data = data.cpu()
         if not data.is_contiguous():
             data = data.contiguous()

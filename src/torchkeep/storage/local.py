@@ -107,16 +107,23 @@ class LocalStore:
     def sizes(self, name: str) -> dict[str, int] | None:
         folder = self.root / name
         found: dict[str, int] = {}
+
+        def walk(path: str, prefix: str) -> None:  # os.scandir: a stat a file, no pathlib objects
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            walk(entry.path, f"{prefix}{entry.name}/")
+                        elif entry.is_file():
+                            found[prefix + entry.name] = entry.stat().st_size
+                    except FileNotFoundError:  # removed while listed (retention): not there
+                        continue
+
         try:
-            for path in folder.rglob("*"):
-                try:
-                    if path.is_file():
-                        found[path.relative_to(folder).as_posix()] = path.stat().st_size
-                except FileNotFoundError:  # removed while listed (retention): not there
-                    continue
-        except FileNotFoundError:
+            walk(os.fspath(folder), "")
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return found if folder.is_dir() else None
+        return found
 
     def read(self, name: str, relative: str) -> bytes:
         return (self.root / name / relative).read_bytes()
@@ -157,8 +164,8 @@ class LocalStore:
     def publish(self, tmp: Path, name: str, *, durable: bool) -> Path:
         final = self.root / name
         if durable:
-            for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-                fsync_dir(sub)
+            for sub, _, _ in os.walk(tmp):
+                fsync_dir(Path(sub))
         if final.exists():
             # replace: move the old one aside first; a crash in between is undone by clean_leftovers
             old = self.root / f".{name}{_OLD}{secrets.token_hex(4)}"

@@ -52,6 +52,9 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 102
 _MAX_WRITE = 64 << 20
 _HASH_BATCH = 8 << 20
 _HASH_VIEWS = 4096  # and at most this many views a batch (small tensors)
+# write_chosen's helper prepares (hashes) only candidates of at least this size: xxhash holds
+# the GIL for smaller inputs, where a second thread made 64 KiB pieces slower, not faster.
+_SHARED_MIN = 256 << 10
 
 
 def _codes() -> dict[torch.dtype, str]:
@@ -302,6 +305,81 @@ def write_safetensors(
     return WriteResult(len(header) + sum(t.nbytes for t in ordered), hexdigest, nonfinite)
 
 
+class _FromBothEnds:
+    """Runs ``prepare`` once on every position of ``order``, on two threads: a helper walks the
+    ``shared`` positions from the back while the caller first does the others (at once, in the
+    constructor) and then walks the order from the front (:meth:`take`), until they meet.
+
+    Work that releases the GIL (hashing a large tensor) thus runs on two cores while the
+    caller keeps the order's decisions sequential. Positions not shared (small tensors, whose
+    work is mostly Python that holds the GIL) go first and all together: done one by one among
+    the large ones, they made the helper wait for the GIL after each of its tensors (up to the
+    interpreter's 5 ms switch interval) and two threads were slower than one. ``take`` must be
+    called for each position in order.
+    """
+
+    def __init__(self, order: list[int], shared: list[bool], prepare: Callable[[int], object]) -> None:
+        self._order = order
+        self._prepare = prepare
+        self._shared = [k for k in range(len(order)) if shared[k]]  # positions, ascending
+        self._rank = {k: r for r, k in enumerate(self._shared)}
+        self._lock = threading.Lock()
+        self._front = 0  # shared positions of rank below it are the caller's
+        self._back = len(self._shared)  # those of rank from it on are the helper's
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="torchkeep-prepare", daemon=True)
+        self._thread.start()
+        try:
+            for k, i in enumerate(order):
+                if not shared[k]:
+                    prepare(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._back <= self._front:
+                        return
+                    self._back -= 1
+                    k = self._shared[self._back]
+                self._prepare(self._order[k])
+        except BaseException as err:  # raised to the caller by take()
+            self._error = err
+
+    def take(self, k: int) -> None:
+        """Prepare position ``k`` of the order (the next one), or wait until the helper has."""
+        rank = self._rank.get(k)
+        if rank is None:  # prepared by the constructor
+            return
+        with self._lock:
+            mine = rank < self._back  # else the helper holds it, and every shared position after it
+            if mine:
+                self._front = rank + 1
+        if mine:
+            self._prepare(self._order[k])
+            return
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the helper after its current position, and wait for it."""
+        with self._lock:
+            self._back = self._front
+        self._thread.join()
+
+
+def _helpers() -> int:
+    """CPUs this process may run on, beyond its own thread."""
+    try:
+        return len(os.sched_getaffinity(0)) - 1
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) - 1
+
+
 @dataclass(frozen=True)
 class ChosenWrite:
     """What :func:`write_chosen` did: each candidate's name in the file (``None``: left out), and
@@ -321,6 +399,7 @@ def write_chosen(
     metadata: Mapping[str, str] | None = None,
     *,
     name_length: int,
+    prepare: Callable[[int, torch.Tensor], object] | None = None,
     digest: str | None = None,
     check_finite: Collection[int] = (),
 ) -> ChosenWrite:
@@ -337,7 +416,11 @@ def write_chosen(
     at the start of the file when the first batch is written: for the chosen
     so far and every candidate not yet decided (the unused rest is padding
     spaces, which the safetensors format allows), or exactly its size when
-    everything was decided before (few new tensors). The same thread
+    everything was decided before (few new tensors). ``prepare(i, tensor)``,
+    if given, runs once for each candidate before ``choose`` sees it, on the
+    choosing thread or (where the process has a second CPU, for candidates
+    of at least 256 KiB) on a helper thread that works from the end of the
+    order: the place for work that releases the GIL, such as hashing. The choosing thread
     then computes the file's ``digest`` from the tensors' memory, beside the
     writes, and checks the candidates at ``check_finite`` that were chosen
     for NaN/Inf.
@@ -357,13 +440,21 @@ def write_chosen(
     outcome: dict[str, Any] = {}
 
     def decide() -> None:
+        ahead = None
         try:
+            shared = [tensors[i].nbytes >= _SHARED_MIN for i in order]
+            if prepare is not None and sum(shared) > 1 and _helpers():
+                ahead = _FromBothEnds(order, shared, lambda i: prepare(i, tensors[i]))
             chosen: list[tuple[str, torch.Tensor]] = []
             taken: set[str] = set()
             room: int | None = None
             batch: list[int] = []
             pending = 0
             for k, i in enumerate(order):
+                if ahead is not None:
+                    ahead.take(k)
+                elif prepare is not None:
+                    prepare(i, tensors[i])
                 name = names[i] = choose(i, tensors[i])
                 if name is None:
                     continue
@@ -403,6 +494,9 @@ def write_chosen(
         except BaseException as err:
             outcome["error"] = err
             decided.put(_DONE)
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     worker = threading.Thread(target=decide, name="torchkeep-choose", daemon=True)
     worker.start()
