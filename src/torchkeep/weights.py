@@ -151,14 +151,16 @@ def compact_tensors(
             raise NotAStateDictError(
                 None, f"tensor {key!r} with layout {t.layout}", hint="convert it with .to_dense() first"
             )
-        if t.device.type == "meta":
+        on_cpu = t.is_cpu
+        if not on_cpu and t.is_meta:
             raise NotAStateDictError(
                 None,
                 f"tensor {key!r} on the meta device (it has no data)",
                 hint="materialize the model first, e.g. model.to_empty(device='cpu') and load real weights",
             )
         storage = t.untyped_storage()
-        if t.numel() > 0:
+        empty = t.numel() == 0
+        if not empty:
             identity = _view_identity(t, storage)
             if identity in seen_views:
                 aliases[key] = seen_views[identity]
@@ -170,20 +172,19 @@ def compact_tensors(
         if stage is not None:
             kept[key] = stage(key, t)
             continue
-        if t.device.type != "cpu":
+        if not on_cpu:
             t = t.to("cpu")
             storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        owns_exactly = (
-            t.is_contiguous()
-            and t.storage_offset() == 0
-            and storage.nbytes() == t.nbytes
-            and ptr not in used_storages
-        )
-        if not owns_exactly:
+        if (
+            not t.is_contiguous()
+            or t.storage_offset()
+            or storage.nbytes() != t.nbytes
+            or ptr in used_storages
+        ):  # not a tensor that owns exactly its memory
             t = t.clone(memory_format=torch.contiguous_format)
             ptr = t.untyped_storage().data_ptr()
-        if t.numel() > 0:
+        if not empty:
             used_storages.add(ptr)
         kept[key] = t
     return kept, aliases

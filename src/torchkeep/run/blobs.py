@@ -83,7 +83,7 @@ _PACK_META = {"format": "pt", "torchkeep.pack": str(INDEX_VERSION)}
 _INDEX_MAX_BYTES = 256 << 20
 
 # (version counter, storage address, storage bytes, offset, shape, stride, dtype, device)
-VersionToken = tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+VersionToken = tuple[int, int, int, int, torch.Size, tuple[int, ...], torch.dtype, torch.device]
 
 
 def is_pack_ref(ref: object) -> bool:
@@ -91,18 +91,13 @@ def is_pack_ref(ref: object) -> bool:
     return isinstance(ref, str) and _PACK_REF.fullmatch(ref) is not None and ".." not in ref
 
 
-def version_token(t: torch.Tensor) -> VersionToken:
-    """What identifies ``t``'s memory and its last in-place change, as torch counts them."""
-    return (
-        t._version,
-        t.untyped_storage().data_ptr(),
-        t.untyped_storage().nbytes(),
-        int(t.storage_offset()),
-        tuple(t.shape),
-        tuple(t.stride()),
-        t.dtype,
-        t.device,
-    )
+def version_token(t: torch.Tensor, storage: torch.UntypedStorage | None = None) -> VersionToken:
+    """What identifies ``t``'s memory and its last in-place change, as torch counts them
+    (``storage``: ``t``'s, where the caller has it already)."""
+    if storage is None:
+        storage = t.untyped_storage()
+    offset = int(t.storage_offset())
+    return (t._version, storage.data_ptr(), storage.nbytes(), offset, t.shape, t.stride(), t.dtype, t.device)
 
 
 @dataclass(frozen=True)

@@ -257,12 +257,14 @@ def _frozen_versions(
 ) -> dict[str, tuple[VersionToken, torch.UntypedStorage]]:
     """Version tokens of the frozen parameters among ``kept`` (buffers are never trusted: kernels
     such as BatchNorm's update their running statistics without counting a version)."""
-    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    return {
-        key: (version_token(live[key]), live[key].untyped_storage())
-        for key in kept
-        if key in frozen and live[key].device.type != "meta"
-    }
+    versions = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.requires_grad or name not in kept or p.is_meta:
+            continue
+        t = live[name]
+        storage = t.untyped_storage()
+        versions[name] = (version_token(t, storage), storage)
+    return versions
 
 
 def read_state(folder: Path) -> dict[str, Any]:
