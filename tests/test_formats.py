@@ -75,6 +75,21 @@ def test_atomic_target_keeps_the_old_file_on_error(tmp_path: Path) -> None:
     assert (tmp_path / "sub" / "g.bin").read_bytes() == b"new"
 
 
+def test_atomic_target_replaces_a_file_and_clears_what_a_killed_replace_left(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    (tmp_path / ".f.bin.old-dead").write_bytes(b"older")  # a second name a killed replace left
+    (tmp_path / ".g.bin.old-dead").write_bytes(b"other")  # another target's: not ours to remove
+    with atomic_target(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g.bin.old-dead", "f.bin"]
+    with atomic_target(tmp_path / "h.bin") as tmp:  # a new name
+        tmp.write_bytes(b"first")
+    assert (tmp_path / "h.bin").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g.bin.old-dead", "f.bin", "h.bin"]
+
+
 def _safetensors(path: Path, header: dict[str, object] | str, data: bytes) -> Path:
     raw = (header if isinstance(header, str) else json.dumps(header)).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)

@@ -300,7 +300,16 @@ def test_write_chosen_refuses_names_it_cannot_place(tmp_path: Path, bad: str) ->
         _chosen(tmp_path / "c.safetensors", tensors, pick)
 
 
-def test_an_error_while_choosing_reaches_the_caller_after_the_thread_ends(tmp_path: Path) -> None:
+def _no_threads_left() -> bool:
+    return not any(t.name in ("torchkeep-write", "torchkeep-prepare") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("batch", [1, 8 << 20])  # the writer thread writing already, or not started
+def test_an_error_while_choosing_reaches_the_caller_after_the_threads_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    monkeypatch.setattr(tensorfile, "_HASH_BATCH", batch)
+
     def pick(i: int, t: torch.Tensor) -> str:
         if i == 3:
             raise KeyError("the index broke")
@@ -308,16 +317,95 @@ def test_an_error_while_choosing_reaches_the_caller_after_the_thread_ends(tmp_pa
 
     with pytest.raises(KeyError, match="the index broke"):
         _chosen(tmp_path / "c.safetensors", [torch.ones(4) for _ in range(6)], pick)
-    assert not any(t.name == "torchkeep-choose" for t in threading.enumerate())
+    assert _no_threads_left()
 
 
-@pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 13])
-@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
-def test_a_mapped_file_record_equals_a_read_one(tmp_path: Path, size: int, algorithm: str) -> None:
-    path = tmp_path / "f.bin"
-    path.write_bytes(os.urandom(size))
-    read, mapped = file_record(path, algorithm), file_record(path, algorithm, mapped=True)
-    assert mapped == read
-    assert read.size == size
-    if algorithm == "sha256":
-        assert read.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+@pytest.mark.parametrize("batch", [1, 8 << 20])
+def test_an_error_of_the_writes_reaches_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    monkeypatch.setattr(tensorfile, "_HASH_BATCH", batch)
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)  # writes to it fail
+    try:
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            tensorfile.write_chosen(
+                lambda: fd, [torch.ones(4) for _ in range(6)], lambda i, t: _name(i), name_length=32
+            )
+    finally:
+        os.close(fd)
+    assert _no_threads_left()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=40),
+    unprepared=st.none() | st.sets(st.integers(0, 39)),
+    shared_min=st.sampled_from([0, 100, 1 << 30]),  # every candidate, some, none for the helper
+    helpers=st.sampled_from([0, 1]),
+    fail=st.none() | st.integers(0, 39),
+)
+def test_prepare_runs_once_for_each_candidate_before_it_is_chosen(
+    tmp_path: Path,
+    sizes: list[int],
+    unprepared: set[int] | None,
+    shared_min: int,
+    helpers: int,
+    fail: int | None,
+) -> None:
+    tensors = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
+    wanted = set(range(len(tensors))) if unprepared is None else unprepared & set(range(len(tensors)))
+    prepared: list[int] = []
+    lock = threading.Lock()
+
+    def prepare(i: int, t: torch.Tensor) -> None:
+        assert t is tensors[i]
+        if i == fail:
+            raise KeyError(f"cannot prepare {i}")
+        with lock:
+            prepared.append(i)
+
+    def pick(i: int, t: torch.Tensor) -> str | None:
+        assert (i in prepared) == (i in wanted)  # prepared before it is chosen, and only if asked
+        return _name(i) if i % 3 else None
+
+    path = tmp_path / "p.safetensors"
+    path.unlink(missing_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tensorfile, "_SHARED_MIN", shared_min)
+        patch.setattr(tensorfile, "_helpers", lambda: helpers)
+        if fail is not None and fail in wanted:
+            with pytest.raises(KeyError, match=f"cannot prepare {fail}"):
+                _chosen(path, tensors, pick, prepare=prepare, unprepared=unprepared)
+            assert _no_threads_left()
+            return
+        written, _ = _chosen(path, tensors, pick, prepare=prepare, unprepared=unprepared)
+    assert sorted(prepared) == sorted(wanted)  # each once
+    assert _no_threads_left()
+    expected = {_name(i): t for i, t in enumerate(tensors) if i % 3}
+    if expected:
+        _assert_bitwise(load_file(str(path)), expected)
+    else:
+        assert written.result is None
+
+
+def test_large_candidates_are_prepared_on_two_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tensorfile, "_helpers", lambda: 1)  # as on a machine with two CPUs
+    tensors = [torch.zeros(1 << 17) for _ in range(8)]  # 512 KiB each: shared with the helper
+    threads: dict[int, str] = {}
+    inside = {"caller": threading.Event(), "helper": threading.Event()}
+
+    def prepare(i: int, t: torch.Tensor) -> None:  # each side's first waits until the other is in one
+        threads[i] = threading.current_thread().name
+        me, other = ("helper", "caller") if threads[i] == "torchkeep-prepare" else ("caller", "helper")
+        inside[me].set()
+        assert inside[other].wait(timeout=60)
+
+    written, _ = _chosen(tmp_path / "t.safetensors", tensors, lambda i, t: None, prepare=prepare)
+    assert written.result is None
+    assert sorted(threads) == list(range(8))
+    assert threads[0] == threading.current_thread().name  # the caller works from the front
+    assert threads[7] == "torchkeep-prepare"  # the helper from the end of the order

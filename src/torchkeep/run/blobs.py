@@ -386,11 +386,11 @@ def _store_new(
     where everything changed costs about what writing it costs. ``check``
     names the tensors to look at for NaN/Inf (the model's).
     """
-    digests: list[str] = [""] * len(tensors)
+    digests: list[str] = [d or "" for d in given]
     chosen: set[str] = set()
 
     def prepare(i: int, t: torch.Tensor) -> None:
-        digests[i] = given[i] or tensor_digest(t)
+        digests[i] = tensor_digest(t)
 
     def choose(i: int, t: torch.Tensor) -> str | None:
         digest = digests[i]
@@ -415,6 +415,7 @@ def _store_new(
             _PACK_META,
             name_length=DIGEST_HEX_LENGTH,
             prepare=prepare,
+            unprepared={i for i, d in enumerate(given) if d is None},
             digest=DIGEST,
             check_finite=check,
         )

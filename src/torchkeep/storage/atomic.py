@@ -147,13 +147,16 @@ def _swap_in(tmp: Path, final: Path) -> Path | None:
     the two names with ``RENAME_EXCHANGE`` is just as atomic for readers and costs nothing;
     where it is unsupported, the old file gets a second name and ``os.replace`` does the job.
     """
+    if not final.is_file():  # a new name (a pack): nothing to swap, nothing left by a killed swap
+        os.replace(tmp, final)
+        return None
     stale = f".{final.name}{_OLD_MARKER}"
     with os.scandir(final.parent) as entries:  # (not Path.glob: it compiles a new pattern each time)
         left = [entry.path for entry in entries if entry.name.startswith(stale)]
-    for path in left:  # left by a killed save
+    for path in left:  # left by a killed save (the names below are made while `final` exists)
         with contextlib.suppress(OSError):
             os.unlink(path)
-    if final.is_file() and _exchange(tmp, final):
+    if _exchange(tmp, final):
         aside = final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4)}")
         os.rename(tmp, aside)  # to a new name: no flush
         return aside

@@ -15,6 +15,7 @@ ordered by item size, largest first, so each starts aligned to its item size.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -306,16 +307,16 @@ def write_safetensors(
 
 
 class _FromBothEnds:
-    """Runs ``prepare`` once on every position of ``order``, on two threads: a helper walks the
-    ``shared`` positions from the back while the caller first does the others (at once, in the
-    constructor) and then walks the order from the front (:meth:`take`), until they meet.
+    """Runs ``prepare`` once on every position of ``order``: the caller first does the positions
+    not ``shared`` (in the constructor), then walks the order from the front (:meth:`take`)
+    while a helper thread walks the shared positions from the back, until they meet.
 
     Work that releases the GIL (hashing a large tensor) thus runs on two cores while the
     caller keeps the order's decisions sequential. Positions not shared (small tensors, whose
-    work is mostly Python that holds the GIL) go first and all together: done one by one among
-    the large ones, they made the helper wait for the GIL after each of its tensors (up to the
-    interpreter's 5 ms switch interval) and two threads were slower than one. ``take`` must be
-    called for each position in order.
+    work is mostly Python that holds the GIL) go first, alone: done among the large ones, or
+    while the helper ran, they passed the GIL to and fro (hashing resnet50's 279 small tensors
+    took 3.8 ms beside the helper, 1.7 ms before it; done one by one among the large ones, two
+    threads were slower than one). ``take`` must be called for each position in order.
     """
 
     def __init__(self, order: list[int], shared: list[bool], prepare: Callable[[int], object]) -> None:
@@ -328,14 +329,10 @@ class _FromBothEnds:
         self._back = len(self._shared)  # those of rank from it on are the helper's
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="torchkeep-prepare", daemon=True)
+        for k, i in enumerate(order):
+            if not shared[k]:
+                prepare(i)
         self._thread.start()
-        try:
-            for k, i in enumerate(order):
-                if not shared[k]:
-                    prepare(i)
-        except BaseException:
-            self.close()
-            raise
 
     def _run(self) -> None:
         try:
@@ -389,7 +386,42 @@ class ChosenWrite:
     result: WriteResult | None
 
 
-_DONE = object()
+class _BatchWriter:
+    """Writes batches of tensors (positions in ``tensors``) to ``fd`` on a thread of its own, in
+    the order they are handed over, while the caller goes on choosing."""
+
+    def __init__(self, fd: int, tensors: Sequence[torch.Tensor]) -> None:
+        self._fd = fd
+        self._tensors = tensors
+        self._queue: queue.Queue[list[int] | None] = queue.Queue()  # views are made as written
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="torchkeep-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    _write_positions(self._fd, self._tensors, batch)
+                except BaseException as err:  # raised to the caller by put() or finish()
+                    self._error = err
+
+    def put(self, batch: list[int]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def finish(self) -> None:
+        """Wait until everything handed over is written; raise what the writes raised."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _write_positions(fd: int, tensors: Sequence[torch.Tensor], batch: list[int]) -> None:
+    for views in _batches(_byte_view(tensors[i]) for i in batch if tensors[i].numel()):
+        _write_all(fd, views)
 
 
 def write_chosen(
@@ -400,126 +432,122 @@ def write_chosen(
     *,
     name_length: int,
     prepare: Callable[[int, torch.Tensor], object] | None = None,
+    unprepared: Collection[int] | None = None,
     digest: str | None = None,
     check_finite: Collection[int] = (),
 ) -> ChosenWrite:
     """Write the candidates that ``choose`` names as a safetensors file, deciding while writing.
 
-    ``choose(i, tensor)`` runs on a second thread, candidate by candidate in
-    the order their data is laid out (largest item size first), and returns
-    the name the tensor gets in the file or ``None`` to leave it out (e.g.
-    its content digest, or ``None`` when that content is stored already).
-    Chosen tensors are written in batches of about ``_HASH_BATCH`` bytes as
-    soon as a batch is chosen, so the choosing (hashing every candidate)
-    overlaps the writing instead of preceding it. The
-    header, known once every candidate is decided, goes last into room kept
-    at the start of the file when the first batch is written: for the chosen
-    so far and every candidate not yet decided (the unused rest is padding
-    spaces, which the safetensors format allows), or exactly its size when
-    everything was decided before (few new tensors). ``prepare(i, tensor)``,
-    if given, runs once for each candidate before ``choose`` sees it, on the
-    choosing thread or (where the process has a second CPU, for candidates
-    of at least 256 KiB) on a helper thread that works from the end of the
-    order: the place for work that releases the GIL, such as hashing. The choosing thread
-    then computes the file's ``digest`` from the tensors' memory, beside the
-    writes, and checks the candidates at ``check_finite`` that were chosen
-    for NaN/Inf.
+    ``choose(i, tensor)`` runs on the calling thread, candidate by candidate
+    in the order their data is laid out (largest item size first), and
+    returns the name the tensor gets in the file or ``None`` to leave it out
+    (e.g. its content digest, or ``None`` when that content is stored
+    already). Once about ``_HASH_BATCH`` bytes are chosen, a second thread
+    starts writing them, batch by batch, so the choosing (hashing every
+    candidate) overlaps the writing instead of preceding it; when less is
+    chosen (a frozen model's save) it is written at the end, with no thread.
+    The header, known once every candidate is decided, goes last into room
+    kept at the start of the file when the first batch is written: for the
+    chosen so far and every candidate not yet decided (the unused rest is
+    padding spaces, which the safetensors format allows), or exactly its
+    size when everything was decided before. ``prepare(i, tensor)``, if
+    given, runs once for each candidate (each of ``unprepared``, if given)
+    before ``choose`` sees it, on the calling thread or (where the process
+    has a second CPU, for candidates of at least 256 KiB) on a helper thread
+    that works from the end of the order: the place for work that releases
+    the GIL, such as hashing. The calling thread then computes the file's
+    ``digest`` from the tensors' memory, beside the last writes, and checks
+    the candidates at ``check_finite`` that were chosen for NaN/Inf.
 
     ``open_fd`` is called, once, before the first batch is written: nothing
-    is opened when no candidate is chosen. Every name must be ``name_length`` characters of
-    JSON-plain text (hex digests are).
+    is opened when no candidate is chosen. Every name must be
+    ``name_length`` characters of JSON-plain text (hex digests are).
 
     Raises:
         ValueError: a name chosen twice, of another length, or one JSON would escape.
-        Whatever ``choose`` or the writes raised (the second thread is joined first).
+        Whatever ``prepare``, ``choose`` or the writes raised (every thread is joined first).
     """
     order = _by_item_size(tensors)
     placeholder = "0" * name_length  # the header can only shrink as candidates are left out
     names: list[str | None] = [None] * len(tensors)
-    decided: queue.Queue[Any] = queue.Queue()  # (room for the header, chosen positions), then _DONE
-    outcome: dict[str, Any] = {}
-
-    def decide() -> None:
-        ahead = None
-        try:
-            shared = [tensors[i].nbytes >= _SHARED_MIN for i in order]
-            if prepare is not None and sum(shared) > 1 and _helpers():
-                ahead = _FromBothEnds(order, shared, lambda i: prepare(i, tensors[i]))
-            chosen: list[tuple[str, torch.Tensor]] = []
-            taken: set[str] = set()
-            room: int | None = None
-            batch: list[int] = []
-            pending = 0
-            for k, i in enumerate(order):
-                if ahead is not None:
-                    ahead.take(k)
-                elif prepare is not None:
-                    prepare(i, tensors[i])
-                name = names[i] = choose(i, tensors[i])
-                if name is None:
-                    continue
-                if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
-                    raise ValueError(
-                        f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
-                    )
-                taken.add(name)
-                chosen.append((name, tensors[i]))
-                batch.append(i)
-                pending += tensors[i].nbytes
-                if pending >= _HASH_BATCH:  # enough to start writing: keep room for what may follow
-                    if room is None:
-                        rest = ((placeholder, tensors[j]) for j in order[k + 1 :])
-                        room = len(_header(itertools.chain(chosen, rest), metadata))
-                    decided.put((room, batch))
-                    batch, pending = [], 0
-            if not chosen:
-                decided.put(_DONE)
-                return
-            if room is None:  # all decided before any write: the header's exact size
-                room = len(_header(chosen, metadata))
-            if batch:
-                decided.put((room, batch))
-            decided.put(_DONE)
-            header = outcome["header"] = _header(chosen, metadata, room=room)
-            if digest is not None:
-                hasher = new_digest(digest)
-                hasher.update(header)
-                for _, t in chosen:
-                    if t.numel():
-                        hasher.update(_byte_view(t))
-                outcome["digest"] = str(hasher.hexdigest())
-            outcome["nonfinite"] = _nonfinite(
-                [(name, tensors[i]) for i in check_finite if (name := names[i]) is not None]
-            )
-        except BaseException as err:
-            outcome["error"] = err
-            decided.put(_DONE)
-        finally:
-            if ahead is not None:
-                ahead.close()
-
-    worker = threading.Thread(target=decide, name="torchkeep-choose", daemon=True)
-    worker.start()
+    chosen: list[tuple[str, torch.Tensor]] = []
+    taken: set[str] = set()
+    room: int | None = None
     fd: int | None = None
-    size = 0
+    writer: _BatchWriter | None = None
+    ahead: _FromBothEnds | None = None
+    batch: list[int] = []
+    pending = size = 0
     try:
-        while (item := decided.get()) is not _DONE:
-            room, batch = item
-            if fd is None:
-                fd = open_fd()
-                os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
-            size += sum(tensors[i].nbytes for i in batch)
-            for views in _batches(_byte_view(tensors[i]) for i in batch if tensors[i].numel()):
-                _write_all(fd, views)
+        todo = [i for i in order if unprepared is None or i in unprepared] if prepare else []
+        shared = [tensors[i].nbytes >= _SHARED_MIN for i in todo]
+        positions: dict[int, int] = {}
+        if prepare is not None and sum(shared) > 1 and _helpers():
+            ahead = _FromBothEnds(todo, shared, lambda i: prepare(i, tensors[i]))
+            positions = {i: k for k, i in enumerate(todo)}
+        for k, i in enumerate(order):
+            if ahead is not None:
+                if (position := positions.get(i)) is not None:
+                    ahead.take(position)
+            elif prepare is not None and (unprepared is None or i in unprepared):
+                prepare(i, tensors[i])
+            name = names[i] = choose(i, tensors[i])
+            if name is None:
+                continue
+            if len(name) != name_length or not _PLAIN.fullmatch(name) or name in taken:
+                raise ValueError(
+                    f"write_chosen: {name!r} is not a new name of {name_length} plain characters"
+                )
+            taken.add(name)
+            chosen.append((name, tensors[i]))
+            batch.append(i)
+            pending += tensors[i].nbytes
+            if pending >= _HASH_BATCH:  # enough to start writing: keep room for what may follow
+                if writer is None:
+                    rest = ((placeholder, tensors[j]) for j in order[k + 1 :])
+                    room = len(_header(itertools.chain(chosen, rest), metadata))
+                    fd = open_fd()
+                    os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
+                    writer = _BatchWriter(fd, tensors)
+                writer.put(batch)
+                size += pending
+                batch, pending = [], 0
+        if ahead is not None:
+            ahead.close()
+            ahead = None
+        if not chosen:
+            return ChosenWrite(names, None)
+        if fd is None:  # all decided before any write: the header's exact size
+            room = len(_header(chosen, metadata))
+            fd = open_fd()
+            os.lseek(fd, room, os.SEEK_SET)
+        if batch:
+            if writer is not None:
+                writer.put(batch)
+            else:
+                _write_positions(fd, tensors, batch)
+            size += pending
+        header = _header(chosen, metadata, room=room)
+        file_digest = None
+        if digest is not None:
+            hasher = new_digest(digest)
+            hasher.update(header)
+            for _, t in chosen:
+                if t.numel():
+                    hasher.update(_byte_view(t))
+            file_digest = str(hasher.hexdigest())
+        nonfinite = _nonfinite([(name, tensors[i]) for i in check_finite if (name := names[i]) is not None])
+        if writer is not None:
+            done, writer = writer, None
+            done.finish()
+        os.pwrite(fd, header, 0)
+        return ChosenWrite(names, WriteResult(len(header) + size, file_digest, nonfinite))
     finally:
-        worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    if fd is None:
-        return ChosenWrite(names, None)
-    header = outcome["header"]
-    os.pwrite(fd, header, 0)
-    return ChosenWrite(names, WriteResult(len(header) + size, outcome.get("digest"), outcome["nonfinite"]))
+        if ahead is not None:
+            ahead.close()
+        if writer is not None:
+            with contextlib.suppress(BaseException):  # the error on its way out is the one to see
+                writer.finish()
 
 
 _READ_CHUNK = 64 << 20
