@@ -524,7 +524,7 @@ _SAVE_PHASES = [
     ("commit", "torchkeep.run.checkpointer", "commit"),
     ("  write_indexed (incremental)", "torchkeep.run.commit", "write_indexed"),
     ("    pack (write_chosen: hashing beside the writes)", "torchkeep.run.blobs", "write_chosen"),
-    ("      tensor digests (second thread)", "torchkeep.run.blobs", "tensor_digest"),
+    ("      tensor digests (saving thread + helper, summed)", "torchkeep.run.blobs", "tensor_digest"),
     ("    pack fsync (atomic_target's fsync_file)", "torchkeep.storage.atomic", "fsync_file"),
     ("    tensors.json (write_json)", "torchkeep.run.blobs", "write_json"),
     ("  write_safetensors (incremental=False files)", "torchkeep.run.commit", "write_safetensors"),

@@ -8,11 +8,13 @@ pack holding each digest. A pack (``blobs/step-00000120-3fa9c2d1.safetensors``)
 is a standard safetensors file whose tensor names are digests; a save writes
 one pack holding only the tensors no pack of the run holds yet (none at all
 when nothing changed), so a frozen backbone is written by the first save only.
-The tensors are hashed on two more threads (one from each end of the list,
-where the process has two CPUs) while the new ones are written, so
-a save where everything changed costs about what writing it costs; the pack's
-header, known once every tensor is decided, is written last into room kept at
-the start of the file (:func:`~torchkeep.storage.tensorfile.write_chosen`).
+The tensors are hashed by the saving thread and, where the process has a
+second CPU, a helper working from the other end of the list; once a batch
+of new tensors is known a writer thread writes it while the hashing goes
+on, so a save where everything changed costs about what writing it costs,
+and a save where nothing did costs what reading it once costs. The pack's
+header, known once every tensor is decided, is written last into room kept
+at the start of the file (:func:`~torchkeep.storage.tensorfile.write_chosen`).
 
 Safety of shared data, step by step:
 
@@ -381,7 +383,7 @@ def _store_new(
     each one's digest.
 
     ``given[i]``, where not ``None``, is tensor ``i``'s digest, known without
-    reading it. The others are hashed on two more threads while the new ones
+    reading it. The others are hashed (on two threads) while the new ones
     are written (:func:`~torchkeep.storage.tensorfile.write_chosen`), so a save
     where everything changed costs about what writing it costs. ``check``
     names the tensors to look at for NaN/Inf (the model's).
