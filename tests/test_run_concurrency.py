@@ -177,3 +177,28 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path: Path) -> None:
         assert [e.step for e in torchkeep.run.RunReader(tmp_path).entries(verify=True)] == [0]
         assert in_flight.is_dir()
         assert torch.equal(torchkeep.load_weights(tmp_path)["weight"], model.weight)  # the run's latest
+
+
+def test_a_local_store_lists_each_file_of_a_folder_with_its_size(tmp_path: Path) -> None:
+    from torchkeep.storage.local import LocalStore
+
+    step = tmp_path / "step-00000001"
+    (step / "shards" / "deep").mkdir(parents=True)
+    (step / "manifest.json").write_bytes(b"x" * 10)
+    (step / "shards" / "a.distcp").write_bytes(b"y" * 3)
+    (step / "shards" / "deep" / "b").write_bytes(b"")
+    (tmp_path / "outside").write_bytes(b"z" * 7)
+    (step / "link").symlink_to(tmp_path / "outside")  # a linked file counts, as a file
+    (step / "dirlink").symlink_to(step / "shards", target_is_directory=True)  # never followed
+    (step / "dangling").symlink_to(tmp_path / "nowhere")  # not a file
+    store = LocalStore(tmp_path)
+    assert store.sizes("step-00000001") == {
+        "manifest.json": 10,
+        "shards/a.distcp": 3,
+        "shards/deep/b": 0,
+        "link": 7,
+    }
+    assert store.sizes("step-00000002") is None  # gone (or never there)
+    assert store.sizes("outside") is None  # a file, not a folder
+    (tmp_path / "empty").mkdir()
+    assert store.sizes("empty") == {}

@@ -409,3 +409,15 @@ def test_large_candidates_are_prepared_on_two_threads(
     assert sorted(threads) == list(range(8))
     assert threads[0] == threading.current_thread().name  # the caller works from the front
     assert threads[7] == "torchkeep-prepare"  # the helper from the end of the order
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 13])
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_mapped_file_record_equals_a_read_one(tmp_path: Path, size: int, algorithm: str) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    read, mapped = file_record(path, algorithm), file_record(path, algorithm, mapped=True)
+    assert mapped == read
+    assert read.size == size
+    if algorithm == "sha256":
+        assert read.digest == hashlib.sha256(path.read_bytes()).hexdigest()

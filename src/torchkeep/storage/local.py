@@ -74,6 +74,10 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _raise(err: OSError) -> None:
+    raise err
+
+
 class LocalStore:
     """A folder on a local filesystem."""
 
@@ -109,21 +113,25 @@ class LocalStore:
         found: dict[str, int] = {}
 
         def walk(path: str, prefix: str) -> None:  # os.scandir: a stat a file, no pathlib objects
-            with os.scandir(path) as entries:
+            try:
+                entries = os.scandir(path)
+            except PermissionError:  # unreadable: nothing to list (as Path.rglob)
+                return
+            with entries:
                 for entry in entries:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             walk(entry.path, f"{prefix}{entry.name}/")
                         elif entry.is_file():
                             found[prefix + entry.name] = entry.stat().st_size
-                    except FileNotFoundError:  # removed while listed (retention): not there
+                    except (FileNotFoundError, NotADirectoryError):  # removed or replaced while listed
                         continue
 
         try:
             walk(os.fspath(folder), "")
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return found
+        return found if folder.is_dir() else None  # (removed while listed: not there)
 
     def read(self, name: str, relative: str) -> bytes:
         return (self.root / name / relative).read_bytes()
@@ -164,7 +172,7 @@ class LocalStore:
     def publish(self, tmp: Path, name: str, *, durable: bool) -> Path:
         final = self.root / name
         if durable:
-            for sub, _, _ in os.walk(tmp):
+            for sub, _, _ in os.walk(tmp, onerror=_raise):
                 fsync_dir(Path(sub))
         if final.exists():
             # replace: move the old one aside first; a crash in between is undone by clean_leftovers

@@ -15,7 +15,6 @@ ordered by item size, largest first, so each starts aligned to its item size.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -395,12 +394,13 @@ class _BatchWriter:
         self._tensors = tensors
         self._queue: queue.Queue[list[int] | None] = queue.Queue()  # views are made as written
         self._error: BaseException | None = None
+        self._cancelled = False
         self._thread = threading.Thread(target=self._run, name="torchkeep-write", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            if self._error is None:
+            if self._error is None and not self._cancelled:
                 try:
                     _write_positions(self._fd, self._tensors, batch)
                 except BaseException as err:  # raised to the caller by put() or finish()
@@ -417,6 +417,12 @@ class _BatchWriter:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def cancel(self) -> None:
+        """Skip what is still queued (the file is being abandoned) and wait for the thread."""
+        self._cancelled = True
+        self._queue.put(None)
+        self._thread.join()
 
 
 def _write_positions(fd: int, tensors: Sequence[torch.Tensor], batch: list[int]) -> None:
@@ -478,19 +484,24 @@ def write_chosen(
     ahead: _FromBothEnds | None = None
     batch: list[int] = []
     pending = size = 0
+
+    def start_file(room: int) -> int:
+        fd = open_fd()
+        os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
+        return fd
+
     try:
-        todo = [i for i in order if unprepared is None or i in unprepared] if prepare else []
+        todo = [i for i in order if unprepared is None or i in unprepared] if prepare is not None else []
+        positions = {i: k for k, i in enumerate(todo)}  # the candidates to prepare, in order
         shared = [tensors[i].nbytes >= _SHARED_MIN for i in todo]
-        positions: dict[int, int] = {}
         if prepare is not None and sum(shared) > 1 and _helpers():
             ahead = _FromBothEnds(todo, shared, lambda i: prepare(i, tensors[i]))
-            positions = {i: k for k, i in enumerate(todo)}
         for k, i in enumerate(order):
-            if ahead is not None:
-                if (position := positions.get(i)) is not None:
+            if (position := positions.get(i)) is not None:
+                if ahead is not None:
                     ahead.take(position)
-            elif prepare is not None and (unprepared is None or i in unprepared):
-                prepare(i, tensors[i])
+                elif prepare is not None:
+                    prepare(i, tensors[i])
             name = names[i] = choose(i, tensors[i])
             if name is None:
                 continue
@@ -506,8 +517,7 @@ def write_chosen(
                 if writer is None:
                     rest = ((placeholder, tensors[j]) for j in order[k + 1 :])
                     room = len(_header(itertools.chain(chosen, rest), metadata))
-                    fd = open_fd()
-                    os.lseek(fd, room, os.SEEK_SET)  # the header goes before, once known
+                    fd = start_file(room)
                     writer = _BatchWriter(fd, tensors)
                 writer.put(batch)
                 size += pending
@@ -519,14 +529,13 @@ def write_chosen(
             return ChosenWrite(names, None)
         if fd is None:  # all decided before any write: the header's exact size
             room = len(_header(chosen, metadata))
-            fd = open_fd()
-            os.lseek(fd, room, os.SEEK_SET)
+            fd = start_file(room)
         if batch:
             if writer is not None:
                 writer.put(batch)
             else:
                 _write_positions(fd, tensors, batch)
-            size += pending
+        size += pending
         header = _header(chosen, metadata, room=room)
         file_digest = None
         if digest is not None:
@@ -543,11 +552,12 @@ def write_chosen(
         os.pwrite(fd, header, 0)
         return ChosenWrite(names, WriteResult(len(header) + size, file_digest, nonfinite))
     finally:
-        if ahead is not None:
-            ahead.close()
-        if writer is not None:
-            with contextlib.suppress(BaseException):  # the error on its way out is the one to see
-                writer.finish()
+        try:
+            if ahead is not None:
+                ahead.close()
+        finally:
+            if writer is not None:  # an error is on its way out: the file will be abandoned
+                writer.cancel()
 
 
 _READ_CHUNK = 64 << 20
