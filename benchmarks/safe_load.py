@@ -16,7 +16,7 @@ median of ``--repeat`` runs; "vs torch" is torch's time divided by ours
 ``src`` folder (e.g. ``git worktree add /tmp/base <commit>``, then
 ``--baseline-src /tmp/base/src``), timed in the same run, so a change can be
 shown not to slow benign loads: "vs base" is the baseline's time divided by
-this tree's.
+this tree's. The readers of a row take turns, process by process.
 """
 
 from __future__ import annotations
@@ -57,25 +57,35 @@ def make_state(total_mib: int, count: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(count)}
 
 
-def time_in_fresh_process(
-    path: Path, reader: str, mmap: bool, repeat: int, src: Path | None = None
-) -> tuple[float, float]:
+def _child_env(src: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    loads, touches = [], []
-    for _ in range(repeat):
-        out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(path), reader, "1" if mmap else "0"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        result = json.loads(out.stdout)
-        loads.append(result["load"])
-        touches.append(result["touch"])
-    return statistics.median(loads), statistics.median(touches)
+    return env
+
+
+def time_interleaved(
+    readers: list[tuple[Path, str, Path | None]], mmap: bool, repeat: int
+) -> list[tuple[float, float]]:
+    """Medians (load, load + touch) of each (file, reader, src) over ``repeat`` fresh processes,
+    the readers taking turns (the order rotating each round), so a slow minute of a shared machine
+    hits them alike."""
+    loads: list[list[float]] = [[] for _ in readers]
+    touches: list[list[float]] = [[] for _ in readers]
+    for r in range(repeat):
+        for k in [(r + j) % len(readers) for j in range(len(readers))]:
+            path, reader, src = readers[k]
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(path), reader, "1" if mmap else "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=_child_env(src),
+            )
+            result = json.loads(out.stdout)
+            loads[k].append(result["load"])
+            touches[k].append(result["touch"])
+    return [(statistics.median(a), statistics.median(b)) for a, b in zip(loads, touches, strict=True)]
 
 
 def run(big_mib: int, small_mib: int, repeat: int, baseline: Path | None) -> None:
@@ -92,7 +102,7 @@ def run(big_mib: int, small_mib: int, repeat: int, baseline: Path | None) -> Non
             save_file(state, files[".safetensors"])
             del state
             print(f"\n{title}: {count} float32 tensors, {nbytes / 2**20:.0f} MiB")
-            print(f"  median of {repeat} fresh processes; page cache warm")
+            print(f"  median of {repeat} fresh processes, the readers taking turns; page cache warm")
             header = (
                 f"{'reader':<52}{'load s':>9}{'GB/s':>8}{'µs/tensor':>11}{'+touch s':>10}"
                 f"{'vs torch':>10}{'vs base':>9}"
@@ -101,11 +111,14 @@ def run(big_mib: int, small_mib: int, repeat: int, baseline: Path | None) -> Non
             for suffix, path in files.items():
                 for mmap in (False, True):
                     how = f"{suffix}{' mmap' if mmap else ''}"
-                    torch_load = time_in_fresh_process(files[".pt"], "torch", mmap, repeat)
-                    ours = time_in_fresh_process(path, "torchkeep", mmap, repeat)
-                    base = (
-                        time_in_fresh_process(path, "torchkeep", mmap, repeat, baseline) if baseline else None
-                    )
+                    readers: list[tuple[Path, str, Path | None]] = [
+                        (files[".pt"], "torch", None),
+                        (path, "torchkeep", None),
+                    ]
+                    if baseline is not None:
+                        readers.append((path, "torchkeep", baseline))
+                    torch_load, ours, *rest = time_interleaved(readers, mmap, repeat)
+                    base = rest[0] if rest else None
                     rows = [(f"torch.load weights_only (.pt{' mmap' if mmap else ''})", torch_load, "")]
                     if base is not None:
                         rows.append((f"torchkeep.load_weights {how} (baseline)", base, ""))
