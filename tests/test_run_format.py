@@ -86,6 +86,23 @@ def test_a_poisoned_checkpoint_is_saved_flagged_and_never_best(
     assert "poisoned: NaN/Inf in tensors weight" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_manifest_is_indented_for_people_and_the_bulk_json_is_one_line(
+    tmp_path: Path, incremental: bool
+) -> None:
+    model = _tied()
+    torchkeep.Checkpointer(tmp_path / "run", incremental=incremental).save(1, model=model)
+    step = tmp_path / "run" / "step-00000001"
+    assert _cli(["export-step", str(step), str(tmp_path / "out")]) == 0
+    for manifest in (step / "manifest.json", tmp_path / "out" / "manifest.json"):
+        text = manifest.read_text()
+        assert text.count("\n") > 5
+        assert json.loads(text)["files"]
+    bulk = ["state.json", "tensors.json"] if incremental else ["state.json"]
+    for name in bulk:
+        assert (step / name).read_text().count("\n") == 1  # the C encoder's one line
+
+
 def _entry(step: int, created: str, loss: float) -> CheckpointEntry:
     return CheckpointEntry(path=f"step-{step}", step=step, created=created, metrics={"loss": loss})
 

@@ -184,7 +184,7 @@ def commit(
             nonfinite={"tensors": tensors, "metrics": bad_metrics},
             blobs=packs,
         )
-        write_json(folder / MANIFEST, manifest, durable=durable)
+        write_json(folder / MANIFEST, manifest, durable=durable, readable=True)
         published = store.publish(folder, name, durable=durable)
         return Committed(published, tensors, bad_metrics, frozenset(packs))
 

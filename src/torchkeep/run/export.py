@@ -91,7 +91,7 @@ def export_step(
         tmp = store.begin(name)
         try:
             manifest = _write_standalone(folder, tmp, durable=durable)
-            write_json(tmp / MANIFEST, manifest, durable=durable)
+            write_json(tmp / MANIFEST, manifest, durable=durable, readable=True)
             written = store.publish(tmp, name, durable=durable)
         except BaseException:
             store.abandon(tmp, name)

@@ -98,11 +98,15 @@ def file_record(path: Path, algorithm: str = DIGEST, *, mapped: bool = False) ->
     return FileRecord(size, algorithm, digest.hexdigest())
 
 
-def write_json(path: Path, data: Any, *, durable: bool = True) -> FileRecord:
-    """Write JSON and (by default) fsync it; return its size and digest (from the bytes written)."""
-    # one line: json's C encoder (an indented file goes through its Python encoder, 4-5x slower:
-    # a millisecond of a frozen incremental save); key order is data too
-    text = (json.dumps(data, allow_nan=False) + "\n").encode("utf-8")
+def write_json(path: Path, data: Any, *, durable: bool = True, readable: bool = False) -> FileRecord:
+    """Write JSON and (by default) fsync it; return its size and digest (from the bytes written).
+
+    One line, through json's C encoder; ``readable`` indents it instead (for small files people
+    open by hand, such as a manifest: the indented encoder is Python, 4-5x slower, which made a
+    millisecond of a frozen incremental save when every file was indented).
+    """
+    # key order is data too
+    text = (json.dumps(data, allow_nan=False, indent=1 if readable else None) + "\n").encode("utf-8")
     with path.open("wb") as f:
         f.write(text)
         if durable:
