@@ -56,6 +56,7 @@ from torchkeep.storage.base import Store
 from torchkeep.storage.digests import DIGEST_HEX_LENGTH, is_digest, tensor_digest
 from torchkeep.storage.manifest import DIGEST, FileRecord, Verdict, file_record, write_json
 from torchkeep.storage.tensorfile import read_safetensors, write_chosen
+from torchkeep.weights import _view_identity
 
 __all__ = [
     "BlobIndex",
@@ -84,8 +85,8 @@ _PACK_REF = re.compile(rf"^{BLOBS}/[A-Za-z0-9][A-Za-z0-9._-]{{0,200}}\.safetenso
 _PACK_META = {"format": "pt", "torchkeep.pack": str(INDEX_VERSION)}
 _INDEX_MAX_BYTES = 256 << 20
 
-# (version counter, storage address, storage bytes, offset, shape, stride, dtype, device)
-VersionToken = tuple[int, int, int, int, torch.Size, tuple[int, ...], torch.dtype, torch.device]
+# (version counter, storage bytes, the view's identity: weights._view_identity)
+VersionToken = tuple[int, int, tuple[Any, ...]]
 
 
 def is_pack_ref(ref: object) -> bool:
@@ -98,8 +99,7 @@ def version_token(t: torch.Tensor, storage: torch.UntypedStorage | None = None) 
     (``storage``: ``t``'s, where the caller has it already)."""
     if storage is None:
         storage = t.untyped_storage()
-    offset = int(t.storage_offset())
-    return (t._version, storage.data_ptr(), storage.nbytes(), offset, t.shape, t.stride(), t.dtype, t.device)
+    return (t._version, storage.nbytes(), _view_identity(t, storage))
 
 
 @dataclass(frozen=True)

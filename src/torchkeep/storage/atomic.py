@@ -150,19 +150,24 @@ def _swap_in(tmp: Path, final: Path) -> Path | None:
     if not final.is_file():  # a new name (a pack): nothing to swap, nothing left by a killed swap
         os.replace(tmp, final)
         return None
-    stale = f".{final.name}{_OLD_MARKER}"
+    stale = _aside_name(final, "")
     with os.scandir(final.parent) as entries:  # (not Path.glob: it compiles a new pattern each time)
-        left = [entry.path for entry in entries if entry.name.startswith(stale)]
+        left = [entry.path for entry in entries if entry.name.startswith(stale.name)]
     for path in left:  # left by a killed save (the names below are made while `final` exists)
         with contextlib.suppress(OSError):
             os.unlink(path)
     if _exchange(tmp, final):
-        aside = final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4)}")
+        aside = _aside_name(final)
         os.rename(tmp, aside)  # to a new name: no flush
         return aside
     old = _keep_aside(final)
     os.replace(tmp, final)
     return old
+
+
+def _aside_name(final: Path, token: str | None = None) -> Path:
+    """The hidden name an old ``final`` is kept under while it is replaced (``token``: random)."""
+    return final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4) if token is None else token}")
 
 
 def _keep_aside(final: Path) -> Path | None:
@@ -171,11 +176,9 @@ def _keep_aside(final: Path) -> Path | None:
     Freeing a large file's pages happens inside the rename that drops its last
     name, which made replacing a 100 MB file cost more than writing it; the
     extra name moves that cost to a background thread. Stale names of a
-    killed process are removed by the next save to the same target.
+    killed process are removed by the next save to the same target. ``final`` is a file.
     """
-    if not final.is_file():
-        return None
-    aside = final.with_name(f".{final.name}{_OLD_MARKER}{secrets.token_hex(4)}")
+    aside = _aside_name(final)
     try:
         os.link(final, aside)
     except OSError:  # no hard links on this filesystem: the replace frees the old file itself
